@@ -1,0 +1,57 @@
+"""The ``relaymap`` command line."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="relaymap")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """relaymap: land-cover maps from Earth-observation imagery with relay-token transformers."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("pattern", default="*")
+@click.option("--flops", is_flag=True, help="Also count forward GFLOPs (torch flop counter).")
+@click.option("--side-px", default=256, show_default=True, help="Window side for --flops.")
+@click.option("--num-classes", default=10, show_default=True, help="Classes K of the head.")
+def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
+    """List registered models matching PATTERN (shell-style) with their parameter counts.
+
+    Relay-token variants show their overhead over the sliding-window baseline; with
+    --flops, GFLOPs are per forward pass on one window (pair) of SIDE_PX pixels.
+    """
+    from relay_models import list_models, model_stats
+    from relay_models._registry import split_name
+    from relay_models.stats import ModelStats
+
+    names = list_models(pattern)
+    if not names:
+        raise click.BadParameter(
+            f"no model matches {pattern!r}; try 'relaymap models' for all", param_hint="PATTERN"
+        )
+    head = f"{'model':<24}{'params (M)':>12}{'vs base':>9}"
+    if flops:
+        head += f"{'GFLOPs @' + str(side_px):>14}{'vs base':>9}"
+    click.echo(head)
+    stats: dict[str, ModelStats] = {}
+    for name in names:
+        base = split_name(name)[0]
+        for n in (base, name):
+            if n not in stats:
+                stats[n] = model_stats(n, num_classes=num_classes, side_px=side_px, flops=flops)
+        s, b = stats[name], stats[base]
+        row = f"{name:<24}{s.params / 1e6:>12.2f}{s.params / b.params - 1:>+9.1%}"
+        if flops:
+            row += f"{s.gflops:>14.2f}{s.gflops / b.gflops:>8.2f}x"
+        click.echo(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Model configuration: one frozen pydantic model, loadable from YAML, validated at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class FrozenConfig(BaseModel):
+    """Base of relaymap's configs: immutable, unknown keys rejected, loadable from YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Read and validate a YAML mapping (a ``pydantic.ValidationError`` names bad keys)."""
+        data: Any = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+
+class ModelConfig(FrozenConfig):
+    """Everything :func:`relay_models.create_model` needs to build a model."""
+
+    #: Registered name, e.g. ``swinv2_small_relay`` (see ``relaymap models``).
+    name: str = "swinv2_nano_relay"
+    #: Output classes K.
+    num_classes: int = Field(ge=1)
+    #: Input bands C.
+    in_chans: int = Field(default=3, ge=1)
+    #: Relay tokens R (used by ``_relay`` and ``_registers`` models).
+    relays: int = Field(default=4, ge=1)
+    #: ``sequential`` (global then local in each block, the paper's) or ``parallel``.
+    relay_mode: Literal["sequential", "parallel"] = "sequential"
+    #: ``convt`` (the paper's transposed convolution) or ``fpn`` (Swin only).
+    head: Literal["convt", "fpn"] = "convt"
+    #: Separate patch projection for the global window (relay models).
+    separate_patch_embed: bool = True
+    #: Global window side / local window side.
+    factor: int = Field(default=4, ge=1)
+    #: Stochastic depth at the last block; ``None`` keeps the backbone's default.
+    drop_path_rate: float | None = Field(default=None, ge=0.0, lt=1.0)
+    #: timm-format checkpoint for the backbone: path, URL or ``hf-hub:ORG/NAME`` (cache only).
+    pretrained: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from ._registry import split_name
+
+        split_name(name)  # ValueError listing valid names
+        return name
