@@ -77,8 +77,14 @@ def create_model(
     from ._registry import build_model
 
     model = build_model(
-        name, num_classes=num_classes, in_chans=in_chans, relays=relays, relay_mode=relay_mode,
-        head=head, separate_patch_embed=separate_patch_embed, factor=factor,
+        name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        relays=relays,
+        relay_mode=relay_mode,
+        head=head,
+        separate_patch_embed=separate_patch_embed,
+        factor=factor,
         drop_path_rate=drop_path_rate,
     )
     model.name = name

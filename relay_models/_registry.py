@@ -37,15 +37,18 @@ BACKBONES: dict[str, BackboneSpec] = {
         SwinTransformerV2, dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)), None
     ),
     "swinv2_tiny": BackboneSpec(
-        SwinTransformerV2, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+        SwinTransformerV2,
+        dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
         "swinv2_tiny_window8_256",
     ),
     "swinv2_small": BackboneSpec(
-        SwinTransformerV2, dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+        SwinTransformerV2,
+        dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
         "swinv2_small_window8_256",
     ),
     "swinv2_base": BackboneSpec(
-        SwinTransformerV2, dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+        SwinTransformerV2,
+        dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
         "swinv2_base_window8_256",
     ),
     "vit_small": BackboneSpec(
@@ -103,8 +106,12 @@ def build_model(
         raise ValueError(f"{name} needs relays >= 1, got {relays}")
     # only a model that embeds both windows with relays can use a second patch projection
     separate = separate_patch_embed and seg_cls is RelaySegmenter
-    kwargs = dict(spec.kwargs, in_chans=in_chans, relays=relays if has_relays else 0,
-                  separate_patch_embed=separate)
+    kwargs = dict(
+        spec.kwargs,
+        in_chans=in_chans,
+        relays=relays if has_relays else 0,
+        separate_patch_embed=separate,
+    )
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     backbone = spec.cls(**kwargs)

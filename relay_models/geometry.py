@@ -17,6 +17,7 @@ Conventions (used everywhere in relaymap):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,15 +75,23 @@ class Window:
         outside the scene); read this region, then :func:`sample_points` into it."""
         y0, x0, y1, x1 = self.bounds()
         eps = 1e-9  # a box edge on a pixel edge must not pull in the next pixel
-        return (math.floor(y0 + eps), math.floor(x0 + eps),
-                math.ceil(y1 - eps), math.ceil(x1 - eps))
+        return (
+            math.floor(y0 + eps),
+            math.floor(x0 + eps),
+            math.ceil(y1 - eps),
+            math.ceil(x1 - eps),
+        )
+
+    def grid_to_scene(self, rc: np.ndarray, out_px: int) -> np.ndarray:
+        """Map continuous output-grid coordinates ``(..., 2)`` (row, col; pixel edges at
+        integers) of an ``out_px`` sampling of the window to scene ``(y, x)``."""
+        offsets = np.asarray(rc, dtype=np.float64) * (self.side_px / out_px) - self.side_px / 2
+        return self.to_scene(offsets)
 
     def sample_points(self, out_px: int) -> np.ndarray:
         """``(out_px, out_px, 2)`` scene ``(y, x)`` sampled by each output pixel centre."""
-        step = self.side_px / out_px
-        u = (np.arange(out_px) + 0.5) * step - self.side_px / 2
-        grid = np.stack(np.meshgrid(u, u, indexing="ij"), axis=-1)
-        return self.to_scene(grid)
+        c = np.arange(out_px) + 0.5
+        return self.grid_to_scene(np.stack(np.meshgrid(c, c, indexing="ij"), axis=-1), out_px)
 
     def scale(self, s: float) -> Window:
         """The same window in the coordinates of a level downsampled ``s`` times."""
@@ -147,8 +156,9 @@ def window_pair(
     if factor < 1 or int(factor) != factor:
         raise ValueError(f"factor must be a positive integer, got {factor}")
     local = Window(tuple(map(float, center_yx)), float(side_px), float(angle_deg))
-    return WindowPair(local, Window(local.center_yx, local.side_px * factor, local.angle_deg),
-                      int(factor))
+    return WindowPair(
+        local, Window(local.center_yx, local.side_px * factor, local.angle_deg), int(factor)
+    )
 
 
 def global_crop(out_px: int, factor: int) -> tuple[slice, slice]:
@@ -203,9 +213,9 @@ def _axis_tiles(length: int, tile_px: int, stride: int) -> list[tuple[int, int, 
     """``(origin, keep_start, keep_stop)`` along one axis; the last tile is flush with the end."""
     if length <= tile_px:
         return [(0, 0, length)]
-    origins = list(range(0, length - tile_px, stride)) + [length - tile_px]
+    origins = [*range(0, length - tile_px, stride), length - tile_px]
     # split each overlap at its middle so kept parts partition [0, length)
-    cuts = [0] + [(o0 + tile_px + o1) // 2 for o0, o1 in zip(origins, origins[1:], strict=False)]
+    cuts = [0] + [(o0 + tile_px + o1) // 2 for o0, o1 in itertools.pairwise(origins)]
     cuts.append(length)
     return [(o, cuts[i], cuts[i + 1]) for i, o in enumerate(origins)]
 

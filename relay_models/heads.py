@@ -35,8 +35,9 @@ class FPNHead(nn.Module):
     and bilinear upsampling to the input size.
     """
 
-    def __init__(self, feature_info: list[dict[str, Any]], num_classes: int,
-                 channels: int = 64) -> None:
+    def __init__(
+        self, feature_info: list[dict[str, Any]], num_classes: int, channels: int = 64
+    ) -> None:
         super().__init__()
         if len(feature_info) < 2:
             raise ValueError(
@@ -55,8 +56,9 @@ class FPNHead(nn.Module):
         """Stage maps -> ``(B, K, H, W)`` logits."""
         x = self.lateral[-1](feats[-1])
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1]), strict=True):
-            x = lateral(f) + F.interpolate(x, size=f.shape[-2:], mode="bilinear",
-                                           align_corners=False)
+            x = lateral(f) + F.interpolate(
+                x, size=f.shape[-2:], mode="bilinear", align_corners=False
+            )
         x = self.classifier(self.fuse(x))
         return F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
 

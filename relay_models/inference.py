@@ -31,7 +31,10 @@ def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def read_tiles(
-    image: torch.Tensor, tiles: Sequence[Tile], *, factor: int | None,
+    image: torch.Tensor,
+    tiles: Sequence[Tile],
+    *,
+    factor: int | None,
     coarse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Local windows ``(N, C, L, L)`` and, if ``factor``, global windows from ``coarse``
@@ -111,14 +114,18 @@ def predict_array(
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="tiles")
     for batch in _batches(tiles, batch_size):
         local, glob = read_tiles(image, batch, factor=factor, coarse=coarse)
-        probs = predict_tiles(model, local.to(device),
-                              None if glob is None else glob.to(device)).cpu()
+        probs = predict_tiles(
+            model, local.to(device), None if glob is None else glob.to(device)
+        ).cpu()
         if acc is None:
             acc = torch.zeros(probs.shape[1], h, w)
         for t, p in zip(batch, probs, strict=True):
             oy, ox = t.origin_yx
-            y0, x0, y1, x1 = (t.keep if blend == "center"
-                              else (oy, ox, min(oy + tile_px, h), min(ox + tile_px, w)))
+            y0, x0, y1, x1 = (
+                t.keep
+                if blend == "center"
+                else (oy, ox, min(oy + tile_px, h), min(ox + tile_px, w))
+            )
             wt = weights[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
             acc[:, y0:y1, x0:x1] += p[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox] * wt
             norm[y0:y1, x0:x1] += wt
@@ -129,8 +136,9 @@ def predict_array(
     return acc / norm.clamp(min=1e-12)
 
 
-def to_classes(probs: torch.Tensor, valid: torch.Tensor | None = None,
-               nodata: int = 255) -> torch.Tensor:
+def to_classes(
+    probs: torch.Tensor, valid: torch.Tensor | None = None, nodata: int = 255
+) -> torch.Tensor:
     """``(K, H, W)`` probabilities -> ``(H, W)`` uint8 classes, ``nodata`` where invalid or
     where no tile was run."""
     classes = probs.argmax(0).to(torch.uint8)

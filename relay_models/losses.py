@@ -55,8 +55,14 @@ class RelayLoss(nn.Module):
         ignore_index: label value that is never scored.
     """
 
-    def __init__(self, *, factor: int = 4, global_weight: float = 0.1,
-                 consistency_weight: float = 0.1, ignore_index: int = 255) -> None:
+    def __init__(
+        self,
+        *,
+        factor: int = 4,
+        global_weight: float = 0.1,
+        consistency_weight: float = 0.1,
+        ignore_index: int = 255,
+    ) -> None:
         super().__init__()
         self.factor = factor
         self.global_weight = global_weight
@@ -71,8 +77,10 @@ class RelayLoss(nn.Module):
         labels = labels.long()
         ignored = labels == self.ignore_index
         n_valid = (~ignored).sum().clamp(min=1)
-        local = F.cross_entropy(local_logits, labels, ignore_index=self.ignore_index,
-                                reduction="sum") / n_valid
+        local = (
+            F.cross_entropy(local_logits, labels, ignore_index=self.ignore_index, reduction="sum")
+            / n_valid
+        )
         zero = local.new_zeros(())
         if global_logits is None:
             return LossTerms(local, local, zero, zero)

@@ -36,8 +36,11 @@ def read_window(
         and a ``(out_px, out_px)`` bool mask of samples that fell inside ``image``.
     """
     c, h, w = image.shape
-    local = Window((window.center_yx[0] - origin_yx[0], window.center_yx[1] - origin_yx[1]),
-                   window.side_px, window.angle_deg)
+    local = Window(
+        (window.center_yx[0] - origin_yx[0], window.center_yx[1] - origin_yx[1]),
+        window.side_px,
+        window.angle_deg,
+    )
     aligned = local.aligned_origin()
     if aligned is not None and local.side_px == out_px:
         # plain slice with padding: exact, and what untransformed tiles take
@@ -55,8 +58,9 @@ def read_window(
     # grid_sample, align_corners=False: -1 and 1 are the outer pixel edges, as in our convention
     grid = torch.stack([pts[..., 1] / w * 2 - 1, pts[..., 0] / h * 2 - 1], dim=-1)
     src = image.unsqueeze(0).float()
-    out = F.grid_sample(src, grid.unsqueeze(0), mode=mode, padding_mode="border",
-                        align_corners=False)[0]
+    out = F.grid_sample(
+        src, grid.unsqueeze(0), mode=mode, padding_mode="border", align_corners=False
+    )[0]
     out = torch.where(valid, out, torch.full_like(out, fill))
     if mode == "nearest":
         out = out.to(image.dtype)

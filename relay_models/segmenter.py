@@ -69,8 +69,9 @@ class Segmenter(nn.Module):
         """The part of global logits over the local window, upsampled to ``(B, K, L, L)``."""
         rows, cols = global_crop(global_logits.shape[-1], self.factor)
         crop = global_logits[..., rows, cols]
-        return F.interpolate(crop, size=global_logits.shape[-2:], mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            crop, size=global_logits.shape[-2:], mode="bilinear", align_corners=False
+        )
 
 
 class SlidingWindowSegmenter(Segmenter):
@@ -86,8 +87,14 @@ class RelaySegmenter(Segmenter):
 
     takes_global = True
 
-    def __init__(self, backbone: Backbone, decode_head: nn.Module, *, factor: int = 4,
-                 relay_mode: RelayMode = "sequential") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        decode_head: nn.Module,
+        *,
+        factor: int = 4,
+        relay_mode: RelayMode = "sequential",
+    ) -> None:
         super().__init__(backbone, decode_head, factor=factor)
         if relay_mode not in RELAY_MODES:
             raise ValueError(f"relay_mode must be one of {RELAY_MODES}, got {relay_mode!r}")
@@ -101,8 +108,8 @@ class RelaySegmenter(Segmenter):
         feats = self.backbone.forward_branches(
             {"global": global_, "local": local}, relay_mode=self.relay_mode
         )
-        g, l = self.forward_head(feats["global"], feats["local"])
-        return RelayOutput(local=l, global_=g)
+        glob, loc = self.forward_head(feats["global"], feats["local"])
+        return RelayOutput(local=loc, global_=glob)
 
 
 class RegistersSegmenter(Segmenter):
@@ -126,8 +133,8 @@ class DecisionFusionSegmenter(Segmenter):
     def forward(self, local: torch.Tensor, global_: torch.Tensor) -> RelayOutput:
         self._check_pair(local, global_)
         feats = self.backbone.forward_branches({"global": global_, "local": local})
-        g, l = self.forward_head(feats["global"], feats["local"])
-        return RelayOutput(local=(l + self._crop_up(g)) / 2, global_=g)
+        glob, loc = self.forward_head(feats["global"], feats["local"])
+        return RelayOutput(local=(loc + self._crop_up(glob)) / 2, global_=glob)
 
 
 class DownsamplingSegmenter(Segmenter):

@@ -29,15 +29,17 @@ def count_flops(model: nn.Module, side_px: int = 256, batch: int = 1) -> float:
     Two-window models get both windows, as they run in training and inference.
     """
     p = next(model.parameters())
-    x = torch.zeros(batch, model.backbone.in_chans, side_px, side_px, device=p.device,
-                    dtype=p.dtype)
+    x = torch.zeros(
+        batch, model.backbone.in_chans, side_px, side_px, device=p.device, dtype=p.dtype
+    )
     with FlopCounterMode(display=False) as counter:
         model(x, x) if model.takes_global else model(x)
     return float(counter.get_total_flops())
 
 
-def model_stats(name: str, *, num_classes: int = 10, side_px: int = 256,
-                flops: bool = True) -> ModelStats:
+def model_stats(
+    name: str, *, num_classes: int = 10, side_px: int = 256, flops: bool = True
+) -> ModelStats:
     """Params and GFLOPs of a registered model, built on the meta device."""
     from . import create_model
 

@@ -66,8 +66,9 @@ def relative_coords_table(ws: int, pretrained_ws: int, device: torch.device) -> 
 def relative_position_index(ws: int, device: torch.device) -> torch.Tensor:
     """``(ws*ws, ws*ws)`` index into the flattened ``(2ws-1)^2`` bias table."""
     coords = torch.stack(
-        torch.meshgrid(torch.arange(ws, device=device), torch.arange(ws, device=device),
-                       indexing="ij")
+        torch.meshgrid(
+            torch.arange(ws, device=device), torch.arange(ws, device=device), indexing="ij"
+        )
     ).flatten(1)  # 2, ws*ws
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
@@ -182,7 +183,7 @@ class SwinTransformerV2Block(nn.Module):
     def _attn(
         self, x: torch.Tensor, relays: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, h, w, c = x.shape
+        _b, h, w, _c = x.shape
         ws, shift = self.window_and_shift(h, w)
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
@@ -219,7 +220,7 @@ class SwinTransformerV2Block(nn.Module):
             tokens = torch.cat([tokens, relays], dim=1)  # B, HW+R, C
         tokens = tokens + self.drop_path2(self.norm2(self.mlp(tokens)))
         if relays is not None:
-            relays = tokens[:, h * w:]
+            relays = tokens[:, h * w :]
         return tokens[:, : h * w].reshape(b, h, w, c), relays
 
 

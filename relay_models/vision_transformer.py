@@ -26,7 +26,7 @@ from ._layers import DropPath, Mlp, PatchEmbed, drop_path_rates, init_linear
 def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic resample of a square patch position embedding ``(1, N, D)`` to ``(1, gh*gw, D)``."""
     n, d = pos.shape[1:]
-    side = int(round(n**0.5))
+    side = round(n**0.5)
     if side * side != n:
         raise ValueError(f"position embedding of {n} patch tokens is not a square grid")
     if (side, side) == tuple(grid):
@@ -65,8 +65,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block``)."""
 
-    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -148,8 +149,7 @@ class VisionTransformer(Backbone):
         self.relay_tokens = nn.Parameter(torch.zeros(relays, embed_dim)) if relays else None
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i])
-            for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, drop_path=dpr[i]) for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="blocks")]

@@ -52,9 +52,11 @@ class LoadReport:
 
 def _hf_cache_file(ref: str) -> Path:
     repo = ref.removeprefix("hf-hub:")
-    roots = [os.environ.get("HF_HUB_CACHE"),
-             os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
-             os.path.expanduser("~/.cache/huggingface/hub")]
+    roots = [
+        os.environ.get("HF_HUB_CACHE"),
+        os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
+        os.path.expanduser("~/.cache/huggingface/hub"),
+    ]
     folder = "models--" + repo.replace("/", "--")
     for root in filter(None, roots):
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -88,10 +90,18 @@ def read_checkpoint(source: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = load_safetensors(blob)
         except SafetensorError as e:
             raise ValueError(f"{source} is not a readable safetensors file: {e}") from e
+    elif not blob.startswith((b"PK\x03\x04", b"\x80")):  # torch zip, or a legacy pickle
+        raise ValueError(f"{source} is not a readable torch checkpoint or safetensors file")
     else:
         try:
             sd = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            IndexError,
+            zipfile.BadZipFile,
+        ) as e:
             raise ValueError(f"{source} is not a readable torch checkpoint: {e}") from e
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -125,16 +135,21 @@ def checkpoint_filter_fn(
     """
     sd = {k: v for k, v in state_dict.items() if not BUFFER_KEY.search(k)}
     if "layers.0.downsample.reduction.weight" in sd:  # original Swin: merging ends a stage
-        sd = {re.sub(r"^layers\.(\d+)\.downsample",
-                     lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
-              for k, v in sd.items()}
+        sd = {
+            re.sub(
+                r"^layers\.(\d+)\.downsample",
+                lambda m: f"layers.{int(m.group(1)) + 1}.downsample",
+                k,
+            ): v
+            for k, v in sd.items()
+        }
     proj = sd.get("patch_embed.proj.weight")
     if proj is not None and proj.ndim == 4:
         sd["patch_embed.proj.weight"] = adapt_input_conv(proj, backbone.in_chans)
     pos = sd.get("pos_embed")
     if isinstance(backbone, VisionTransformer) and pos is not None and pos.ndim == 3:
         target = backbone.pos_embed.shape[1] - 1
-        side = int(round(target**0.5))
+        side = round(target**0.5)
         if pos.shape[1] - 1 != target and pos.shape[-1] == backbone.pos_embed.shape[-1]:
             patches = resample_pos_embed(pos[:, 1:], (side, side)).to(pos.dtype)
             sd["pos_embed"] = torch.cat([pos[:, :1], patches], dim=1)
@@ -162,8 +177,11 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> LoadReport:
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in sd and not NEW_KEY.match(k))
     unexpected = sorted(k for k in sd if k not in own and not CLASSIFIER_KEY.match(k))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                    for k in own if k in sd and sd[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    )
     if missing or unexpected or shapes:
         problems = []
         if missing:
