@@ -71,7 +71,7 @@ def predict_array(
     image: np.ndarray | torch.Tensor,
     *,
     tile_px: int = 256,
-    overlap_px: int = 64,
+    overlap_px: int | None = None,
     valid: np.ndarray | torch.Tensor | None = None,
     batch_size: int = 8,
     blend: Blend = "cosine",
@@ -84,7 +84,7 @@ def predict_array(
         model: a registered model in eval mode (two-window models get global windows).
         image: ``(C, H, W)`` normalised bands (0 = band mean), any size.
         tile_px: local window side L.
-        overlap_px: overlap between neighbouring tiles.
+        overlap_px: overlap between neighbouring tiles (default: a quarter tile).
         valid: optional ``(H, W)`` bool data mask; tiles with no valid pixel are skipped.
         batch_size: tiles per forward pass.
         blend: ``cosine`` fades tiles into each other over the overlap; ``center`` keeps
@@ -98,6 +98,13 @@ def predict_array(
     image = torch.as_tensor(image, dtype=torch.float32)
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
+    if image.shape[0] != model.backbone.in_chans:
+        raise ValueError(
+            f"image has {image.shape[0]} bands but the model expects "
+            f"in_chans={model.backbone.in_chans}"
+        )
+    if overlap_px is None:
+        overlap_px = tile_px // 4
     if blend not in ("cosine", "center"):
         raise ValueError(f"blend must be 'cosine' or 'center', got {blend!r}")
     device = torch.device(device) if device else next(model.parameters()).device

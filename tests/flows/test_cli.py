@@ -1,0 +1,36 @@
+"""The relaymap command line."""
+
+from __future__ import annotations
+
+import subprocess
+
+from click.testing import CliRunner
+
+from flows.cli import main
+from relay_models import list_models
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["relaymap", "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("Usage: relaymap") and "models" in out.stdout
+
+
+def test_models_lists_the_registry():
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[0] for line in result.output.splitlines()[1:]]
+    assert listed == list_models()
+
+
+def test_models_flops_shows_relay_cost():
+    result = CliRunner().invoke(main, ["models", "vit_small*", "--flops"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("vit_small_relay "))
+    overhead, ratio = row.split()[2], float(row.split()[4].rstrip("x"))
+    assert overhead.startswith("+1.") and 1.9 <= ratio <= 2.2
+
+
+def test_unknown_pattern_is_a_clear_error():
+    result = CliRunner().invoke(main, ["models", "resnet*"])
+    assert result.exit_code == 2
+    assert "no model matches 'resnet*'" in result.output
