@@ -1,0 +1,356 @@
+"""Where STAC items go: a static catalog on object storage, or a STAC API (Transactions).
+
+Both implement one small interface (:class:`Catalog`): ``add_items`` (an upsert keyed by
+collection and id: rerunning never duplicates), ``get_item`` and ``search``.
+:func:`open_catalog` picks the backend from the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+import pystac
+import requests
+from pystac.utils import str_to_datetime
+
+from .server import serve_stac
+from .storage import atomic_write, exists, filesystem, join, normalize_url, read_bytes, redact
+
+
+class CatalogError(RuntimeError):
+    """A catalog cannot be read or written (the message names the catalog, no secrets)."""
+
+
+class ItemNotFound(KeyError):
+    """No item with that collection and id."""
+
+
+class Catalog(Protocol):
+    """What relaymap needs of a catalog."""
+
+    def add_items(self, items: Sequence[pystac.Item]) -> None: ...
+
+    def get_item(self, collection: str, item_id: str) -> pystac.Item: ...
+
+    def search(
+        self,
+        *,
+        collections: Sequence[str] | None = None,
+        bbox: Sequence[float] | None = None,
+        datetime: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[pystac.Item]: ...
+
+
+def _default_collection(collection_id: str, items: Sequence[pystac.Item]) -> pystac.Collection:
+    return pystac.Collection(
+        collection_id,
+        description=f"relaymap products: {collection_id}",
+        extent=_extent(items),
+        license="proprietary",
+    )
+
+
+def _extent(items: Sequence[pystac.Item]) -> pystac.Extent:
+    boxes = [it.bbox for it in items if it.bbox] or [[-180, -90, 180, 90]]
+    times = [it.datetime for it in items if it.datetime]
+    bbox = [
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    ]
+    interval = [min(times), max(times)] if times else [None, None]
+    return pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([interval]))
+
+
+def _in_interval(item: pystac.Item, interval: str) -> bool:
+    start_s, _, end_s = interval.partition("/") if "/" in interval else (interval, "", interval)
+    start = None if start_s in ("", "..") else str_to_datetime(start_s)
+    end = None if end_s in ("", "..") else str_to_datetime(end_s)
+    when = item.datetime or item.common_metadata.start_datetime
+    return (start is None or when >= start) and (end is None or when <= end)
+
+
+def _intersects(item: pystac.Item, bbox: Sequence[float]) -> bool:
+    b = item.bbox
+    return not (b[2] < bbox[0] or b[0] > bbox[2] or b[3] < bbox[1] or b[1] > bbox[3])
+
+
+class StaticCatalog:
+    """A self-contained static catalog on object storage (the embedded default).
+
+    Layout: ``root/catalog.json``, ``root/<collection>/collection.json``,
+    ``root/<collection>/items/<id>.json``; hrefs are absolute. Writes are atomic per object.
+    """
+
+    def __init__(self, root_url: str) -> None:
+        self.root = normalize_url(root_url)
+
+    def __repr__(self) -> str:
+        return f"StaticCatalog({self.root!r})"
+
+    def _item_url(self, collection: str, item_id: str) -> str:
+        return join(self.root, collection, "items", f"{item_id}.json")
+
+    def _collection_url(self, collection: str) -> str:
+        return join(self.root, collection, "collection.json")
+
+    def collection_ids(self) -> list[str]:
+        fs, path = filesystem(self.root)
+        if not fs.exists(path):
+            return []
+        return sorted(
+            p.rstrip("/").rsplit("/", 1)[-1]
+            for p in fs.ls(path, detail=False)
+            if fs.exists(p.rstrip("/") + "/collection.json")
+        )
+
+    def get_collection(self, collection: str) -> pystac.Collection:
+        url = self._collection_url(collection)
+        try:
+            return pystac.Collection.from_dict(json.loads(read_bytes(url)), href=url)
+        except FileNotFoundError:
+            raise ItemNotFound(f"no collection {collection!r} in {self.root}") from None
+
+    def add_collection(self, collection: pystac.Collection) -> None:
+        """Create or replace a collection's description (its items are kept)."""
+        self._write_collection(collection)
+
+    def _write_collection(self, collection: pystac.Collection) -> None:
+        d = collection.to_dict(include_self_link=False, transform_hrefs=False)
+        d["links"] = [
+            ln for ln in d["links"] if ln["rel"] not in ("self", "root", "parent", "item")
+        ]
+        url = self._collection_url(collection.id)
+        d["links"] += [
+            {"rel": "self", "href": url, "type": "application/json"},
+            {"rel": "root", "href": join(self.root, "catalog.json"), "type": "application/json"},
+        ]
+        d["links"] += [
+            {
+                "rel": "item",
+                "href": self._item_url(collection.id, i),
+                "type": "application/geo+json",
+            }
+            for i in self._item_ids(collection.id)
+        ]
+        atomic_write(url, json.dumps(d, indent=1).encode())
+        self._write_root()
+
+    def _write_root(self) -> None:
+        root = {
+            "type": "Catalog",
+            "stac_version": pystac.get_stac_version(),
+            "id": "relaymap",
+            "description": "relaymap products",
+            "links": [
+                {"rel": "self", "href": join(self.root, "catalog.json")},
+                {"rel": "root", "href": join(self.root, "catalog.json")},
+            ]
+            + [
+                {"rel": "child", "href": self._collection_url(c), "type": "application/json"}
+                for c in self.collection_ids()
+            ],
+        }
+        atomic_write(join(self.root, "catalog.json"), json.dumps(root, indent=1).encode())
+
+    def _item_ids(self, collection: str) -> list[str]:
+        fs, path = filesystem(join(self.root, collection, "items"))
+        if not fs.exists(path):
+            return []
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return sorted(
+            n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")
+        )
+
+    def add_items(self, items: Sequence[pystac.Item]) -> None:
+        """Upsert items (by collection and id), creating collections as needed."""
+        by_collection: dict[str, list[pystac.Item]] = {}
+        for item in items:
+            if not item.collection_id:
+                raise CatalogError(f"item {item.id} has no collection; set item.collection_id")
+            by_collection.setdefault(item.collection_id, []).append(item)
+        for cid, group in by_collection.items():
+            for item in group:
+                d = item.to_dict(include_self_link=False, transform_hrefs=False)
+                url = self._item_url(cid, item.id)
+                d["links"] = [
+                    ln
+                    for ln in d["links"]
+                    if ln["rel"] not in ("self", "root", "parent", "collection")
+                ]
+                d["links"] += [
+                    {"rel": "self", "href": url, "type": "application/geo+json"},
+                    {
+                        "rel": "collection",
+                        "href": self._collection_url(cid),
+                        "type": "application/json",
+                    },
+                    {
+                        "rel": "parent",
+                        "href": self._collection_url(cid),
+                        "type": "application/json",
+                    },
+                    {
+                        "rel": "root",
+                        "href": join(self.root, "catalog.json"),
+                        "type": "application/json",
+                    },
+                ]
+                atomic_write(url, json.dumps(d, indent=1).encode())
+                item.set_self_href(url)
+            existing = (
+                self.get_collection(cid)
+                if exists(self._collection_url(cid))
+                else _default_collection(cid, group)
+            )
+            existing.extent = _extent([*group, *self.items(cid, skip=[i.id for i in group])])
+            self._write_collection(existing)
+
+    def get_item(self, collection: str, item_id: str) -> pystac.Item:
+        url = self._item_url(collection, item_id)
+        try:
+            return pystac.Item.from_dict(json.loads(read_bytes(url)), href=url)
+        except FileNotFoundError:
+            raise ItemNotFound(f"no item {collection}/{item_id} in {self.root}") from None
+
+    def items(self, collection: str, skip: Iterable[str] = ()) -> Iterator[pystac.Item]:
+        skipped = set(skip)
+        for item_id in self._item_ids(collection):
+            if item_id not in skipped:
+                yield self.get_item(collection, item_id)
+
+    def search(
+        self,
+        *,
+        collections: Sequence[str] | None = None,
+        bbox: Sequence[float] | None = None,
+        datetime: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[pystac.Item]:
+        """Scan the catalog (static catalogs have no search endpoint; see :meth:`serve`)."""
+        found = []
+        for cid in collections or self.collection_ids():
+            for item in self.items(cid):
+                if ids is not None and item.id not in ids:
+                    continue
+                if bbox is not None and not _intersects(item, bbox):
+                    continue
+                if datetime is not None and not _in_interval(item, datetime):
+                    continue
+                found.append(item)
+        return found
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        """Serve this catalog as a searchable STAC API on loopback; yield its URL."""
+        cols = [self.get_collection(c) for c in self.collection_ids()]
+        items = [it for c in cols for it in self.items(c.id)]
+        with serve_stac(cols, items) as url:
+            yield url
+
+
+class StacApiCatalog:
+    """A STAC API with the Transactions extension (e.g. stac-fastapi-pgstac)."""
+
+    def __init__(self, api_url: str, *, timeout_s: float = 30.0) -> None:
+        self.url = api_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"StacApiCatalog({self.url!r})"
+
+    def _request(self, method: str, path: str, **kw) -> requests.Response:
+        try:
+            return self.session.request(method, self.url + path, timeout=self.timeout_s, **kw)
+        except requests.RequestException as e:
+            raise CatalogError(
+                f"cannot reach the STAC API at {self.url}: {redact(str(e))}"
+            ) from None
+
+    def _check(self, resp: requests.Response, what: str) -> None:
+        if not resp.ok:
+            raise CatalogError(
+                f"{what} on {self.url} failed: HTTP {resp.status_code} {redact(resp.text[:300])}"
+            )
+
+    def ensure_collection(self, collection: pystac.Collection) -> None:
+        """Create the collection if the API does not have it."""
+        resp = self._request("GET", f"/collections/{collection.id}")
+        if resp.status_code == 404:
+            body = collection.to_dict(include_self_link=False, transform_hrefs=False)
+            body["links"] = []
+            self._check(
+                self._request("POST", "/collections", json=body),
+                f"creating collection {collection.id}",
+            )
+        else:
+            self._check(resp, f"reading collection {collection.id}")
+
+    def add_items(self, items: Sequence[pystac.Item]) -> None:
+        """Upsert: create each item, or update it when it exists."""
+        for cid in sorted({it.collection_id for it in items if it.collection_id}):
+            self.ensure_collection(
+                _default_collection(cid, [it for it in items if it.collection_id == cid])
+            )
+        for item in items:
+            if not item.collection_id:
+                raise CatalogError(f"item {item.id} has no collection; set item.collection_id")
+            body = item.to_dict(include_self_link=False, transform_hrefs=False)
+            body["links"] = [
+                ln
+                for ln in body["links"]
+                if ln["rel"] not in ("self", "root", "parent", "collection")
+            ]
+            cid = item.collection_id
+            resp = self._request("POST", f"/collections/{cid}/items", json=body)
+            if resp.status_code == 409:  # exists: replace it
+                resp = self._request("PUT", f"/collections/{cid}/items/{item.id}", json=body)
+            self._check(resp, f"writing item {cid}/{item.id}")
+
+    def get_item(self, collection: str, item_id: str) -> pystac.Item:
+        resp = self._request("GET", f"/collections/{collection}/items/{item_id}")
+        if resp.status_code == 404:
+            raise ItemNotFound(f"no item {collection}/{item_id} in {self.url}")
+        self._check(resp, f"reading item {collection}/{item_id}")
+        return pystac.Item.from_dict(resp.json())
+
+    def search(
+        self,
+        *,
+        collections: Sequence[str] | None = None,
+        bbox: Sequence[float] | None = None,
+        datetime: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[pystac.Item]:
+        body = {
+            k: v
+            for k, v in dict(
+                collections=collections, bbox=bbox, datetime=datetime, ids=ids, limit=100
+            ).items()
+            if v is not None
+        }
+        found, url = [], self.url + "/search"
+        while url:
+            try:
+                resp = self.session.post(url, json=body, timeout=self.timeout_s)
+            except requests.RequestException as e:
+                raise CatalogError(f"cannot reach {self.url}: {redact(str(e))}") from None
+            self._check(resp, "search")
+            page = resp.json()
+            found += [pystac.Item.from_dict(f) for f in page.get("features", [])]
+            nxt = next((ln for ln in page.get("links", []) if ln.get("rel") == "next"), None)
+            url, body = (nxt["href"], nxt.get("body", body)) if nxt else (None, None)
+        return found
+
+
+def open_catalog(url: str) -> StaticCatalog | StacApiCatalog:
+    """``http(s)://`` -> a STAC API (Transactions); anything else -> a static catalog."""
+    if url.startswith(("http://", "https://")):
+        return StacApiCatalog(url)
+    return StaticCatalog(url)

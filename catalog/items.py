@@ -1,0 +1,280 @@
+"""STAC items for relaymap's products: land-cover map COGs and trained models (MLM).
+
+Extensions through pystac's classes where they exist (projection, raster, classification,
+file, mlm); ``processing`` fields are written by hand (pystac has no class for them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from importlib.metadata import version
+from typing import Any
+
+import pystac
+import rasterio
+from odc.geo.geobox import GeoBox
+from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.mlm import (
+    Hyperparameters,
+    InputStructure,
+    MLMExtension,
+    ModelInput,
+    ModelOutput,
+    ResultStructure,
+    ValueScaling,
+)
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+from .storage import filesystem, gdal_env, normalize_url
+
+PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+COG_TYPE = pystac.MediaType.COG
+SAFETENSORS_TYPE = "application/octet-stream; application=safetensors"
+
+
+def multihash_sha256(url: str, chunk_bytes: int = 1 << 22) -> tuple[int, str]:
+    """``(size, multihash)`` of an object, streamed (``file:checksum`` wants a multihash:
+    ``1220`` = sha2-256, 32 bytes, then the hex digest)."""
+    fs, path = filesystem(url)
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+            size += len(chunk)
+    return size, "1220" + h.hexdigest()
+
+
+def _footprint(gbox: GeoBox) -> tuple[dict, list[float]]:
+    geom = gbox.extent.to_crs("EPSG:4326")
+    return geom.json, list(geom.boundingbox)
+
+
+def _classes(classes: Sequence[Mapping[str, Any]]) -> list[Classification]:
+    """``classification:classes`` from ``{"index", "name", "color_hint"?}`` mappings; the
+    value in the map is the class index."""
+    return [
+        Classification.create(
+            value=int(c["index"]), name=str(c["name"]), color_hint=(c.get("color_hint") or None)
+        )
+        for c in classes
+    ]
+
+
+def _software() -> dict[str, str]:
+    return {"relaymap": version("relaymap")}
+
+
+def map_item(
+    cog_url: str,
+    *,
+    item_id: str,
+    collection: str,
+    classes: Sequence[Mapping[str, Any]],
+    source_items: Sequence[pystac.Item],
+    model_item: pystac.Item | None = None,
+    datetime: dt.datetime | None = None,
+    probabilities_url: str | None = None,
+    quicklook_url: str | None = None,
+) -> pystac.Item:
+    """A land-cover map item for a uint8 class COG.
+
+    Reads the COG's grid (``proj:*``), band info, size and checksum; links the item
+    ``derived_from`` the source items and the model item (by their self hrefs).
+
+    Args:
+        cog_url: the class COG (any URL rasterio/fsspec read).
+        item_id: the item's id (stable across reruns: it is the upsert key).
+        collection: the map collection id.
+        classes: ``{"index", "name", "color_hint"}`` per class.
+        source_items: the imagery items the map was made from.
+        model_item: the model's MLM item.
+        datetime: the map's nominal time (default: the sources' latest datetime).
+        probabilities_url: optional per-class probability COG.
+        quicklook_url: optional PNG overview.
+    """
+    cog_url = normalize_url(cog_url)
+    with rasterio.Env(**gdal_env()), rasterio.open(cog_url) as src:
+        gbox = GeoBox((src.height, src.width), src.transform, src.crs)
+        dtype, nodata, res = src.dtypes[0], src.nodata, abs(src.transform.a)
+        epsg = src.crs.to_epsg()
+    geometry, bbox = _footprint(gbox)
+    when = datetime or max((it.datetime for it in source_items if it.datetime), default=None)
+    item = pystac.Item(
+        item_id, geometry, bbox, when or dt.datetime.now(dt.UTC), {}, collection=collection
+    )
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.code = f"EPSG:{epsg}" if epsg else None
+    if not epsg:
+        proj.wkt2 = gbox.crs.to_wkt()
+    proj.shape = list(gbox.shape)
+    proj.transform = list(gbox.transform)[:6]
+    proj.bbox = list(gbox.boundingbox)
+    item.stac_extensions.append(PROCESSING_SCHEMA)
+    item.properties.update(
+        {
+            "processing:level": "L4",
+            "processing:software": _software(),
+            "processing:datetime": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+        }
+    )
+    asset = pystac.Asset(cog_url, title="land-cover classes", media_type=COG_TYPE, roles=["data"])
+    item.add_asset("classes", asset)
+    RasterExtension.ext(asset, add_if_missing=True).bands = [
+        RasterBand.create(data_type=DataType(dtype), nodata=nodata, spatial_resolution=res)
+    ]
+    ClassificationExtension.ext(asset, add_if_missing=True).classes = _classes(classes)
+    _add_file_info(asset)
+    if probabilities_url:
+        prob = pystac.Asset(
+            normalize_url(probabilities_url),
+            title="class probabilities x 255",
+            media_type=COG_TYPE,
+            roles=["data"],
+        )
+        item.add_asset("probabilities", prob)
+        _add_file_info(prob)
+    if quicklook_url:
+        item.add_asset(
+            "overview",
+            pystac.Asset(
+                normalize_url(quicklook_url),
+                media_type=pystac.MediaType.PNG,
+                roles=["overview", "visual"],
+            ),
+        )
+    for src_item in source_items:
+        item.add_link(
+            pystac.Link(
+                "derived_from",
+                src_item.get_self_href() or src_item.id,
+                media_type=pystac.MediaType.GEOJSON,
+                title=src_item.id,
+            )
+        )
+    if model_item is not None:
+        item.add_link(
+            pystac.Link(
+                "derived_from",
+                model_item.get_self_href() or model_item.id,
+                media_type=pystac.MediaType.GEOJSON,
+                title=f"model {model_item.id}",
+            )
+        )
+    return item
+
+
+def _add_file_info(asset: pystac.Asset) -> None:
+    size, checksum = multihash_sha256(asset.href)
+    file_ext = FileExtension.ext(asset, add_if_missing=True)
+    file_ext.size = size
+    file_ext.checksum = checksum
+
+
+def model_item(
+    weights_url: str,
+    *,
+    item_id: str,
+    collection: str,
+    model_name: str,
+    architecture: str,
+    bands: Sequence[str],
+    band_mean: Sequence[float],
+    band_std: Sequence[float],
+    classes: Sequence[Mapping[str, Any]],
+    window_px: int,
+    factor: int,
+    total_parameters: int,
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    geometry: dict | None = None,
+    bbox: Sequence[float] | None = None,
+    datetime: dt.datetime | None = None,
+) -> pystac.Item:
+    """A STAC MLM item for a trained relay-token model and its safetensors weights.
+
+    Inputs are the local and global windows (``(B, C, L, L)`` float32, z-scored per band
+    with the training stores' statistics); the output is ``(B, K, L, L)`` class logits.
+    """
+    weights_url = normalize_url(weights_url)
+    geometry = geometry or {
+        "type": "Polygon",
+        "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
+    }
+    item = pystac.Item(
+        item_id,
+        geometry,
+        list(bbox or [-180, -90, 180, 90]),
+        datetime or dt.datetime.now(dt.UTC),
+        {},
+        collection=collection,
+    )
+    scaling = [
+        ValueScaling.create(type="z-score", mean=float(m), stddev=float(s))
+        for m, s in zip(band_mean, band_std, strict=True)
+    ]
+
+    def window_input(name: str, description: str) -> ModelInput:
+        spec = ModelInput.create(
+            name=name,
+            bands=list(bands),
+            description=description,
+            input=InputStructure.create(
+                shape=[-1, len(bands), window_px, window_px],
+                dim_order=["batch", "bands", "height", "width"],
+                data_type="float32",
+            ),
+        )
+        # MLM 1.4: one value-scaling object per band (pystac's setter takes a single one)
+        spec.properties["value_scaling"] = [v.to_dict() for v in scaling]
+        return spec
+
+    inputs = [window_input("local", f"{window_px} px window at full resolution")]
+    if factor:
+        inputs.append(
+            window_input(
+                "global",
+                f"{factor * window_px} px window centred on the local one, "
+                f"downsampled x{factor} to {window_px} px",
+            )
+        )
+    output = ModelOutput.create(
+        name="classes",
+        tasks=["semantic-segmentation"],
+        result=ResultStructure.create(
+            shape=[-1, len(classes), window_px, window_px],
+            dim_order=["batch", "channel", "height", "width"],
+            data_type="float32",
+        ),
+        classes=_classes(classes),
+        description="class logits of the local window; argmax gives the class index",
+    )
+    MLMExtension.ext(item, add_if_missing=True).apply(
+        name=model_name,
+        architecture=architecture,
+        tasks=["semantic-segmentation"],
+        input=inputs,
+        output=[output],
+        framework="pytorch",
+        framework_version=version("torch"),
+        total_parameters=int(total_parameters),
+        pretrained=bool((hyperparameters or {}).get("pretrained")),
+        hyperparameters=Hyperparameters(dict(hyperparameters)) if hyperparameters else None,
+    )
+    item.properties["processing:software"] = _software()
+    item.stac_extensions.append(PROCESSING_SCHEMA)
+    if metrics:
+        item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
+    weights = pystac.Asset(
+        weights_url,
+        title="model weights",
+        media_type=SAFETENSORS_TYPE,
+        roles=["mlm:model", "data"],
+        extra_fields={"mlm:artifact_type": "safetensors"},
+    )
+    item.add_asset("weights", weights)
+    _add_file_info(weights)
+    return item

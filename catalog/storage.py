@@ -1,0 +1,201 @@
+"""Object storage by fsspec URL (``file://``, ``s3://``, ...), atomic writes, safe messages.
+
+S3 settings come from the usual AWS variables and profiles (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_REGION``); an S3-compatible store is
+selected with ``AWS_ENDPOINT_URL`` (read by botocore, hence s3fs) or an explicit
+:class:`StorageConfig`. :func:`gdal_env` gives GDAL (rasterio) the same endpoint.
+
+A user-visible object is never seen half-written: :func:`atomic_write` writes to a
+temporary key next to the target and moves it into place when complete (one PUT on S3,
+which is atomic; ``os.replace`` locally). Multi-object products (Zarr stores) commit by
+writing their completion marker last instead (see ``ingest.store``).
+
+This module is the one storage layer of relaymap (``ingest`` uses it too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
+
+
+class StorageError(OSError):
+    """A storage location cannot be read or written (message names the URL, no secrets)."""
+
+
+class StorageConfig(BaseModel):
+    """Explicit S3 settings, overriding the environment where set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: e.g. ``http://127.0.0.1:8333`` for a local S3-compatible server.
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    def apply(self) -> None:
+        """Export the settings as the standard AWS variables for this process and its
+        children (boto, s3fs, GDAL via :func:`gdal_env`, Ray workers)."""
+        for key, value in (
+            ("AWS_ENDPOINT_URL", self.endpoint_url),
+            ("AWS_REGION", self.region),
+            ("AWS_PROFILE", self.profile),
+        ):
+            if value:
+                os.environ[key] = value
+
+
+_SECRET = re.compile(
+    r"(?i)(aws_secret_access_key|aws_session_token|secret|password|token|key_id)"
+    r"(['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}&]+"
+)
+
+
+def redact(text: str) -> str:
+    """Remove credential values (and this process's AWS secrets) from a message."""
+    text = _SECRET.sub(r"\1\2***", text)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def normalize_url(url: str | os.PathLike) -> str:
+    """A plain path becomes an absolute ``file://`` URL; URLs are kept."""
+    url = os.fspath(url)
+    if "://" in url:
+        return url.rstrip("/") if not url.endswith(":///") else url
+    return "file://" + os.path.abspath(url)
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path)`` for a URL; S3 options come from the environment."""
+    fs, path = fsspec.url_to_fs(normalize_url(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
+def native(url: str) -> str:
+    """The form libraries want: a plain path for local files, the URL otherwise (zarr's
+    local store creates folders, its fsspec store does not)."""
+    url = normalize_url(url)
+    return url.removeprefix("file://") if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path parts with ``/``."""
+    return "/".join([normalize_url(url).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    try:
+        return fs.exists(path)
+    except OSError as e:
+        raise StorageError(f"cannot reach {url}: {redact(str(e))}") from None
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no object at {url}") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {url}: {redact(str(e))}") from None
+
+
+def _tmp_sibling(path: str) -> str:
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def atomic_write(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see the old object or the new, never a
+    partial one (temporary sibling key, then a move)."""
+    fs, path = filesystem(url)
+    tmp = _tmp_sibling(path)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)  # one PUT: S3 never shows a partial object
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            fs.rm_file(tmp)
+        raise StorageError(f"cannot write {url}: {redact(str(e))}") from None
+
+
+@contextlib.contextmanager
+def atomic_upload(url: str, suffix: str = "") -> Iterator[str]:
+    """Yield a local temporary file path; on success its content becomes ``url``.
+
+    For writers that need a real file (GDAL, rasterio). On error nothing appears at
+    ``url`` and the temporary file is removed.
+    """
+    import tempfile
+
+    fs, path = filesystem(url)
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+        tmp = _tmp_sibling(path) + suffix
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=suffix)
+        os.close(fd)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            tmp_key = _tmp_sibling(path)
+            fs.put_file(tmp, tmp_key)
+            fs.mv(tmp_key, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {url}: {redact(str(e))}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def remove(url: str, *, recursive: bool = False) -> None:
+    """Delete an object (or a prefix with ``recursive``); missing is fine."""
+    fs, path = filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)
+
+
+def gdal_env() -> dict[str, Any]:
+    """GDAL options matching the AWS environment, for ``rasterio.Env(**gdal_env())``.
+
+    GDAL does not read ``AWS_ENDPOINT_URL``; an S3-compatible endpoint is passed as
+    ``AWS_S3_ENDPOINT`` (host:port) with path-style addressing and the URL's scheme.
+    """
+    opts: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+        opts.update(
+            AWS_S3_ENDPOINT=parsed.netloc,
+            AWS_VIRTUAL_HOSTING="FALSE",
+            AWS_HTTPS="YES" if parsed.scheme == "https" else "NO",
+        )
+    return opts

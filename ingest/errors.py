@@ -1,0 +1,31 @@
+"""Typed errors of the data side; every message names the input to fix."""
+
+from __future__ import annotations
+
+
+class IngestError(ValueError):
+    """Base class: bad input to ingest (the message says which and why)."""
+
+
+class StacApiError(IngestError):
+    """A STAC API cannot be reached or answered with an error."""
+
+
+class NoItemsFound(IngestError):
+    """A search matched no item."""
+
+
+class MissingAssetError(IngestError):
+    """An item lacks an asset (band) the load asked for."""
+
+
+class CorruptRasterError(IngestError):
+    """A raster cannot be decoded."""
+
+
+class GridError(IngestError):
+    """The requested grid is impossible: empty, smaller than a window, or mismatched CRS."""
+
+
+class StoreError(IngestError):
+    """A scene store is missing, incomplete, or not a relaymap store."""

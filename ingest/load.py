@@ -1,0 +1,173 @@
+"""Loading STAC items onto one pixel grid, as lazy (dask) physical values.
+
+odc-stac reads each item's COG assets onto the target grid (reprojecting when the item's
+CRS differs); each item's values then get its own nodata, scale and offset (``raster:bands``;
+for Sentinel-2 L2A from processing baseline 04.00 on, the -1000 DN offset is applied when the
+metadata does not carry it), and items are combined over time (first valid value, or the
+median).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import odc.stac
+import pystac
+import rasterio
+import xarray as xr
+from odc.geo.geobox import GeoBox
+from rasterio.errors import RasterioIOError
+
+from catalog.storage import gdal_env, redact
+
+from .errors import CorruptRasterError, GridError, MissingAssetError
+
+Composite = Literal["first", "median"]
+
+
+@contextlib.contextmanager
+def rio_env() -> Iterator[None]:
+    """rasterio/GDAL configured from the AWS environment (S3-compatible endpoints too)."""
+    with rasterio.Env(**gdal_env()):
+        yield
+
+
+def configure_odc() -> None:
+    """Give odc-stac's readers (threads and dask workers) the same GDAL settings."""
+    odc.stac.configure_rio(cloud_defaults=True, **gdal_env())
+
+
+def band_encoding(item: pystac.Item, band: str) -> tuple[float | None, float, float]:
+    """``(nodata, scale, offset)`` of an item's band, from ``raster:bands`` and S2 metadata."""
+    info = (item.assets[band].extra_fields.get("raster:bands") or [{}])[0]
+    nodata = info.get("nodata")
+    scale = float(info.get("scale", 1.0))
+    offset = info.get("offset")
+    if offset is None:
+        baseline = item.properties.get("s2:processing_baseline")
+        # L2A from baseline 04.00: DN = 10000 * reflectance + 1000
+        offset = -1000.0 * scale if baseline and float(baseline) >= 4.0 else 0.0
+    return (None if nodata is None else float(nodata)), scale, float(offset)
+
+
+def check_assets(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
+    """Every item has every band, and each band's header reads as a raster."""
+    with rio_env():
+        for item in items:
+            for band in bands:
+                if band not in item.assets:
+                    raise MissingAssetError(
+                        f"item {item.id} has no asset {band!r}; it has "
+                        f"{', '.join(sorted(item.assets))}"
+                    )
+                href = item.assets[band].href
+                try:
+                    with rasterio.open(href):
+                        pass
+                except RasterioIOError as e:
+                    raise CorruptRasterError(
+                        f"item {item.id} asset {band!r} at {href} is not a readable raster: "
+                        f"{redact(str(e))}"
+                    ) from None
+
+
+def native_geobox(item: pystac.Item, band: str) -> GeoBox:
+    """The pixel grid of one item's band."""
+    with rio_env(), rasterio.open(item.assets[band].href) as src:
+        return GeoBox((src.height, src.width), src.transform, src.crs)
+
+
+def target_geobox(
+    items: Sequence[pystac.Item],
+    band: str,
+    *,
+    crs: str | None = None,
+    resolution: float | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    geobox: GeoBox | None = None,
+) -> GeoBox:
+    """The output grid: ``geobox``; or ``crs`` + ``resolution`` over ``bounds`` (in ``crs``
+    units, STAC order) or over the items' footprint; or the first item's native grid."""
+    if geobox is not None:
+        return geobox
+    if crs is None and resolution is None and bounds is None:
+        return native_geobox(items[0], band)
+    if crs is None or resolution is None:
+        raise GridError("give crs and resolution together (or a geobox, or neither)")
+    if bounds is None:
+        from odc.geo.geom import Geometry, unary_union
+
+        footprint = unary_union([Geometry(it.geometry, "EPSG:4326") for it in items])
+        return GeoBox.from_geopolygon(footprint.to_crs(crs), resolution=resolution, crs=crs)
+    return GeoBox.from_bbox(bounds, crs=crs, resolution=resolution)
+
+
+def load_scene(
+    items: Sequence[pystac.Item],
+    bands: Sequence[str],
+    *,
+    crs: str | None = None,
+    resolution: float | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    geobox: GeoBox | None = None,
+    composite: Composite = "first",
+    chunk_px: int = 512,
+    resampling: str = "bilinear",
+) -> xr.DataArray:
+    """Lazy ``(band, y, x)`` float32 physical values (NaN = no data) on one grid.
+
+    Args:
+        items: the scene's items (e.g. a search result), combined in the given order.
+        bands: asset keys to load, in the store's band order.
+        crs, resolution, bounds, geobox: the target grid (see :func:`target_geobox`);
+            resolution in CRS units, bounds ``(minx, miny, maxx, maxy)`` in the CRS.
+        composite: ``first`` valid value in item order (a mosaic) or the ``median``.
+        chunk_px: dask chunk side.
+        resampling: for items not on the target grid (``bilinear``, ``nearest``, ...).
+
+    Raises:
+        MissingAssetError, CorruptRasterError: an item's band is absent or unreadable.
+        GridError: an empty target grid, or an incomplete grid specification.
+    """
+    if not items:
+        raise GridError("no items to load")
+    if composite not in ("first", "median"):
+        raise ValueError(f"composite must be 'first' or 'median', got {composite!r}")
+    check_assets(items, bands)
+    gbox = target_geobox(
+        items, bands[0], crs=crs, resolution=resolution, bounds=bounds, geobox=geobox
+    )
+    if gbox.shape[0] < 1 or gbox.shape[1] < 1:
+        raise GridError(f"the target grid is empty: {gbox}")
+    configure_odc()
+    layers = []
+    for item in items:
+        ds = odc.stac.load(
+            [item],
+            bands=list(bands),
+            geobox=gbox,
+            resampling=resampling,
+            chunks={"x": chunk_px, "y": chunk_px},
+            groupby="id",
+        )
+        per_band = []
+        for band in bands:
+            nodata, scale, offset = band_encoding(item, band)
+            raw = ds[band].isel(time=0, drop=True)
+            value = raw.astype("float32") * np.float32(scale) + np.float32(offset)
+            invalid = raw == nodata if nodata is not None and not np.isnan(nodata) else False
+            per_band.append(value.where(~invalid & raw.notnull()))
+        layers.append(xr.concat(per_band, dim="band"))
+    if composite == "median" and len(layers) > 1:
+        stack = xr.concat(layers, dim="time").chunk({"time": -1})
+        image = stack.median("time", skipna=True)
+    else:
+        image = layers[0]
+        for layer in layers[1:]:
+            image = image.fillna(layer)
+    image = image.assign_coords(band=list(bands)).astype("float32")
+    image.attrs = {"source_items": [it.id for it in items]}
+    return image.transpose("band", "y", "x")

@@ -1,0 +1,279 @@
+"""Synthetic but realistic sample scenes: multi-band COGs, label COGs and a STAC collection.
+
+Each scene is a UTM (EPSG:32633) 10 m grid of uint16 reflectance x 10000 (blue, green, red,
+nir; 0 = nodata) over six land-cover classes with spatial structure and noise. Two pairs of
+classes look the same up close and differ only by their surroundings, at a larger scale
+than a local window, so context matters:
+
+* **forest** vs **park**: the same trees; a park is a patch inside a town, a forest a patch
+  in the countryside.
+* **lake** vs **river**: the same water; a river is a band that crosses the whole scene,
+  a lake a blob in the fields.
+
+Everything is deterministic by ``seed``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pystac
+import rasterio
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from catalog.storage import atomic_upload, atomic_write, join, normalize_url
+
+CRS = "EPSG:32633"
+RES_M = 10.0
+BANDS = ("blue", "green", "red", "nir")
+NODATA = 0
+LABEL_NODATA = 0
+COLLECTION_ID = "relaymap-sample"
+
+
+@dataclass(frozen=True)
+class LandCover:
+    """One class of the sample scenes: label code, name, colour and mean reflectance."""
+
+    code: int
+    name: str
+    color_hint: str
+    reflectance: tuple[float, float, float, float]  # blue, green, red, nir (x 10000)
+
+
+CLASSES: tuple[LandCover, ...] = (
+    LandCover(10, "cropland", "E8D36B", (600, 900, 1000, 3000)),
+    LandCover(20, "forest", "1F6F2B", (300, 500, 350, 3500)),
+    LandCover(30, "park", "7BD36B", (300, 500, 350, 3500)),  # = forest, inside towns
+    LandCover(40, "urban", "C2473B", (1200, 1300, 1400, 2000)),
+    LandCover(50, "lake", "2B6FD3", (600, 500, 300, 150)),
+    LandCover(60, "river", "6BC5E8", (600, 500, 300, 150)),  # = lake, crosses the scene
+)
+#: Pairs that only context separates.
+CONTEXT_PAIRS: tuple[tuple[str, str], ...] = (("forest", "park"), ("lake", "river"))
+
+
+def _smooth(shape: tuple[int, int], cell_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Smooth noise in [-1, 1]: random values on a ``cell_px`` lattice, bilinear between."""
+    h, w = shape
+    gh, gw = int(h / cell_px) + 2, int(w / cell_px) + 2
+    grid = rng.uniform(-1, 1, (gh, gw))
+    ys, xs = np.arange(h) / cell_px, np.arange(w) / cell_px
+    rows = np.array([np.interp(xs, np.arange(gw), grid[i]) for i in range(gh)])
+    return np.array([np.interp(ys, np.arange(gh), rows[:, j]) for j in range(w)]).T
+
+
+def _blobs(shape, n, radius_px, rng, allowed=None, wobble=0.3):
+    """Mask of ``n`` round blobs with wobbly edges, centres drawn where ``allowed``."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = np.zeros(shape, dtype=bool)
+    edge = _smooth(shape, radius_px / 2, rng) * wobble
+    for _ in range(n):
+        for _try in range(50):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            if allowed is None or allowed[int(cy), int(cx)]:
+                break
+        r = radius_px * rng.uniform(0.7, 1.3)
+        mask |= np.hypot(yy - cy, xx - cx) / r < 1 + edge
+    return mask
+
+
+def make_layout(size_px: int, feature_px: int, rng: np.random.Generator) -> np.ndarray:
+    """Class-index map ``(size, size)`` (indices into :data:`CLASSES`)."""
+    shape = (size_px, size_px)
+    idx = {c.name: i for i, c in enumerate(CLASSES)}
+    cls = np.full(shape, idx["cropland"], dtype=np.uint8)
+    n_towns = max(1, round(size_px**2 / (6 * feature_px) ** 2))
+    towns = _blobs(shape, n_towns, 2.2 * feature_px, rng)
+    cls[towns] = idx["urban"]
+    parks = _blobs(shape, 2 * n_towns, 0.6 * feature_px, rng, allowed=towns) & towns
+    cls[parks] = idx["park"]
+    rural = ~_blobs(shape, n_towns, 2.6 * feature_px, rng, allowed=towns) & ~towns
+    forests = _blobs(shape, 3 * n_towns, 0.6 * feature_px, rng, allowed=rural) & ~towns
+    cls[forests] = idx["forest"]
+    lake = _blobs(shape, 1, 0.8 * feature_px, rng, allowed=rural & ~forests) & ~towns
+    cls[lake] = idx["lake"]
+    # a river crossing the scene, about as wide as a park
+    yy, xx = np.mgrid[0:size_px, 0:size_px].astype(float)
+    phase, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5) * feature_px
+    centre = size_px * rng.uniform(0.3, 0.7) + amp * np.sin(xx / (3 * feature_px) + phase)
+    width = 0.5 * feature_px * (1 + 0.2 * _smooth(shape, feature_px, rng))
+    cls[np.abs(yy - centre) < width / 2] = idx["river"]
+    return cls
+
+
+def render(cls: np.ndarray, rng: np.random.Generator, feature_px: int) -> np.ndarray:
+    """uint16 reflectance ``(4, H, W)`` for a class map: class spectra, field-to-field and
+    textured variation, pixel noise."""
+    shape = cls.shape
+    means = np.array([c.reflectance for c in CLASSES], dtype=np.float64)  # K, 4
+    img = means[cls].transpose(2, 0, 1)  # 4, H, W
+    fields = 1 + 0.15 * np.sign(_smooth(shape, feature_px / 3, rng))  # patchy fields
+    texture = 1 + 0.08 * _smooth(shape, 4, rng)
+    crop = cls == 0
+    img[:, crop] *= fields[crop]
+    img *= texture
+    img *= 1 + 0.03 * rng.standard_normal(img.shape)
+    return np.clip(img, 1, 10000).astype(np.uint16)
+
+
+def _write_cog(url: str, data: np.ndarray, transform, nodata: int, dtype: str) -> None:
+    profile = dict(
+        driver="COG",
+        width=data.shape[-1],
+        height=data.shape[-2],
+        count=1,
+        dtype=dtype,
+        crs=CRS,
+        transform=transform,
+        nodata=nodata,
+        compress="DEFLATE",
+        blocksize=512,
+        overview_resampling="nearest",
+    )
+    with atomic_upload(url, suffix=".tif") as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data[np.newaxis])
+
+
+def make_sample_scenes(
+    out_url: str,
+    *,
+    n_scenes: int = 3,
+    size_px: int = 512,
+    feature_px: int = 64,
+    seed: int = 0,
+    nodata_corner: bool = True,
+) -> pystac.Collection:
+    """Write ``n_scenes`` scenes as COGs plus a STAC collection (``collection.json`` and
+    ``items/<id>.json``) under ``out_url`` (``file://`` or ``s3://``).
+
+    Args:
+        out_url: folder URL for the COGs and the STAC JSON.
+        n_scenes: number of scenes (items), one day apart.
+        size_px: scene side in pixels (10 m).
+        feature_px: typical size of parks, forests and the river's width; give it about
+            the local window side so the context classes need the global window.
+        seed: everything is a function of the seed.
+        nodata_corner: give every second scene a nodata triangle in a corner.
+
+    Returns:
+        The collection, with its items, hrefs absolute.
+    """
+    out_url = normalize_url(out_url)
+    rng = np.random.default_rng(seed)
+    to_lonlat = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
+    items = []
+    for i in range(n_scenes):
+        item_id = f"sample-{i:02d}"
+        x0, y0 = 500_000 + i * (size_px + 100) * RES_M, 4_800_000.0  # scenes side by side
+        transform = from_origin(x0, y0, RES_M, RES_M)
+        cls = make_layout(size_px, feature_px, rng)
+        img = render(cls, rng, feature_px)
+        labels = np.array([c.code for c in CLASSES], dtype=np.uint8)[cls]
+        if nodata_corner and i % 2 == 1:
+            yy, xx = np.mgrid[0:size_px, 0:size_px]
+            corner = yy + xx < size_px // 4
+            img[:, corner] = NODATA
+            labels[corner] = LABEL_NODATA
+        assets = {}
+        for b, band in enumerate(BANDS):
+            href = join(out_url, item_id, f"{band}.tif")
+            _write_cog(href, img[b], transform, NODATA, "uint16")
+            assets[band] = pystac.Asset(
+                href,
+                media_type=pystac.MediaType.COG,
+                roles=["data"],
+                extra_fields={
+                    "eo:bands": [{"name": band, "common_name": band}],
+                    "raster:bands": [
+                        {
+                            "data_type": "uint16",
+                            "nodata": NODATA,
+                            "scale": 1e-4,
+                            "offset": 0.0,
+                            "spatial_resolution": RES_M,
+                        }
+                    ],
+                },
+            )
+        label_href = join(out_url, item_id, "labels.tif")
+        _write_cog(label_href, labels, transform, LABEL_NODATA, "uint8")
+        assets["labels"] = pystac.Asset(
+            label_href,
+            media_type=pystac.MediaType.COG,
+            roles=["labels"],
+            extra_fields={
+                "raster:bands": [
+                    {"data_type": "uint8", "nodata": LABEL_NODATA, "spatial_resolution": RES_M}
+                ],
+                "classification:classes": [
+                    {"value": c.code, "name": c.name, "color_hint": c.color_hint} for c in CLASSES
+                ],
+            },
+        )
+        xs, ys = [x0, x0 + size_px * RES_M], [y0 - size_px * RES_M, y0]
+        lon, lat = to_lonlat.transform([xs[0], xs[1], xs[1], xs[0]], [ys[0], ys[0], ys[1], ys[1]])
+        ring = [[lo, la] for lo, la in zip(lon, lat, strict=True)]
+        item = pystac.Item(
+            item_id,
+            geometry={"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+            bbox=[min(lon), min(lat), max(lon), max(lat)],
+            datetime=dt.datetime(2024, 6, 1 + i, 10, 0, tzinfo=dt.UTC),
+            properties={
+                "proj:code": CRS,
+                "proj:shape": [size_px, size_px],
+                "proj:transform": list(transform)[:6],
+                "eo:cloud_cover": float(np.round(rng.uniform(0, 40), 1)),
+                "gsd": RES_M,
+            },
+            collection=COLLECTION_ID,
+        )
+        for key, asset in assets.items():
+            item.add_asset(key, asset)
+        items.append(item)
+
+    collection = pystac.Collection(
+        COLLECTION_ID,
+        description="Synthetic 10 m scenes with context-dependent land-cover classes.",
+        extent=pystac.Extent(
+            pystac.SpatialExtent(
+                [
+                    [
+                        min(it.bbox[0] for it in items),
+                        min(it.bbox[1] for it in items),
+                        max(it.bbox[2] for it in items),
+                        max(it.bbox[3] for it in items),
+                    ]
+                ]
+            ),
+            pystac.TemporalExtent([[items[0].datetime, items[-1].datetime]]),
+        ),
+        license="CC0-1.0",
+        summaries=pystac.Summaries(
+            {
+                "classification:classes": [
+                    {"value": c.code, "name": c.name, "color_hint": c.color_hint} for c in CLASSES
+                ],
+                "eo:bands": [{"name": b, "common_name": b} for b in BANDS],
+            }
+        ),
+    )
+    collection.add_items(items)
+    save_collection(collection, out_url)
+    return collection
+
+
+def save_collection(collection: pystac.Collection, out_url: str) -> None:
+    """Write ``collection.json`` and ``items/<id>.json`` (absolute hrefs) under ``out_url``."""
+    out_url = normalize_url(out_url)
+    col_href = join(out_url, "collection.json")
+    collection.set_self_href(col_href)
+    for item in collection.get_items():
+        item.set_self_href(join(out_url, "items", f"{item.id}.json"))
+        atomic_write(item.self_href, json.dumps(item.to_dict(transform_hrefs=False)).encode())
+    atomic_write(col_href, json.dumps(collection.to_dict(transform_hrefs=False)).encode())

@@ -1,0 +1,422 @@
+"""Zarr v3 scene stores: one group per scene, multiscale, readable by plain xarray.
+
+Layout (``url`` is any fsspec URL)::
+
+    url/                 root group: level 0 and the relaymap attributes
+      image  (band, y, x) float32 physical values, NaN = no data, chunks (bands, 512, 512)
+      label  (y, x) uint8 class index, 255 = ignore
+      spatial_ref         CF grid mapping (crs_wkt, GeoTransform)
+      levels/1, levels/2, levels/3   the same at x2, x4, x8 (image area-averaged over
+                          valid pixels, labels by majority of valid labels)
+
+``xarray.open_zarr(url, consolidated=False)`` (+ rioxarray) reads level 0 (labels decode to
+float with NaN = ignore, as CF says), ``group="levels/2"`` the x4 level.
+
+Writing is resumable and atomic from a reader's view: the root attribute
+``relaymap.complete`` is set last, and :func:`open_scene` refuses stores without it. An
+interrupted write of the same inputs resumes at the first unfinished level; a complete
+store of the same inputs is left as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from affine import Affine
+from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
+from rasterio.errors import RasterioError
+
+from catalog.storage import exists, native, normalize_url, redact, remove
+from relay_models.geometry import Window
+
+from .errors import CorruptRasterError, StoreError
+from .labels import IGNORE, LabelClass
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ATTR = "relaymap"
+
+
+def _level_group(level: int) -> str | None:
+    return None if level == 0 else f"levels/{level}"
+
+
+def _compressor() -> Any:
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _mean_2x2(block: np.ndarray) -> np.ndarray:
+    """Mean over valid (non-NaN) pixels of each 2x2 cell of ``(..., 2h, 2w)``."""
+    *lead, h, w = block.shape
+    cells = block.reshape(*lead, h // 2, 2, w // 2, 2)
+    valid = ~np.isnan(cells)
+    count = valid.sum(axis=(-3, -1))
+    total = np.where(valid, cells, 0).sum(axis=(-3, -1), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def _mode_2x2(block: np.ndarray) -> np.ndarray:
+    """Most frequent valid label of each 2x2 cell (ties: lowest class; all ignored: 255)."""
+    h, w = block.shape
+    cells = block.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
+    classes = np.unique(cells[cells != IGNORE])
+    if classes.size == 0:
+        return np.full((h // 2, w // 2), IGNORE, dtype=np.uint8)
+    counts = np.stack([(cells == c).sum(-1) for c in classes], axis=-1)
+    best = classes[counts.argmax(-1)].astype(np.uint8)
+    return np.where(counts.max(-1) > 0, best, IGNORE).astype(np.uint8)
+
+
+def _pad_even(arr: da.Array, fill: float) -> da.Array:
+    pads = [(0, 0)] * (arr.ndim - 2) + [(0, arr.shape[-2] % 2), (0, arr.shape[-1] % 2)]
+    return da.pad(arr, pads, constant_values=fill) if any(p[1] for p in pads) else arr
+
+
+def _halve(arr: da.Array, fn, fill: float) -> da.Array:
+    arr = _pad_even(arr, fill)
+    # chunks must be even so 2x2 cells never straddle a chunk boundary
+    even = tuple(
+        tuple(c + c % 2 if i < len(ch) - 1 else c for i, c in enumerate(ch))
+        for ch in arr.chunks[-2:]
+    )
+    arr = arr.rechunk(arr.chunks[:-2] + even)
+    out_chunks = arr.chunks[:-2] + tuple(tuple(c // 2 for c in ch) for ch in arr.chunks[-2:])
+    return arr.map_blocks(fn, chunks=out_chunks, dtype=arr.dtype)
+
+
+def _dataset(
+    image: da.Array, label: da.Array | None, gbox: GeoBox, bands: Sequence[str], chunk_px: int
+) -> xr.Dataset:
+    coords = xr_coords(gbox, crs_coord_name="spatial_ref")  # CF grid mapping + GeoTransform
+    data = {
+        "image": xr.DataArray(
+            image, dims=("band", "y", "x"), coords={"band": np.array(bands, dtype=object), **coords}
+        )
+    }
+    if label is not None:
+        data["label"] = xr.DataArray(label, dims=("y", "x"), coords=coords)
+    ds = xr.Dataset(data)
+    ds = ds.chunk({"band": -1, "y": chunk_px, "x": chunk_px})
+    ds["image"].attrs.update(
+        grid_mapping="spatial_ref", long_name="reflectance", _FillValue=np.float32(np.nan)
+    )
+    if label is not None:
+        ds["label"].attrs.update(
+            grid_mapping="spatial_ref",
+            long_name="class index",
+            flag_values=IGNORE,
+            flag_meanings="ignore",
+        )
+    return ds
+
+
+def _encoding(ds: xr.Dataset, bands: int, chunk_px: int) -> dict[str, dict]:
+    enc = {"image": {"chunks": (bands, chunk_px, chunk_px), "compressors": [_compressor()]}}
+    if "label" in ds:
+        enc["label"] = {
+            "chunks": (chunk_px, chunk_px),
+            "compressors": [_compressor()],
+            "_FillValue": IGNORE,
+        }
+    return enc
+
+
+@dataclass(frozen=True)
+class SceneAttrs:
+    """What a scene store records about itself (root attribute ``relaymap``)."""
+
+    fingerprint: str
+    complete: bool
+    levels_done: tuple[int, ...]
+    num_levels: int
+    bands: tuple[str, ...]
+    source_items: tuple[str, ...]
+    classes: tuple[dict, ...]
+    band_mean: tuple[float, ...]
+    band_std: tuple[float, ...]
+    nodata: str = "nan"
+    created: str = ""
+
+    @classmethod
+    def read(cls, url: str) -> SceneAttrs | None:
+        try:
+            group = zarr.open_group(native(url), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+            return None
+        raw = dict(group.attrs).get(ATTR)
+        if raw is None:
+            return None
+        fields = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in raw.items()
+            if k in cls.__dataclass_fields__
+        }
+        return cls(**fields)
+
+    def write(self, url: str) -> None:
+        group = zarr.open_group(native(url), mode="r+")
+        group.attrs[ATTR] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()
+        }
+
+
+def fingerprint(
+    gbox: GeoBox,
+    bands: Sequence[str],
+    source_items: Sequence[str],
+    classes: Sequence[LabelClass] | None,
+    num_levels: int,
+    chunk_px: int,
+) -> str:
+    """Hash of everything that defines a store's content."""
+    doc = dict(
+        crs=str(gbox.crs),
+        transform=list(gbox.transform)[:6],
+        shape=list(gbox.shape),
+        bands=list(bands),
+        items=list(source_items),
+        levels=num_levels,
+        chunk=chunk_px,
+        classes=[c.__dict__ for c in classes] if classes else None,
+        v=FORMAT_VERSION,
+    )
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_scene(
+    url: str,
+    image: xr.DataArray,
+    labels: xr.DataArray | None = None,
+    *,
+    classes: Sequence[LabelClass] | None = None,
+    num_levels: int = 3,
+    chunk_px: int = 512,
+    overwrite: bool = False,
+) -> SceneStore:
+    """Write (or finish, or keep) a scene store.
+
+    Args:
+        url: the store's URL (``file://``, ``s3://`` ...).
+        image: ``(band, y, x)`` float32 from :func:`ingest.load_scene` (lazy is best).
+        labels: ``(y, x)`` uint8 from :func:`ingest.load_labels` on the same grid, or None.
+        classes: the label classes, recorded in the attributes.
+        num_levels: downsampled levels to add (3: x2, x4, x8).
+        chunk_px: chunk side (chunks hold all bands).
+        overwrite: replace a complete store that holds other inputs.
+
+    Returns:
+        The store, opened.
+
+    Raises:
+        StoreError: a complete store of other inputs exists and ``overwrite`` is False.
+        CorruptRasterError: a source raster failed to decode (nothing is left behind).
+    """
+    url = normalize_url(url)
+    gbox = image.odc.geobox
+    bands = [str(b) for b in image["band"].values]
+    sources = list(image.attrs.get("source_items", []))
+    if labels is not None and labels.shape != image.shape[1:]:
+        raise StoreError(f"labels {labels.shape} and image {image.shape[1:]} grids differ")
+    fp = fingerprint(gbox, bands, sources, classes, num_levels, chunk_px)
+    attrs = SceneAttrs.read(url) if exists(url) else None
+    if attrs is not None and attrs.fingerprint == fp and attrs.complete:
+        log.info("%s is complete for these inputs: nothing to do", url)
+        return open_scene(url)
+    if attrs is not None and attrs.fingerprint != fp:
+        if attrs.complete and not overwrite:
+            raise StoreError(
+                f"{url} already holds a scene of other inputs (items "
+                f"{', '.join(attrs.source_items)}); pass overwrite=True to replace it"
+            )
+        attrs = None
+    if attrs is None and exists(url):
+        log.info("%s: removing an unfinished or replaced store", url)
+        remove(url, recursive=True)
+    done = set(attrs.levels_done) if attrs else set()
+    new_attrs = attrs or SceneAttrs(
+        fingerprint=fp,
+        complete=False,
+        levels_done=(),
+        num_levels=num_levels,
+        bands=tuple(bands),
+        source_items=tuple(sources),
+        classes=tuple(
+            {"index": c.index, "value": c.value, "name": c.name, "color_hint": c.color_hint}
+            for c in classes or ()
+        ),
+        band_mean=(),
+        band_std=(),
+        created=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    try:
+        if 0 not in done:
+            ds = _dataset(
+                image.data, None if labels is None else labels.data, gbox, bands, chunk_px
+            )
+            valid = da.isfinite(ds["image"].data)
+            stats = (
+                da.nansum(ds["image"].data, axis=(1, 2)),
+                da.nansum(ds["image"].data.astype(np.float64) ** 2, axis=(1, 2)),
+                valid.sum(axis=(1, 2)),
+            )
+            write = ds.to_zarr(
+                native(url),
+                mode="w",
+                zarr_format=3,
+                consolidated=False,
+                encoding=_encoding(ds, len(bands), chunk_px),
+                compute=False,
+            )
+            _, s1, s2, n = dask.compute(write, *stats)
+            n = np.maximum(n, 1)
+            mean = s1 / n
+            std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+            new_attrs = _replace(
+                new_attrs,
+                band_mean=tuple(map(float, mean)),
+                band_std=tuple(map(float, std)),
+                levels_done=(0,),
+            )
+            new_attrs.write(url)
+            done = {0}
+        for level in range(1, num_levels + 1):
+            if level in done:
+                continue
+            prev = xr.open_zarr(
+                native(url),
+                group=_level_group(level - 1),
+                consolidated=False,
+                zarr_format=3,
+                mask_and_scale=False,
+            )
+            lvl_box = GeoBox(
+                (math.ceil(gbox.shape[0] / 2**level), math.ceil(gbox.shape[1] / 2**level)),
+                gbox.transform * Affine.scale(2**level),
+                gbox.crs,
+            )
+            img = _halve(prev["image"].data, _mean_2x2, np.nan)
+            lab = _halve(prev["label"].data, _mode_2x2, IGNORE) if "label" in prev else None
+            ds = _dataset(img, lab, lvl_box, bands, chunk_px)
+            ds.to_zarr(
+                native(url),
+                group=_level_group(level),
+                mode="w",
+                zarr_format=3,
+                consolidated=False,
+                encoding=_encoding(ds, len(bands), chunk_px),
+            )
+            done.add(level)
+            new_attrs = _replace(new_attrs, levels_done=tuple(sorted(done)))
+            new_attrs.write(url)
+    except (RasterioError, OSError) as e:
+        if isinstance(e, RasterioError) or "TIFF" in str(e) or "decode" in str(e).lower():
+            remove(url, recursive=True)
+            raise CorruptRasterError(
+                f"a source raster of {url} could not be decoded ({redact(str(e))}); "
+                f"no store was left behind"
+            ) from None
+        raise
+    _replace(new_attrs, complete=True).write(url)
+    return open_scene(url)
+
+
+def _replace(attrs: SceneAttrs, **changes: Any) -> SceneAttrs:
+    return SceneAttrs(**{**attrs.__dict__, **changes})
+
+
+class SceneStore:
+    """Lazy access to a complete scene store's levels and window reads."""
+
+    def __init__(self, url: str, attrs: SceneAttrs) -> None:
+        self.url = url
+        self.attrs = attrs
+        self._levels: dict[int, xr.Dataset] = {}
+
+    def level(self, level: int = 0) -> xr.Dataset:
+        """The ``image`` (and ``label``) of a level as a lazy dataset."""
+        if not 0 <= level <= self.attrs.num_levels:
+            raise StoreError(f"{self.url} has levels 0..{self.attrs.num_levels}, not {level}")
+        if level not in self._levels:
+            # mask_and_scale=False keeps labels uint8 (255 = ignore); image NaN stays NaN
+            self._levels[level] = xr.open_zarr(
+                native(self.url),
+                group=_level_group(level),
+                consolidated=False,
+                zarr_format=3,
+                mask_and_scale=False,
+            )
+        return self._levels[level]
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.attrs.bands
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self.level(0)
+
+    def geobox(self, level: int = 0) -> GeoBox:
+        return self.level(level)["image"].odc.geobox
+
+    def read_box(
+        self, box: tuple[int, int, int, int], level: int = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pixels of the integer box ``(y0, x0, y1, x1)`` at ``level``, padded outside the
+        scene (image NaN, labels 255): ``(C, h, w)`` float32 and ``(h, w)`` uint8."""
+        y0, x0, y1, x1 = box
+        ds = self.level(level)
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        image = np.full((len(self.bands), y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+        label = np.full((y1 - y0, x1 - x0), IGNORE, dtype=np.uint8) if "label" in ds else None
+        ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+        if ys < ye and xs < xe:
+            sel = dict(y=slice(ys, ye), x=slice(xs, xe))
+            image[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = ds["image"][dict(sel)].values
+            if label is not None:
+                label[ys - y0 : ye - y0, xs - x0 : xe - x0] = ds["label"][dict(sel)].values
+        return image, label
+
+    def read_window(
+        self, window: Window, level: int = 0
+    ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """The pixels a level-0 ``window`` touches at ``level`` (its axis-aligned box, padded),
+        and the box's top-left pixel at that level, for resampling the window from it."""
+        scaled = window.scale(2**level)
+        y0, x0, y1, x1 = scaled.pixel_bounds()
+        image, label = self.read_box((y0, x0, y1, x1), level)
+        return image, label, (y0, x0)
+
+
+def open_scene(url: str) -> SceneStore:
+    """Open a complete scene store.
+
+    Raises:
+        StoreError: no store at ``url``, not a relaymap store, or an unfinished write.
+    """
+    url = normalize_url(url)
+    if not exists(url):
+        raise StoreError(f"no scene store at {url}")
+    attrs = SceneAttrs.read(url)
+    if attrs is None:
+        raise StoreError(f"{url} is not a relaymap scene store (no '{ATTR}' attributes)")
+    if not attrs.complete:
+        raise StoreError(
+            f"{url} is an unfinished store (levels done: {list(attrs.levels_done)}); rerun "
+            f"the ingest to finish it"
+        )
+    return SceneStore(url, attrs)
