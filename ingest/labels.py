@@ -17,13 +17,14 @@ import numpy as np
 import odc.stac
 import pystac
 import rasterio
+import shapely
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
 from pyproj import Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
 from shapely.geometry import mapping, shape
-from shapely.ops import transform as shapely_transform
 
 from catalog.storage import normalize_url, read_bytes, redact
 
@@ -150,7 +151,9 @@ def _from_vector(
     for i, feat in enumerate(doc.get("features", [])):
         if attribute not in (feat.get("properties") or {}):
             raise IngestError(f"feature {i} of {url} has no property {attribute!r}")
-        geom = shapely_transform(to_grid, shape(feat["geometry"]))
+        geom = shapely.transform(
+            shape(feat["geometry"]), lambda xy: np.column_stack(to_grid(xy[:, 0], xy[:, 1]))
+        )
         shapes.append((geom, feat["properties"][attribute]))
     h, w = gbox.shape
     t = gbox.transform
@@ -168,8 +171,7 @@ def _from_vector(
     data = da.map_blocks(
         burn, chunks=da.core.normalize_chunks((chunk_px, chunk_px), (h, w)), dtype=np.uint8
     )
-    coords = gbox.xr_coords(with_crs=True)
-    return xr.DataArray(data, dims=("y", "x"), coords=coords)
+    return xr.DataArray(data, dims=("y", "x"), coords=xr_coords(gbox, crs_coord_name="spatial_ref"))
 
 
 def load_labels(

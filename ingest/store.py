@@ -306,7 +306,7 @@ def write_scene(
             )
             lvl_box = GeoBox(
                 (math.ceil(gbox.shape[0] / 2**level), math.ceil(gbox.shape[1] / 2**level)),
-                gbox.transform * Affine.scale(2**level),
+                gbox.transform @ Affine.scale(2**level),
                 gbox.crs,
             )
             img = _halve(prev["image"].data, _mean_2x2, np.nan)

@@ -22,3 +22,41 @@ def timm():
         lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     module = importlib.import_module("timm")
     yield module
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (SeaweedFS) for the session, with the standard AWS
+    variables pointing at it while the tests run."""
+    from tests.services import environ, seaweedfs
+
+    with seaweedfs(buckets=("relaymap-test",)) as server, environ(server.env()):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sample_local(tmp_path_factory):
+    """Three 256 px sample scenes (COGs + STAC JSON) in a local folder."""
+    from ingest import make_sample_scenes
+
+    root = tmp_path_factory.mktemp("sample")
+    return make_sample_scenes(str(root), n_scenes=3, size_px=256, feature_px=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sample_s3(s3):
+    """The same sample scenes on the S3 server."""
+    from ingest import make_sample_scenes
+
+    return make_sample_scenes(
+        "s3://relaymap-test/sample", n_scenes=3, size_px=256, feature_px=32, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def stac_api(sample_s3):
+    """``rustac serve`` over the S3 sample collection; yields the API URL."""
+    from catalog import serve_stac
+
+    with serve_stac([sample_s3]) as url:
+        yield url

