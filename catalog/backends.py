@@ -8,6 +8,7 @@ collection and id: rerunning never duplicates), ``get_item`` and ``search``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
@@ -69,8 +70,16 @@ def _extent(items: Sequence[pystac.Item]) -> pystac.Extent:
 
 def _in_interval(item: pystac.Item, interval: str) -> bool:
     start_s, _, end_s = interval.partition("/") if "/" in interval else (interval, "", interval)
-    start = None if start_s in ("", "..") else str_to_datetime(start_s)
-    end = None if end_s in ("", "..") else str_to_datetime(end_s)
+
+    def parse(text: str, end: bool) -> dt.datetime | None:
+        if text in ("", ".."):
+            return None
+        when = str_to_datetime(text)
+        when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        # a bare date as the end of an interval means the whole day
+        return when + dt.timedelta(days=1, microseconds=-1) if end and len(text) == 10 else when
+
+    start, end = parse(start_s, False), parse(end_s, True)
     when = item.datetime or item.common_metadata.start_datetime
     return (start is None or when >= start) and (end is None or when <= end)
 
@@ -250,6 +259,9 @@ class StaticCatalog:
         """Serve this catalog as a searchable STAC API on loopback; yield its URL."""
         cols = [self.get_collection(c) for c in self.collection_ids()]
         items = [it for c in cols for it in self.items(c.id)]
+        for c in cols:  # items are passed as loaded: the server need not follow links
+            for rel in ("item", "root", "parent"):
+                c.clear_links(rel)
         with serve_stac(cols, items) as url:
             yield url
 

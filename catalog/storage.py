@@ -32,6 +32,19 @@ class StorageError(OSError):
     """A storage location cannot be read or written (message names the URL, no secrets)."""
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What object stores raise for a bad endpoint or request: OS errors, and botocore's
+    own (``EndpointConnectionError`` is not an ``OSError``)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 support installed
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
 class StorageConfig(BaseModel):
     """Explicit S3 settings, overriding the environment where set."""
 
@@ -78,10 +91,29 @@ def normalize_url(url: str | os.PathLike) -> str:
     return "file://" + os.path.abspath(url)
 
 
+def s3_options() -> dict[str, Any]:
+    """s3fs options from the environment. Passing endpoint and credentials explicitly makes
+    them part of fsspec's instance-cache key (a hash), so a changed environment gets a new
+    client; they are never logged."""
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    for var, opt in (
+        ("AWS_ACCESS_KEY_ID", "key"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ("AWS_SESSION_TOKEN", "token"),
+    ):
+        if os.environ.get(var):
+            opts[opt] = os.environ[var]
+    return opts
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, path)`` for a URL; S3 options come from the environment."""
-    fs, path = fsspec.url_to_fs(normalize_url(url))
-    return fs, path
+    url = normalize_url(url)
+    opts = s3_options() if url.startswith(("s3://", "s3a://")) else {}
+    return fsspec.url_to_fs(url, **opts)
 
 
 def is_local(url: str) -> bool:
@@ -104,7 +136,7 @@ def exists(url: str) -> bool:
     fs, path = filesystem(url)
     try:
         return fs.exists(path)
-    except OSError as e:
+    except TRANSPORT_ERRORS as e:
         raise StorageError(f"cannot reach {url}: {redact(str(e))}") from None
 
 
@@ -114,7 +146,7 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no object at {url}") from None
-    except OSError as e:
+    except TRANSPORT_ERRORS as e:
         raise StorageError(f"cannot read {url}: {redact(str(e))}") from None
 
 
@@ -138,9 +170,10 @@ def atomic_write(url: str, data: bytes) -> None:
             os.replace(tmp, path)
         else:
             fs.pipe_file(path, data)  # one PUT: S3 never shows a partial object
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            fs.rm_file(tmp)
+    except TRANSPORT_ERRORS as e:
+        if isinstance(fs, LocalFileSystem):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise StorageError(f"cannot write {url}: {redact(str(e))}") from None
 
 
@@ -169,7 +202,7 @@ def atomic_upload(url: str, suffix: str = "") -> Iterator[str]:
             tmp_key = _tmp_sibling(path)
             fs.put_file(tmp, tmp_key)
             fs.mv(tmp_key, path)
-    except OSError as e:
+    except TRANSPORT_ERRORS as e:
         raise StorageError(f"cannot write {url}: {redact(str(e))}") from None
     finally:
         with contextlib.suppress(OSError):

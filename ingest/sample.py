@@ -67,11 +67,12 @@ def _smooth(shape: tuple[int, int], cell_px: float, rng: np.random.Generator) ->
     return np.array([np.interp(ys, np.arange(gh), rows[:, j]) for j in range(w)]).T
 
 
-def _blobs(shape, n, radius_px, rng, allowed=None, wobble=0.3):
-    """Mask of ``n`` round blobs with wobbly edges, centres drawn where ``allowed``."""
+def _blob_field(shape, n, radius_px, rng, allowed=None, wobble=0.3) -> np.ndarray:
+    """Distance to the nearest of ``n`` wobbly round blobs, in blob radii (< 1 inside),
+    centres drawn where ``allowed``."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w]
-    mask = np.zeros(shape, dtype=bool)
+    field = np.full(shape, np.inf)
     edge = _smooth(shape, radius_px / 2, rng) * wobble
     for _ in range(n):
         for _try in range(50):
@@ -79,8 +80,8 @@ def _blobs(shape, n, radius_px, rng, allowed=None, wobble=0.3):
             if allowed is None or allowed[int(cy), int(cx)]:
                 break
         r = radius_px * rng.uniform(0.7, 1.3)
-        mask |= np.hypot(yy - cy, xx - cx) / r < 1 + edge
-    return mask
+        field = np.minimum(field, np.hypot(yy - cy, xx - cx) / r - edge)
+    return field
 
 
 def make_layout(size_px: int, feature_px: int, rng: np.random.Generator) -> np.ndarray:
@@ -89,14 +90,17 @@ def make_layout(size_px: int, feature_px: int, rng: np.random.Generator) -> np.n
     idx = {c.name: i for i, c in enumerate(CLASSES)}
     cls = np.full(shape, idx["cropland"], dtype=np.uint8)
     n_towns = max(1, round(size_px**2 / (6 * feature_px) ** 2))
-    towns = _blobs(shape, n_towns, 2.2 * feature_px, rng)
+    town_field = _blob_field(shape, n_towns, 2.2 * feature_px, rng)
+    towns = town_field < 1
+    rural = town_field > 1.4  # a margin of fields around every town
     cls[towns] = idx["urban"]
-    parks = _blobs(shape, 2 * n_towns, 0.6 * feature_px, rng, allowed=towns) & towns
+    parks = (
+        _blob_field(shape, 2 * n_towns, 0.6 * feature_px, rng, allowed=town_field < 0.6) < 1
+    ) & towns
     cls[parks] = idx["park"]
-    rural = ~_blobs(shape, n_towns, 2.6 * feature_px, rng, allowed=towns) & ~towns
-    forests = _blobs(shape, 3 * n_towns, 0.6 * feature_px, rng, allowed=rural) & ~towns
+    forests = (_blob_field(shape, 3 * n_towns, 0.6 * feature_px, rng, allowed=rural) < 1) & rural
     cls[forests] = idx["forest"]
-    lake = _blobs(shape, 1, 0.8 * feature_px, rng, allowed=rural & ~forests) & ~towns
+    lake = (_blob_field(shape, 1, 0.8 * feature_px, rng, allowed=rural & ~forests) < 1) & rural
     cls[lake] = idx["lake"]
     # a river crossing the scene, about as wide as a park
     yy, xx = np.mgrid[0:size_px, 0:size_px].astype(float)

@@ -1,0 +1,183 @@
+"""Map and model items; static catalogs (file and S3) and a STAC API (pgstac)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pystac_client
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from safetensors.torch import save_file
+
+from catalog import ItemNotFound, StacApiCatalog, StaticCatalog, map_item, model_item
+from catalog.storage import atomic_upload, read_bytes
+from ingest.load import rio_env
+
+CLASSES = [
+    {"index": i, "name": n, "color_hint": c}
+    for i, (n, c) in enumerate([("water", "2B6FD3"), ("trees", "1F6F2B"), ("town", None)])
+]
+
+
+def _write_map(url: str, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 3, (1, 300, 300), dtype=np.uint8)
+    data[:, :10] = 255
+    prof = dict(
+        driver="COG",
+        width=300,
+        height=300,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4800000, 10, 10),
+        nodata=255,
+    )
+    with atomic_upload(url, suffix=".tif") as tmp, rasterio.open(tmp, "w", **prof) as dst:
+        dst.write(data)
+
+
+@pytest.fixture
+def model(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(4.0)}, weights)
+    return model_item(
+        str(weights),
+        item_id="relay-v1",
+        collection="relaymap-models",
+        model_name="swinv2_nano_relay",
+        architecture="Swin V2 + relay tokens",
+        bands=["blue", "green", "red", "nir"],
+        band_mean=[0.1, 0.1, 0.1, 0.3],
+        band_std=[0.02, 0.03, 0.04, 0.1],
+        classes=CLASSES,
+        window_px=64,
+        factor=4,
+        total_parameters=4_969_896,
+        hyperparameters={"lr": 1e-4},
+        metrics={"val_miou": 0.61},
+    )
+
+
+def _map(url, sample, model, item_id="map-sample-00"):
+    _write_map(url)
+    return map_item(
+        url,
+        item_id=item_id,
+        collection="relaymap-maps",
+        classes=CLASSES,
+        source_items=list(sample.get_items())[:1],
+        model_item=model,
+    )
+
+
+class TestItems:
+    def test_map_item_fields(self, tmp_path, sample_local, model):
+        url = str(tmp_path / "map.tif")
+        item = _map(url, sample_local, model)
+        p = item.properties
+        assert p["proj:code"] == "EPSG:32633" and p["proj:shape"] == [300, 300]
+        assert p["proj:transform"] == [10.0, 0.0, 500000.0, 0.0, -10.0, 4800000.0]
+        assert p["proj:bbox"] == [500000.0, 4797000.0, 503000.0, 4800000.0]
+        assert p["processing:level"] == "L4" and "relaymap" in p["processing:software"]
+        asset = item.assets["classes"].to_dict()
+        assert asset["raster:bands"] == [
+            {"nodata": 255.0, "data_type": "uint8", "spatial_resolution": 10.0}
+        ]
+        assert [c["name"] for c in asset["classification:classes"]] == ["water", "trees", "town"]
+        blob = Path(url).read_bytes()
+        assert asset["file:size"] == len(blob)
+        assert asset["file:checksum"] == "1220" + hashlib.sha256(blob).hexdigest()
+        derived = [ln.target for ln in item.links if ln.rel == "derived_from"]
+        src = next(iter(sample_local.get_items()))
+        assert derived == [src.get_self_href(), model.id]
+        lon, lat = item.bbox[0], item.bbox[1]
+        assert 14.9 < lon < 15.1 and 43.2 < lat < 43.4  # UTM 33N near 500 km E, 4800 km N
+
+    def test_model_item_follows_mlm(self, model):
+        p = model.properties
+        assert p["mlm:name"] == "swinv2_nano_relay"
+        assert p["mlm:tasks"] == ["semantic-segmentation"]
+        assert [i["name"] for i in p["mlm:input"]] == ["local", "global"]
+        assert p["mlm:input"][0]["input"]["shape"] == [-1, 4, 64, 64]
+        assert [v["stddev"] for v in p["mlm:input"][0]["value_scaling"]] == [0.02, 0.03, 0.04, 0.1]
+        assert [c["name"] for c in p["mlm:output"][0]["classification:classes"]] == [
+            "water",
+            "trees",
+            "town",
+        ]
+        weights = model.assets["weights"].to_dict()
+        assert "mlm:model" in weights["roles"] and weights["file:checksum"].startswith("1220")
+        assert any("mlm" in e for e in model.stac_extensions)
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+class TestStaticCatalog:
+    def test_upsert_get_search_and_serve(self, where, tmp_path, sample_local, model, s3):
+        root = str(tmp_path / "catalog") if where == "file" else "s3://relaymap-test/catalog"
+        cog = (
+            str(tmp_path / "maps" / "m.tif") if where == "file" else "s3://relaymap-test/maps/m.tif"
+        )
+        cat = StaticCatalog(root)
+        item = _map(cog, sample_local, model)
+        cat.add_items([model, item])
+        cat.add_items([item])  # rerun: replaced, not duplicated
+        assert cat.collection_ids() == ["relaymap-maps", "relaymap-models"]
+        assert [i.id for i in cat.search(collections=["relaymap-maps"])] == [item.id]
+        got = cat.get_item("relaymap-maps", item.id)
+        assert (
+            got.assets["classes"].extra_fields["file:checksum"]
+            == item.assets["classes"].extra_fields["file:checksum"]
+        )
+        assert cat.search(collections=["relaymap-maps"], bbox=[0, 0, 1, 1]) == []
+        assert [
+            i.id
+            for i in cat.search(datetime="2024-06-01/2024-06-30", collections=["relaymap-maps"])
+        ] == [item.id]
+        with pytest.raises(ItemNotFound):
+            cat.get_item("relaymap-maps", "nope")
+        col = json.loads(read_bytes(f"{root}/relaymap-maps/collection.json"))
+        assert [ln["href"].rsplit("/", 1)[-1] for ln in col["links"] if ln["rel"] == "item"] == [
+            f"{item.id}.json"
+        ]
+        with cat.serve() as api:
+            found = list(
+                pystac_client.Client.open(api)
+                .search(collections=["relaymap-maps"], bbox=item.bbox)
+                .items()
+            )
+        assert [f.id for f in found] == [item.id]
+        with rio_env(), rasterio.open(found[0].assets["classes"].href) as src:
+            assert src.crs.to_epsg() == 32633 and src.nodata == 255
+            assert src.read(1)[:, :10].max() == 255
+
+
+@pytest.mark.slow
+def test_stac_api_with_transactions(tmp_path, sample_local, model):
+    """stac-fastapi-pgstac on a real PostgreSQL/PostGIS, installed by the test setup."""
+    from tests.services import pgstac_api
+
+    venv = Path(__file__).resolve().parents[2] / ".cache" / "pgstac-venv"
+    with pgstac_api(venv) as url:
+        cat = StacApiCatalog(url)
+        item = _map(str(tmp_path / "m.tif"), sample_local, model)
+        cat.add_items([model, item])
+        cat.add_items([item])
+        assert [i.id for i in cat.search(collections=["relaymap-maps"])] == [item.id]
+        assert (
+            cat.get_item("relaymap-models", model.id).properties["mlm:name"] == "swinv2_nano_relay"
+        )
+        with pytest.raises(ItemNotFound):
+            cat.get_item("relaymap-maps", "missing")
+        found = list(
+            pystac_client.Client.open(url)
+            .search(collections=["relaymap-maps"], bbox=item.bbox)
+            .items()
+        )
+        assert [f.id for f in found] == [item.id]
