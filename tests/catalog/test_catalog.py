@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pystac
 import pystac_client
 import pytest
 import rasterio

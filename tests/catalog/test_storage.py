@@ -45,9 +45,8 @@ def test_failed_upload_leaves_nothing(root, tmp_path, s3):
 
 def test_upload_commits(tmp_path, s3):
     url = "s3://relaymap-test/upload/x.bin"
-    with atomic_upload(url) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(b"payload")
+    with atomic_upload(url) as tmp, open(tmp, "wb") as f:
+        f.write(b"payload")
     assert read_bytes(url) == b"payload"
     assert not os.path.exists(tmp)
 
@@ -63,9 +62,11 @@ def test_unreachable_endpoint_is_a_storage_error_without_secrets():
         "AWS_MAX_ATTEMPTS": "1",
         "AWS_RETRY_MODE": "standard",
     }
-    with environ(env):
-        with pytest.raises(StorageError, match="cannot write s3://nowhere-bucket/x.json") as err:
-            atomic_write("s3://nowhere-bucket/x.json", b"x")
+    with (
+        environ(env),
+        pytest.raises(StorageError, match=r"cannot write s3://nowhere-bucket/x\.json") as err,
+    ):
+        atomic_write("s3://nowhere-bucket/x.json", b"x")
     assert secret not in str(err.value) and "id-1234" not in str(err.value)
 
 
