@@ -114,7 +114,7 @@ def load_scene(
     bounds: tuple[float, float, float, float] | None = None,
     geobox: GeoBox | None = None,
     composite: Composite = "first",
-    chunk_px: int = 512,
+    chunk_px: int = 1024,
     resampling: str = "bilinear",
 ) -> xr.DataArray:
     """Lazy ``(band, y, x)`` float32 physical values (NaN = no data) on one grid.
@@ -125,7 +125,7 @@ def load_scene(
         crs, resolution, bounds, geobox: the target grid (see :func:`target_geobox`);
             resolution in CRS units, bounds ``(minx, miny, maxx, maxy)`` in the CRS.
         composite: ``first`` valid value in item order (a mosaic) or the ``median``.
-        chunk_px: dask chunk side.
+        chunk_px: dask chunk side (larger than the store's chunks: fewer, longer reads).
         resampling: for items not on the target grid (``bilinear``, ``nearest``, ...).
 
     Raises:
@@ -168,6 +168,6 @@ def load_scene(
         image = layers[0]
         for layer in layers[1:]:
             image = image.fillna(layer)
-    image = image.assign_coords(band=list(bands)).astype("float32")
+    image = image.assign_coords(band=list(bands)).astype("float32").chunk({"band": -1})
     image.attrs = {"source_items": [it.id for it in items]}
     return image.transpose("band", "y", "x")
