@@ -400,6 +400,10 @@ class SceneStore:
             )
         return self._levels[level]
 
+    def valid(self, level: int = 0) -> xr.DataArray:
+        """Lazy ``(y, x)`` bool mask of pixels with data in every band."""
+        return np.isfinite(self.level(level)["image"]).all("band")
+
     @property
     def bands(self) -> tuple[str, ...]:
         return self.attrs.bands

@@ -83,3 +83,13 @@ def test_gdal_env_follows_the_aws_endpoint():
         env = gdal_env()
     assert env["AWS_S3_ENDPOINT"] == "127.0.0.1:9000"
     assert env["AWS_HTTPS"] == "NO" and env["AWS_VIRTUAL_HOSTING"] == "FALSE"
+
+
+def test_storage_config_sets_the_standard_variables():
+    from catalog import StorageConfig
+
+    with environ({"AWS_ENDPOINT_URL": "http://old:1", "AWS_REGION": "x"}):
+        StorageConfig(endpoint_url="http://127.0.0.1:9000", region="eu-west-1").apply()
+        assert os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+        assert os.environ["AWS_REGION"] == "eu-west-1"
+        assert gdal_env()["AWS_S3_ENDPOINT"] == "127.0.0.1:9000"
