@@ -55,5 +55,34 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
         click.echo(row)
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run on (host:port or ray://...); default: local Ray, or "
+    "the cluster RAY_ADDRESS names.",
+)
+def train(config: str, address: str | None) -> None:
+    """Train (or resume) the run described by CONFIG, a YAML file (see flows.train)."""
+    from pydantic import ValidationError
+
+    from flows.train import TrainConfig
+    from flows.train import train as run_training
+
+    try:
+        cfg = TrainConfig.from_yaml(config)
+    except (ValidationError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="CONFIG") from None
+    result = run_training(cfg, address=address)
+    click.echo(f"weights: {result.weights_url}")
+    click.echo(
+        f"model item: {result.model_item.id} "
+        f"({result.model_item.get_self_href() or 'not registered'})"
+    )
+    if "val_miou" in result.metrics:
+        click.echo(f"validation mIoU: {result.metrics['val_miou']:.3f}")
+
+
 if __name__ == "__main__":
     main()

@@ -384,6 +384,7 @@ class SceneStore:
         self.url = url
         self.attrs = attrs
         self._levels: dict[int, xr.Dataset] = {}
+        self._arrays: dict[int, dict[str, zarr.Array]] = {}
 
     def level(self, level: int = 0) -> xr.Dataset:
         """The ``image`` (and ``label``) of a level as a lazy dataset."""
@@ -421,17 +422,24 @@ class SceneStore:
         """Pixels of the integer box ``(y0, x0, y1, x1)`` at ``level``, padded outside the
         scene (image NaN, labels 255): ``(C, h, w)`` float32 and ``(h, w)`` uint8."""
         y0, x0, y1, x1 = box
-        ds = self.level(level)
-        h, w = ds.sizes["y"], ds.sizes["x"]
+        arrays = self._zarr(level)
+        h, w = arrays["image"].shape[1:]
         image = np.full((len(self.bands), y1 - y0, x1 - x0), np.nan, dtype=np.float32)
-        label = np.full((y1 - y0, x1 - x0), IGNORE, dtype=np.uint8) if "label" in ds else None
+        label = np.full((y1 - y0, x1 - x0), IGNORE, dtype=np.uint8) if "label" in arrays else None
         ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if ys < ye and xs < xe:
-            sel = dict(y=slice(ys, ye), x=slice(xs, xe))
-            image[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = ds["image"][dict(sel)].values
+            image[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = arrays["image"][:, ys:ye, xs:xe]
             if label is not None:
-                label[ys - y0 : ye - y0, xs - x0 : xe - x0] = ds["label"][dict(sel)].values
+                label[ys - y0 : ye - y0, xs - x0 : xe - x0] = arrays["label"][ys:ye, xs:xe]
         return image, label
+
+    def _zarr(self, level: int) -> dict[str, zarr.Array]:
+        """The level's arrays, opened once: window reads go straight to zarr (no dask)."""
+        if level not in self._arrays:
+            self.level(level)  # validates the level number
+            group = zarr.open_group(native(self.url), path=_level_group(level) or "", mode="r")
+            self._arrays[level] = {k: group[k] for k in ("image", "label") if k in group}
+        return self._arrays[level]
 
     def read_window(
         self, window: Window, level: int = 0
