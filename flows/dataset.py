@@ -78,7 +78,7 @@ def read_pair(
         level = _level_for(win.side_px, out_px, levels)
         image, label, origin = store.read_window(win, level)
         at_level = win.scale(2**level)
-        img, inside = read_window(
+        img, _ = read_window(
             torch.from_numpy(image), at_level, out_px, origin_yx=origin, fill=float("nan")
         )
         lab = None
@@ -96,10 +96,15 @@ def read_pair(
         img = torch.where(valid, (img - mean) / std, torch.zeros(()))
         if lab is not None:
             lab = lab.masked_fill(~valid, IGNORE)
-        return img, lab, inside.float().mean().item()
+        return img, lab
 
-    local, labels, inside = window(pair.local, labels=True)
+    local, labels = window(pair.local, labels=True)
     glob = window(pair.global_, labels=False)[0] if with_global else None
+    h, w = store.shape(0)
+    pts = pair.local.sample_points(out_px)
+    inside = float(
+        ((pts[..., 0] >= 0) & (pts[..., 0] < h) & (pts[..., 1] >= 0) & (pts[..., 1] < w)).mean()
+    )
     if labels is None:
         labels = torch.full((out_px, out_px), IGNORE, dtype=torch.long)
     return local, glob, labels, inside
@@ -147,7 +152,7 @@ class WindowPairDataset(IterableDataset):
 
     def sample_pair(self, store: SceneStore, rng: np.random.Generator) -> WindowPair:
         """A random window pair in ``store`` (centre uniform over the scene)."""
-        h, w = store.geobox(0).shape
+        h, w = store.shape(0)
         a = self.augment
         side = float(self.window_px)
         if rng.random() < a.p_rescale:
@@ -159,7 +164,7 @@ class WindowPairDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = self._generator()
         stores = [open_scene(u) for u in self.urls]
-        sizes = np.array([np.prod(s.geobox(0).shape) for s in stores], dtype=float)
+        sizes = np.array([np.prod(s.shape(0)) for s in stores], dtype=float)
         while True:
             store = stores[rng.choice(len(stores), p=sizes / sizes.sum())]
             pair = self.sample_pair(store, rng)
@@ -182,7 +187,7 @@ def validation_tiles(
     tiles = []
     for url in urls:
         store = open_scene(url)
-        for t in tile_grid(store.geobox(0).shape, window_px):
+        for t in tile_grid(store.shape(0), window_px):
             tiles.append((url, t.pair(max(factor, 1))))
     return tiles
 

@@ -44,7 +44,7 @@ class DataConfig(FrozenConfig):
     #: Training scene stores (URLs); every one labelled, all with the same bands.
     train: list[str] = Field(min_length=1)
     #: Validation stores, split by scene (a fixed tile grid over each); empty: none.
-    val: list[str] = []
+    val: list[str] = Field(default_factory=list)
     #: Local window side L in pixels.
     window_px: int = Field(default=64, ge=16)
     #: DataLoader worker processes per training worker (0: load in the training process).
@@ -168,6 +168,7 @@ def validate(
 
 def train_loop_per_worker(raw_config: dict) -> None:
     """Ray Train's per-worker function: build, restore, train, validate, report."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -191,6 +192,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
         model.load_state_dict(state["model"])
         start = int(state["step"])
     net = ray.train.torch.prepare_model(model)
+    nodes = [None] * world
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    num_nodes = len(set(nodes)) if nodes[0] is not None else 1
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=optim.plateau_factor, patience=optim.plateau_patience
@@ -266,6 +271,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
         elapsed = time.perf_counter() - t0
         metrics |= {
             "step": done,
+            "start_step": start,
+            "num_nodes": num_nodes,
             "loss": terms.total.item(),
             "loss_local": terms.local.item(),
             "lr": optimizer.param_groups[0]["lr"],

@@ -413,6 +413,10 @@ class SceneStore:
     def has_labels(self) -> bool:
         return "label" in self.level(0)
 
+    def shape(self, level: int = 0) -> tuple[int, int]:
+        """``(height, width)`` in pixels of a level."""
+        return tuple(self._zarr(level)["image"].shape[1:])
+
     def geobox(self, level: int = 0) -> GeoBox:
         return self.level(level)["image"].odc.geobox
 

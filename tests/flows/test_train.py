@@ -1,0 +1,225 @@
+"""Training on Ray Train: bad input stops before compute; real 2-worker runs with S3
+checkpoints, resume, a killed worker, and a two-node cluster losing a node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.storage import StorageError, filesystem
+from flows.train import TrainConfig, check_inputs, train
+from ingest import StoreError
+from relay_models import RelayLoss, create_model
+from tests.flows.stores import array_store, stripes
+
+
+def _toy(tmp_path, name="toy", size=128):
+    """A learnable toy signal: the class is the sign of band 0 (smooth blobs)."""
+    rng = np.random.default_rng(0)
+    coarse = rng.normal(size=(size // 16, size // 16))
+    band0 = np.kron(coarse, np.ones((16, 16)))
+    labels = (band0 > 0).astype(np.uint8)
+    image = np.stack([band0, rng.normal(size=(size, size)) * 0.1]).astype(np.float32)
+    return array_store(str(tmp_path / f"{name}.zarr"), image, labels, num_classes=2, chunk_px=64)
+
+
+def _config(train_urls, storage, **over) -> TrainConfig:
+    cfg = {
+        "model": {"name": "swinv2_nano_relay", "num_classes": 2, "in_chans": 2},
+        "data": {"train": train_urls, "window_px": 32, "p_rescale": 0.0, "p_rotate": 0.0},
+        "optim": {"steps": 24, "batch_size": 4, "lr": 2e-3, "warmup_frac": 0.1},
+        "run": {
+            "name": "toy",
+            "storage_url": storage,
+            "num_workers": 2,
+            "checkpoint_every": 4,
+            "val_every": 100,
+            "log_every": 4,
+            "max_failures": 1,
+        },
+    }
+    for section, values in over.items():
+        cfg[section] = {**cfg[section], **values}
+    return TrainConfig.model_validate(cfg)
+
+
+class TestBadInput:
+    def test_unlabelled_store(self, tmp_path):
+        image, _ = stripes(64, 64)
+        store = array_store(str(tmp_path / "nolab.zarr"), image, None)
+        with pytest.raises(StoreError, match="has no labels"):
+            check_inputs(_config([store.url], str(tmp_path / "runs")))
+
+    def test_bands_do_not_match_the_model(self, tmp_path):
+        image, labels = stripes(64, 64, bands=3)
+        store = array_store(str(tmp_path / "three.zarr"), image, labels)
+        with pytest.raises(StoreError, match=r"in_chans=2 but the stores have 3 bands"):
+            check_inputs(_config([store.url], str(tmp_path / "runs")))
+
+    def test_mismatched_stores(self, tmp_path):
+        a = array_store(str(tmp_path / "a.zarr"), *stripes(64, 64, bands=2))
+        b = array_store(str(tmp_path / "b.zarr"), *stripes(64, 64, bands=3))
+        with pytest.raises(StoreError, match="same bands"):
+            check_inputs(_config([a.url, b.url], str(tmp_path / "runs")))
+
+    def test_unwritable_storage(self, tmp_path):
+        from catalog.server import free_port
+        from tests.services import environ
+
+        store = array_store(str(tmp_path / "a.zarr"), *stripes(64, 64))
+        dead = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "AWS_MAX_ATTEMPTS": "1",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+        }
+        with environ(dead), pytest.raises(StorageError, match=r"run\.storage_url=s3://bucket"):
+            check_inputs(_config([store.url], "s3://bucket/runs"))
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        with pytest.raises(StorageError, match=r"cannot write to run\.storage_url"):
+            check_inputs(_config([store.url], str(blocker / "runs")))
+
+    def test_window_must_fit_the_model(self, tmp_path):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            _config(["x"], "y", data={"window_px": 48})
+
+
+def _loss(weights: dict, store, steps_seed=0) -> float:
+    """Local+global loss of a model with ``weights`` on fixed toy tiles."""
+    from flows.dataset import TileDataset
+
+    model = create_model("swinv2_nano_relay", num_classes=2, in_chans=2).eval()
+    model.load_state_dict(weights)
+    tiles = TileDataset([store.url], window_px=32, factor=4)
+    batch = {k: torch.stack([tiles[i][k] for i in range(len(tiles))]) for k in tiles[0]}
+    with torch.no_grad():
+        out = model(batch["local"], batch["global"])
+        return RelayLoss(factor=4)(out, batch["labels"]).total.item()
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker``)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::RayTrainWorker"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+def _checkpoints(storage_url: str, run_name: str) -> int:
+    fs, path = filesystem(f"{storage_url}/{run_name}")
+    try:
+        return sum("checkpoint_" in p for p in fs.ls(path, detail=False, refresh=True))
+    except FileNotFoundError:
+        return 0
+
+
+def _after_first_checkpoint(storage_url, run_name, action, timeout=120):
+    """Run ``action`` once two live workers have written two checkpoints (a checkpoint
+    folder appears before its report is registered; the second proves the first was)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(train_worker_pids()) == 2 and _checkpoints(storage_url, run_name) >= 2:
+            action()
+            return
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
+    import ray
+
+    store = _toy(tmp_path)
+    storage = "s3://relaymap-test/runs"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        killed: list[int] = []
+
+        def kill():
+            pid = train_worker_pids()[-1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        watcher = threading.Thread(
+            target=_after_first_checkpoint, args=(storage, "toy", kill), daemon=True
+        )
+        watcher.start()
+        first = train(_config([store.url], storage))
+        watcher.join(timeout=5)
+        assert killed, "no worker was killed: the test did not exercise recovery"
+        assert first.metrics["step"] == 24
+        assert first.metrics["start_step"] > 0  # the restarted workers resumed a checkpoint
+        assert _checkpoints(storage, "toy") >= 1
+        # a second run of the same name with more steps resumes where the first ended
+        second = train(_config([store.url], storage, optim={"steps": 28}))
+        assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
+    finally:
+        ray.shutdown()
+    from safetensors.torch import load_file
+
+    from catalog.storage import read_bytes
+
+    (tmp_path / "w.safetensors").write_bytes(read_bytes(second.weights_url))
+    trained = load_file(str(tmp_path / "w.safetensors"))
+    torch.manual_seed(0)
+    initial = create_model("swinv2_nano_relay", num_classes=2, in_chans=2).state_dict()
+    assert _loss(trained, store) < 0.8 * _loss(initial, store)
+    item = second.model_item
+    assert item.properties["mlm:name"] == "swinv2_nano_relay"
+    assert item.properties["relaymap:metrics"]["step"] == 28
+
+
+@pytest.mark.slow
+def test_two_node_cluster_losing_a_node(tmp_path):
+    """Two one-CPU nodes on loopback; one dies mid-run (its processes killed) and a new one
+    joins; training resumes from the last checkpoint and finishes on two nodes.
+    ``Cluster.add_node`` must run on the main thread, so training runs in a thread."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store = _toy(tmp_path)
+    storage = str(tmp_path / "runs")
+    fast_health = {
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 3,
+        "health_check_initial_delay_ms": 0,
+    }
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_health}
+    )
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    out: dict = {}
+    try:
+        runner = threading.Thread(
+            target=lambda: out.update(
+                result=train(_config([store.url], storage, run={"max_failures": 2}))
+            ),
+            daemon=True,
+        )
+        runner.start()
+        deadline = time.monotonic() + 120
+        while not (len(train_worker_pids()) == 2 and _checkpoints(storage, "toy") >= 2):
+            assert time.monotonic() < deadline, "training never reached its second checkpoint"
+            time.sleep(0.3)
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        cluster.add_node(num_cpus=1)  # the replacement a cluster autoscaler brings
+        runner.join(timeout=240)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    result = out["result"]
+    assert result.metrics["num_nodes"] == 2, "workers were not spread over two nodes"
+    assert result.metrics["step"] == 24 and result.metrics["start_step"] > 0
