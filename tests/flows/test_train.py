@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.storage import StorageError, filesystem
+from catalog.storage import StorageError
 from flows.train import TrainConfig, check_inputs, train
 from ingest import StoreError
 from relay_models import RelayLoss, create_model
@@ -118,23 +118,27 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def _checkpoints(storage_url: str, run_name: str) -> int:
-    fs, path = filesystem(f"{storage_url}/{run_name}")
+def _registered_steps(storage_url: str, run_name: str) -> int:
+    """How many checkpoints Ray Train has registered for the run: its controller writes
+    ``checkpoint_manager_snapshot.json`` after each one (a checkpoint folder appears before
+    it is registered, and only registered ones are resumed from)."""
+    from catalog.storage import read_bytes
+
     try:
-        return sum("checkpoint_" in p for p in fs.ls(path, detail=False, refresh=True))
+        snapshot = read_bytes(f"{storage_url}/{run_name}/checkpoint_manager_snapshot.json")
     except FileNotFoundError:
         return 0
+    return snapshot.count(b"checkpoint_dir_name")
 
 
-def _after_first_checkpoint(storage_url, run_name, action, timeout=120):
-    """Run ``action`` once two live workers have written two checkpoints (a checkpoint
-    folder appears before its report is registered; the second proves the first was)."""
+def _after_a_registered_checkpoint(storage_url, run_name, action, timeout=120):
+    """Run ``action`` once two workers are alive and a checkpoint is registered."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(train_worker_pids()) == 2 and _checkpoints(storage_url, run_name) >= 2:
+        if len(train_worker_pids()) == 2 and _registered_steps(storage_url, run_name) >= 1:
             action()
             return
-        time.sleep(0.3)
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -153,7 +157,7 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
             killed.append(pid)
 
         watcher = threading.Thread(
-            target=_after_first_checkpoint, args=(storage, "toy", kill), daemon=True
+            target=_after_a_registered_checkpoint, args=(storage, "toy", kill), daemon=True
         )
         watcher.start()
         first = train(_config([store.url], storage))
@@ -161,7 +165,7 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
         assert killed, "no worker was killed: the test did not exercise recovery"
         assert first.metrics["step"] == 24
         assert first.metrics["start_step"] > 0  # the restarted workers resumed a checkpoint
-        assert _checkpoints(storage, "toy") >= 1
+        assert _registered_steps(storage, "toy") >= 1
         # a second run of the same name with more steps resumes where the first ended
         second = train(_config([store.url], storage, optim={"steps": 28}))
         assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
@@ -211,7 +215,7 @@ def test_two_node_cluster_losing_a_node(tmp_path):
         )
         runner.start()
         deadline = time.monotonic() + 120
-        while not (len(train_worker_pids()) == 2 and _checkpoints(storage, "toy") >= 2):
+        while not (len(train_worker_pids()) == 2 and _registered_steps(storage, "toy") >= 1):
             assert time.monotonic() < deadline, "training never reached its second checkpoint"
             time.sleep(0.3)
         cluster.remove_node(nodes[1], allow_graceful=False)
