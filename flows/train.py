@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from ray.train import UserCallback
 
 from catalog import StaticCatalog, model_item, open_catalog
 from catalog.storage import StorageError, atomic_upload, atomic_write, join, normalize_url, remove
@@ -349,27 +350,28 @@ def check_inputs(config: TrainConfig) -> None:
     remove(probe)
 
 
-class _Progress:
-    """A log line per report on the driver side: step, loss, throughput, ETA."""
+class ProgressLog(UserCallback):
+    """One line per report, printed by the Ray Train controller (forwarded to the driver):
+    step, loss, throughput, validation mIoU and ETA."""
 
-    def __init__(self, total: int) -> None:
-        from ray.train import UserCallback
+    def __init__(self, total_steps: int) -> None:
+        self.total = total_steps
+        self.first: tuple[int, float] | None = None
 
-        total_steps = total
-
-        class Callback(UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                m = metrics[0]
-                step, rate = m.get("step", 0), m.get("samples_per_s", 0.0)
-                print(
-                    f"[relaymap train] step {step}/{total_steps} loss {m.get('loss', 0):.4f} "
-                    f"{rate:.1f} samples/s"
-                    + (f" val mIoU {m['val_miou']:.3f}" if "val_miou" in m else "")
-                    + (" checkpoint saved" if checkpoint else ""),
-                    flush=True,
-                )
-
-        self.callback = Callback()
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        m = metrics[0]
+        step, now = int(m.get("step", 0)), time.monotonic()
+        self.first = self.first or (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        eta = (self.total - step) * elapsed / done if done else float("nan")
+        line = (
+            f"[relaymap train] step {step}/{self.total} loss {m.get('loss', 0):.4f} "
+            f"{m.get('samples_per_s', 0.0):.1f} samples/s"
+        )
+        if "val_miou" in m:
+            line += f" val mIoU {m['val_miou']:.3f}"
+        line += f" ETA {eta:.0f} s" if eta == eta else ""
+        print(line + (" (checkpoint)" if checkpoint else ""), flush=True)
 
 
 def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
@@ -403,7 +405,7 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            callbacks=[_Progress(config.optim.steps).callback],
+            callbacks=[ProgressLog(config.optim.steps)],
         ),
     )
     result = trainer.fit()

@@ -351,14 +351,12 @@ def write_scene(
             done.add(level)
             new_attrs = _replace(new_attrs, levels_done=tuple(sorted(done)))
             new_attrs.write(url)
-    except (RasterioError, OSError) as e:
-        if isinstance(e, RasterioError) or "TIFF" in str(e) or "decode" in str(e).lower():
-            remove(url, recursive=True)
-            raise CorruptRasterError(
-                f"a source raster of {url} could not be decoded ({redact(str(e))}); "
-                f"no store was left behind"
-            ) from None
-        raise
+    except RasterioError as e:  # a source tile failed to decode: nothing half-written stays
+        remove(url, recursive=True)
+        raise CorruptRasterError(
+            f"a source raster of {url} could not be decoded ({redact(str(e))}); "
+            f"no store was left behind"
+        ) from None
     _replace(new_attrs, complete=True).write(url)
     return open_scene(url)
 

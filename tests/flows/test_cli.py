@@ -34,3 +34,12 @@ def test_unknown_pattern_is_a_clear_error():
     result = CliRunner().invoke(main, ["models", "resnet*"])
     assert result.exit_code == 2
     assert "no model matches 'resnet*'" in result.output
+
+
+def test_train_rejects_a_bad_config_before_starting(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: swinv2_nano_relay, num_classes: 6}\n"
+                    "data: {train: [x.zarr], window_px: 64}\noptim: {stepz: 10}\n")
+    result = CliRunner().invoke(main, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "stepz" in result.output and "Extra inputs are not permitted" in result.output
