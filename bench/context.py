@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default=",".join(MODELS))
     args = p.parse_args()
     names = [c.name for c in CLASSES]
     context = sorted({names.index(n) for pair in CONTEXT_PAIRS for n in pair})
@@ -66,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         urls = make_stores(Path(tmp), args.scenes, args.size_px, args.window_px, args.seed)
         train_urls, val_urls = urls[:-2], urls[-2:]
-        for name in MODELS:
+        for name in args.models.split(","):
             t0 = time.perf_counter()
             cfg = TrainConfig.model_validate(
                 {

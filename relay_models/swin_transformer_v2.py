@@ -7,9 +7,9 @@ State-dict keys and maths match timm's ``swinv2_*_window8_256`` (``patch_embed``
 ``layers.{i}.downsample``, ``layers.{i}.blocks.{j}.attn.cpb_mlp`` ...), so timm checkpoints load
 by key. Relay additions, all new keys: ``relay_tokens`` ``(R, D0)``; ``layers.{i}.relay_proj``
 (``Linear(dim, 2*dim)`` at each patch merging); ``patch_embed_global`` (separate projection
-for the global window). Relays are appended to *every* attention window with zero relative
-position bias and no shift mask, averaged over windows after attention, then share the
-block's res-post-norm and MLP.
+for the global window). Relays are appended to *every* attention window with a zero
+relative-position input to the bias (see :meth:`WindowAttention.position_bias`) and no shift
+mask, averaged over windows after attention, then share the block's res-post-norm and MLP.
 
 Read bottom-up: window helpers, attention, block, patch merging, stage, backbone.
 """
@@ -98,13 +98,19 @@ class WindowAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def position_bias(self, ws: int) -> torch.Tensor:
-        """Relative position bias ``(nH, ws*ws, ws*ws)``, ``16 * sigmoid(cpb_mlp(coords))``."""
+    def position_bias(self, ws: int, num_relays: int = 0) -> torch.Tensor:
+        """Relative position bias ``(nH, T, T)``, ``T = ws*ws + R``: ``16 * sigmoid(cpb)``.
+
+        A pair involving a relay has no relative position: its ``cpb`` output is 0, so its
+        bias is ``16 * sigmoid(0) = 8``, the bias of a pair the MLP has not learned about.
+        (A bias of 0 *after* the sigmoid would put every relay ``e**8`` times below every
+        patch in each softmax, and patches would barely hear the relays.)
+        """
         device = self.q_bias.device
         table = self.cpb_mlp(relative_coords_table(ws, self.pretrained_window_size, device))
-        bias = table.view(-1, self.num_heads)[relative_position_index(ws, device).view(-1)]
-        bias = bias.view(ws * ws, ws * ws, self.num_heads).permute(2, 0, 1)
-        return 16 * torch.sigmoid(bias)
+        raw = table.view(-1, self.num_heads)[relative_position_index(ws, device).view(-1)]
+        raw = raw.view(ws * ws, ws * ws, self.num_heads).permute(2, 0, 1)
+        return 16 * torch.sigmoid(F.pad(raw, (0, num_relays, 0, num_relays)))
 
     def forward(
         self,
@@ -133,7 +139,7 @@ class WindowAttention(nn.Module):
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # nH, 1, 1
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
-        bias = F.pad(self.position_bias(ws), (0, num_relays, 0, num_relays))  # nH, T, T
+        bias = self.position_bias(ws, num_relays)  # nH, T, T
         if mask is not None:
             bias = bias + F.pad(mask, (0, num_relays, 0, num_relays)).unsqueeze(1)  # nW,nH,T,T
         weights = None

@@ -38,8 +38,10 @@ def test_unknown_pattern_is_a_clear_error():
 
 def test_train_rejects_a_bad_config_before_starting(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {name: swinv2_nano_relay, num_classes: 6}\n"
-                    "data: {train: [x.zarr], window_px: 64}\noptim: {stepz: 10}\n")
+    path.write_text(
+        "model: {name: swinv2_nano_relay, num_classes: 6}\n"
+        "data: {train: [x.zarr], window_px: 64}\noptim: {stepz: 10}\n"
+    )
     result = CliRunner().invoke(main, ["train", str(path)])
     assert result.exit_code == 2
     assert "stepz" in result.output and "Extra inputs are not permitted" in result.output
