@@ -25,7 +25,7 @@ MODELS = ("swinv2_nano", "swinv2_nano_registers", "swinv2_nano_fusion", "swinv2_
 
 
 def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: int) -> list[str]:
-    from ingest import classes_from_stac, load_labels, load_scene, make_sample_scenes, write_scene
+    from ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(
         str(root / "sample"),
@@ -35,13 +35,8 @@ def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: in
         seed=seed,
         nodata_corner=False,
     )
-    urls = []
-    for item in col.get_items():
-        image = load_scene([item], ["blue", "green", "red", "nir"])
-        classes = classes_from_stac(item.assets["labels"].extra_fields["classification:classes"])
-        labels = load_labels([item], image.odc.geobox, classes)
-        urls.append(write_scene(str(root / f"{item.id}.zarr"), image, labels, classes=classes).url)
-    return urls
+    bands = ["blue", "green", "red", "nir"]
+    return [ingest_items([it], str(root / f"{it.id}.zarr"), bands).url for it in col.get_items()]
 
 
 def main() -> None:

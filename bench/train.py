@@ -23,16 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_stores(root: Path) -> list[str]:
-    from ingest import classes_from_stac, load_labels, load_scene, make_sample_scenes, write_scene
+    from ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(str(root / "sample"), n_scenes=2, size_px=512, feature_px=64)
-    urls = []
-    for item in col.get_items():
-        image = load_scene([item], ["blue", "green", "red", "nir"])
-        classes = classes_from_stac(item.assets["labels"].extra_fields["classification:classes"])
-        labels = load_labels([item], image.odc.geobox, classes)
-        urls.append(write_scene(str(root / f"{item.id}.zarr"), image, labels, classes=classes).url)
-    return urls
+    bands = ["blue", "green", "red", "nir"]
+    return [ingest_items([it], str(root / f"{it.id}.zarr"), bands).url for it in col.get_items()]
 
 
 def rate(fn, seconds: float, batch: int) -> float:

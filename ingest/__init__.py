@@ -20,6 +20,7 @@ from .errors import (
 )
 from .labels import LabelClass, classes_from_stac, classes_from_table, load_labels
 from .load import load_scene
+from .pipeline import ingest_items
 from .sample import make_sample_scenes
 from .search import search
 from .store import SceneStore, open_scene, write_scene
@@ -36,6 +37,7 @@ __all__ = [
     "StoreError",
     "classes_from_stac",
     "classes_from_table",
+    "ingest_items",
     "load_labels",
     "load_scene",
     "make_sample_scenes",

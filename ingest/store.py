@@ -291,19 +291,9 @@ def write_scene(
                 if level:
                     img = _halve(img, _mean_2x2, np.nan)
                     lab = None if lab is None else _halve(lab, _mode_2x2, IGNORE)
-                cpx = level_chunk_px(chunk_px, level)
-                ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx)
+                ds = _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=False)
                 if level == 0:
                     level0 = ds["image"].data
-                ds.to_zarr(
-                    native(url),
-                    group=_level_group(level),
-                    mode="w",
-                    zarr_format=3,
-                    consolidated=False,
-                    compute=False,
-                    encoding=_encoding(ds, len(bands), cpx),
-                )
                 group = zarr.open_group(native(url), path=_level_group(level) or "", mode="r+")
                 for name in ds.data_vars:
                     sources.append(ds[name].data)
@@ -338,16 +328,7 @@ def write_scene(
             )
             img = _halve(prev["image"].data, _mean_2x2, np.nan)
             lab = _halve(prev["label"].data, _mode_2x2, IGNORE) if "label" in prev else None
-            cpx = level_chunk_px(chunk_px, level)
-            ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx)
-            ds.to_zarr(
-                native(url),
-                group=_level_group(level),
-                mode="w",
-                zarr_format=3,
-                consolidated=False,
-                encoding=_encoding(ds, len(bands), cpx),
-            )
+            _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=True)
             done.add(level)
             new_attrs = _replace(new_attrs, levels_done=tuple(sorted(done)))
             new_attrs.write(url)
@@ -359,6 +340,32 @@ def write_scene(
         ) from None
     _replace(new_attrs, complete=True).write(url)
     return open_scene(url)
+
+
+def _write_level(
+    url: str,
+    img: da.Array,
+    lab: da.Array | None,
+    gbox: GeoBox,
+    level: int,
+    bands: Sequence[str],
+    chunk_px: int,
+    *,
+    compute: bool,
+) -> xr.Dataset:
+    """Create a level's group (metadata and coordinates; the pixels too with ``compute``)."""
+    cpx = level_chunk_px(chunk_px, level)
+    ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx)
+    ds.to_zarr(
+        native(url),
+        group=_level_group(level),
+        mode="w",
+        zarr_format=3,
+        consolidated=False,
+        compute=compute,
+        encoding=_encoding(ds, len(bands), cpx),
+    )
+    return ds
 
 
 def _level_box(gbox: GeoBox, level: int) -> GeoBox:

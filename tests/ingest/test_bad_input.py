@@ -250,3 +250,12 @@ class TestStore:
         # a window off the level's pixel grid touches one more pixel per side
         off = scene.read_window(window_pair((50.0, 50.0), 256, factor=4).global_, level=2)
         assert off[0].shape == (4, 257, 257)
+
+
+def test_ingest_items_in_one_call(sample_local, tmp_path):
+    from ingest import ingest_items
+
+    item = _item(sample_local)
+    store = ingest_items([item], str(tmp_path / "one.zarr"), BANDS, num_levels=1, chunk_px=64)
+    np.testing.assert_array_equal(store.level(0)["label"].values, _expected_labels(item))
+    assert store.attrs.source_items == (item.id,) and store.attrs.num_levels == 1

@@ -1,0 +1,34 @@
+"""STAC items to a scene store in one call (load, labels from an asset, write)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pystac
+
+from .labels import classes_from_stac, load_labels
+from .load import load_scene
+from .store import SceneStore, write_scene
+
+
+def ingest_items(
+    items: Sequence[pystac.Item],
+    url: str,
+    bands: Sequence[str],
+    *,
+    label_asset: str | None = "labels",
+    **write_kw,
+) -> SceneStore:
+    """Load ``bands`` of ``items`` on the first item's grid, with labels from
+    ``label_asset`` (classes from its ``classification:classes``), into a store at ``url``.
+
+    ``write_kw`` go to :func:`write_scene` (``num_levels``, ``chunk_px``, ``overwrite``).
+    """
+    image = load_scene(items, bands)
+    labels, classes = None, None
+    if label_asset is not None:
+        classes = classes_from_stac(
+            items[0].assets[label_asset].extra_fields["classification:classes"]
+        )
+        labels = load_labels(items, image.odc.geobox, classes, asset=label_asset)
+    return write_scene(url, image, labels, classes=classes, **write_kw)
