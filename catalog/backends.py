@@ -89,6 +89,15 @@ def _intersects(item: pystac.Item, bbox: Sequence[float]) -> bool:
     return not (b[2] < bbox[0] or b[0] > bbox[2] or b[3] < bbox[1] or b[1] > bbox[3])
 
 
+def _item_body(item: pystac.Item) -> dict:
+    """An item's JSON without its navigation links (each catalog writes its own)."""
+    d = item.to_dict(include_self_link=False, transform_hrefs=False)
+    d["links"] = [
+        ln for ln in d["links"] if ln["rel"] not in ("self", "root", "parent", "collection")
+    ]
+    return d
+
+
 class StaticCatalog:
     """A self-contained static catalog on object storage (the embedded default).
 
@@ -185,13 +194,8 @@ class StaticCatalog:
             by_collection.setdefault(item.collection_id, []).append(item)
         for cid, group in by_collection.items():
             for item in group:
-                d = item.to_dict(include_self_link=False, transform_hrefs=False)
+                d = _item_body(item)
                 url = self._item_url(cid, item.id)
-                d["links"] = [
-                    ln
-                    for ln in d["links"]
-                    if ln["rel"] not in ("self", "root", "parent", "collection")
-                ]
                 d["links"] += [
                     {"rel": "self", "href": url, "type": "application/geo+json"},
                     {
@@ -313,12 +317,7 @@ class StacApiCatalog:
         for item in items:
             if not item.collection_id:
                 raise CatalogError(f"item {item.id} has no collection; set item.collection_id")
-            body = item.to_dict(include_self_link=False, transform_hrefs=False)
-            body["links"] = [
-                ln
-                for ln in body["links"]
-                if ln["rel"] not in ("self", "root", "parent", "collection")
-            ]
+            body = _item_body(item)
             cid = item.collection_id
             resp = self._request("POST", f"/collections/{cid}/items", json=body)
             if resp.status_code == 409:  # exists: replace it

@@ -10,7 +10,6 @@ No scene is ever read whole: each window reads the chunks its bounding box touch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,10 +18,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ingest import SceneStore, StoreError, open_scene
+from ingest.labels import IGNORE
 from relay_models.geometry import WindowPair, tile_grid, window_pair
 from relay_models.sampling import read_window
-
-IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,6 @@ def check_stores(stores: Sequence[SceneStore], *, need_labels: bool) -> tuple[st
     return bands
 
 
-def _level_for(side_px: float, out_px: int, num_levels: int) -> int:
-    scale = side_px / out_px
-    return min(num_levels, max(0, math.floor(math.log2(scale) + 1e-9))) if scale >= 1 else 0
-
-
 def read_pair(
     store: SceneStore, pair: WindowPair, out_px: int, *, with_global: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
@@ -75,7 +68,7 @@ def read_pair(
     levels = store.attrs.num_levels
 
     def window(win, labels: bool):
-        level = _level_for(win.side_px, out_px, levels)
+        level, _ = win.level(out_px, max_level=levels)
         image, label, origin = store.read_window(win, level)
         at_level = win.scale(2**level)
         img, _ = read_window(
@@ -100,11 +93,7 @@ def read_pair(
 
     local, labels = window(pair.local, labels=True)
     glob = window(pair.global_, labels=False)[0] if with_global else None
-    h, w = store.shape(0)
-    pts = pair.local.sample_points(out_px)
-    inside = float(
-        ((pts[..., 0] >= 0) & (pts[..., 0] < h) & (pts[..., 1] >= 0) & (pts[..., 1] < w)).mean()
-    )
+    inside = pair.local.inside_fraction(store.shape(0), out_px)
     if labels is None:
         labels = torch.full((out_px, out_px), IGNORE, dtype=torch.long)
     return local, glob, labels, inside

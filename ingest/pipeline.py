@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pystac
 
+from .errors import MissingAssetError
 from .labels import classes_from_stac, load_labels
 from .load import load_scene
 from .store import SceneStore, write_scene
@@ -27,6 +28,11 @@ def ingest_items(
     image = load_scene(items, bands)
     labels, classes = None, None
     if label_asset is not None:
+        if label_asset not in items[0].assets:
+            raise MissingAssetError(
+                f"item {items[0].id} has no label asset {label_asset!r}; it has "
+                f"{', '.join(sorted(items[0].assets))} (pass label_asset=None for no labels)"
+            )
         classes = classes_from_stac(
             items[0].assets[label_asset].extra_fields["classification:classes"]
         )

@@ -393,8 +393,7 @@ class SceneStore:
 
     def level(self, level: int = 0) -> xr.Dataset:
         """The ``image`` (and ``label``) of a level as a lazy dataset."""
-        if not 0 <= level <= self.attrs.num_levels:
-            raise StoreError(f"{self.url} has levels 0..{self.attrs.num_levels}, not {level}")
+        self._check_level(level)
         if level not in self._levels:
             # mask_and_scale=False keeps labels uint8 (255 = ignore); image NaN stays NaN
             self._levels[level] = xr.open_zarr(
@@ -442,10 +441,14 @@ class SceneStore:
                 label[ys - y0 : ye - y0, xs - x0 : xe - x0] = arrays["label"][ys:ye, xs:xe]
         return image, label
 
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level <= self.attrs.num_levels:
+            raise StoreError(f"{self.url} has levels 0..{self.attrs.num_levels}, not {level}")
+
     def _zarr(self, level: int) -> dict[str, zarr.Array]:
         """The level's arrays, opened once: window reads go straight to zarr (no dask)."""
         if level not in self._arrays:
-            self.level(level)  # validates the level number
+            self._check_level(level)
             group = zarr.open_group(native(self.url), path=_level_group(level) or "", mode="r")
             self._arrays[level] = {k: group[k] for k in ("image", "label") if k in group}
         return self._arrays[level]

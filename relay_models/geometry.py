@@ -98,6 +98,28 @@ class Window:
         cy, cx = self.center_yx
         return Window((cy / s, cx / s), self.side_px / s, self.angle_deg)
 
+    def level(self, out_px: int, max_level: int | None = None) -> tuple[int, float]:
+        """Pyramid level to read this window from when showing it at ``out_px``, and the
+        residual downsampling left to resample.
+
+        The window shows ``side_px`` scene pixels at ``out_px``: a scale of
+        ``s = side_px / out_px``. Returns the deepest level ``k`` (``2**k`` times coarser,
+        at most ``max_level``) with ``2**k <= s``, and ``s / 2**k`` (``>= 1`` unless the
+        window is magnified or capped).
+        """
+        s = self.side_px / out_px
+        k = max(0, math.floor(math.log2(s) + 1e-9)) if s >= 1 else 0
+        if max_level is not None:
+            k = min(k, max_level)
+        return k, s / 2**k
+
+    def inside_fraction(self, shape_yx: tuple[int, int], out_px: int) -> float:
+        """Fraction of the ``out_px`` samples that fall inside a ``(height, width)`` scene."""
+        pts = self.sample_points(out_px)
+        h, w = shape_yx
+        inside = (pts[..., 0] >= 0) & (pts[..., 0] < h) & (pts[..., 1] >= 0) & (pts[..., 1] < w)
+        return float(inside.mean())
+
     def aligned_origin(self) -> tuple[int, int] | None:
         """Top-left integer pixel if the window is unrotated, integer-sided and pixel-aligned
         (then reading it is a plain slice), else ``None``."""
@@ -131,15 +153,9 @@ class WindowPair:
     factor: int
 
     def level(self, out_px: int) -> tuple[int, float]:
-        """Pyramid level to read the global window from, and the residual downsampling.
-
-        The global window shows ``factor * side_px`` scene pixels at ``out_px``: a scale of
-        ``s = factor * side_px / out_px``. Returns the deepest level ``k`` (level ``k`` is
-        ``2**k`` times coarser) with ``2**k <= s``, and ``s / 2**k >= 1`` left to resample.
-        """
-        s = self.global_.side_px / out_px
-        k = max(0, math.floor(math.log2(s) + 1e-9)) if s >= 1 else 0
-        return k, s / 2**k
+        """Pyramid level to read the global window from, and the residual downsampling
+        (see :meth:`Window.level`)."""
+        return self.global_.level(out_px)
 
 
 def window_pair(

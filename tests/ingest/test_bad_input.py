@@ -259,3 +259,16 @@ def test_ingest_items_in_one_call(sample_local, tmp_path):
     store = ingest_items([item], str(tmp_path / "one.zarr"), BANDS, num_levels=1, chunk_px=64)
     np.testing.assert_array_equal(store.level(0)["label"].values, _expected_labels(item))
     assert store.attrs.source_items == (item.id,) and store.attrs.num_levels == 1
+
+
+def test_ingest_items_without_the_label_asset(sample_local, tmp_path):
+    from ingest import ingest_items
+
+    item = _item(sample_local)
+    del item.assets["labels"]
+    url = str(tmp_path / "none.zarr")
+    with pytest.raises(MissingAssetError, match="has no label asset 'labels'"):
+        ingest_items([item], url, BANDS)
+    assert not exists(url)
+    store = ingest_items([item], url, BANDS, label_asset=None, num_levels=1)
+    assert not store.has_labels
