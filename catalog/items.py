@@ -74,7 +74,7 @@ def map_item(
     item_id: str,
     collection: str,
     classes: Sequence[Mapping[str, Any]],
-    source_items: Sequence[pystac.Item],
+    sources: Sequence[tuple[str, str]],
     model_item: pystac.Item | None = None,
     datetime: dt.datetime | None = None,
     probabilities_url: str | None = None,
@@ -90,9 +90,10 @@ def map_item(
         item_id: the item's id (stable across reruns: it is the upsert key).
         collection: the map collection id.
         classes: ``{"index", "name", "color_hint"}`` per class.
-        source_items: the imagery items the map was made from.
+        sources: ``(item id, self href)`` of the imagery items the map was made from (a
+            scene store records them); an empty href links by id.
         model_item: the model's MLM item.
-        datetime: the map's nominal time (default: the sources' latest datetime).
+        datetime: the map's nominal time (default: now).
         probabilities_url: optional per-class probability COG.
         quicklook_url: optional PNG overview.
     """
@@ -102,9 +103,8 @@ def map_item(
         dtype, nodata, res = src.dtypes[0], src.nodata, abs(src.transform.a)
         epsg = src.crs.to_epsg()
     geometry, bbox = _footprint(gbox)
-    when = datetime or max((it.datetime for it in source_items if it.datetime), default=None)
     item = pystac.Item(
-        item_id, geometry, bbox, when or dt.datetime.now(dt.UTC), {}, collection=collection
+        item_id, geometry, bbox, datetime or dt.datetime.now(dt.UTC), {}, collection=collection
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     proj.code = f"EPSG:{epsg}" if epsg else None
@@ -146,13 +146,10 @@ def map_item(
                 roles=["overview", "visual"],
             ),
         )
-    for src_item in source_items:
+    for src_id, href in sources:
         item.add_link(
             pystac.Link(
-                "derived_from",
-                src_item.get_self_href() or src_item.id,
-                media_type=pystac.MediaType.GEOJSON,
-                title=src_item.id,
+                "derived_from", href or src_id, media_type=pystac.MediaType.GEOJSON, title=src_id
             )
         )
     if model_item is not None:

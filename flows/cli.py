@@ -84,5 +84,62 @@ def train(config: str, address: str | None) -> None:
         click.echo(f"validation mIoU: {result.metrics['val_miou']:.3f}")
 
 
+@main.command()
+@click.option("--model", "model", required=True, help="Weights (.safetensors) or MLM item (.json).")
+@click.option("--scene", required=True, help="Scene store URL (file://, s3://, or a path).")
+@click.option("--out", required=True, help="Output prefix; products go to OUT/<item id>/.")
+@click.option("--catalog", default=None, help="Static catalog URL or STAC API to register in.")
+@click.option("--tile-px", type=int, default=None, help="Tile side (default: training window).")
+@click.option("--overlap-px", type=int, default=None, help="Tile overlap (default: tile/4).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Model actors.")
+@click.option("--no-probabilities", is_flag=True, help="Skip the probability COG.")
+@click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
+def infer(
+    model: str,
+    scene: str,
+    out: str,
+    catalog: str | None,
+    tile_px: int | None,
+    overlap_px: int | None,
+    batch_size: int,
+    workers: int,
+    no_probabilities: bool,
+    address: str | None,
+) -> None:
+    """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item."""
+    from pydantic import ValidationError
+
+    from flows.infer import InferConfig
+    from flows.infer import infer as run_inference
+
+    try:
+        cfg = InferConfig(
+            model=model,
+            scene=scene,
+            out=out,
+            catalog=catalog,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            batch_size=batch_size,
+            workers=workers,
+            probabilities=not no_probabilities,
+        )
+    except ValidationError as e:
+        raise click.BadParameter(str(e)) from None
+    product = run_inference(cfg, address=address)
+    click.echo(f"classes: {product.classes_url}")
+    for label, url in (
+        ("probabilities", product.probabilities_url),
+        ("quicklook", product.quicklook_url),
+    ):
+        if url:
+            click.echo(f"{label}: {url}")
+    click.echo(
+        f"item: {product.item.id} ({product.item.get_self_href() or 'not registered'}); "
+        f"{product.tiles} tiles ({product.skipped} without data) in {product.seconds:.1f} s"
+    )
+
+
 if __name__ == "__main__":
     main()

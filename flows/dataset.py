@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ingest import SceneStore, StoreError, open_scene
 from ingest.labels import IGNORE
-from relay_models.geometry import WindowPair, tile_grid, window_pair
+from relay_models.geometry import Window, WindowPair, tile_grid, window_pair
 from relay_models.sampling import read_window
 
 
@@ -53,46 +53,64 @@ def check_stores(stores: Sequence[SceneStore], *, need_labels: bool) -> tuple[st
     return bands
 
 
+def band_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-band ``(C, 1, 1)`` mean and std tensors for z-scoring (std floored at 1e-6)."""
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32).clamp(min=1e-6)[:, None, None]
+    return m, s
+
+
+def read_normalised(
+    store: SceneStore,
+    win: Window,
+    out_px: int,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    *,
+    labels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One window resampled to ``out_px`` from the store level matching its scale.
+
+    Returns:
+        ``(C, L, L)`` float32 z-scored bands (0 where there is no data or outside the
+        scene), the ``(L, L)`` bool data mask, and ``(L, L)`` int64 labels (255 where
+        invalid) when ``labels`` and the store has them, else None.
+    """
+    level, _ = win.level(out_px, max_level=store.attrs.num_levels)
+    image, label, origin = store.read_window(win, level)
+    at_level = win.scale(2**level)
+    img, _ = read_window(
+        torch.from_numpy(image), at_level, out_px, origin_yx=origin, fill=float("nan")
+    )
+    valid = torch.isfinite(img).all(0)
+    mean, std = norm
+    img = torch.where(valid, (img - mean) / std, torch.zeros(()))
+    lab = None
+    if labels and label is not None:
+        lab, _ = read_window(
+            torch.from_numpy(label)[None],
+            at_level,
+            out_px,
+            origin_yx=origin,
+            mode="nearest",
+            fill=IGNORE,
+        )
+        lab = lab[0].long().masked_fill(~valid, IGNORE)
+    return img, valid, lab
+
+
 def read_pair(
     store: SceneStore, pair: WindowPair, out_px: int, *, with_global: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
-    """Read one window pair.
+    """Read one training/validation window pair, normalised with the store's statistics.
 
     Returns:
         local ``(C, L, L)`` and global ``(C, L, L)`` (or None) float32 normalised bands
         (0 outside the scene and where there is no data), local labels ``(L, L)`` int64
         (255 outside/no data), and the fraction of the local window inside the scene.
     """
-    mean = torch.tensor(store.attrs.band_mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(store.attrs.band_std, dtype=torch.float32).clamp(min=1e-6)[:, None, None]
-    levels = store.attrs.num_levels
-
-    def window(win, labels: bool):
-        level, _ = win.level(out_px, max_level=levels)
-        image, label, origin = store.read_window(win, level)
-        at_level = win.scale(2**level)
-        img, _ = read_window(
-            torch.from_numpy(image), at_level, out_px, origin_yx=origin, fill=float("nan")
-        )
-        lab = None
-        if labels and label is not None:
-            lab, _ = read_window(
-                torch.from_numpy(label)[None],
-                at_level,
-                out_px,
-                origin_yx=origin,
-                mode="nearest",
-                fill=IGNORE,
-            )
-            lab = lab[0].long()
-        valid = torch.isfinite(img).all(0)
-        img = torch.where(valid, (img - mean) / std, torch.zeros(()))
-        if lab is not None:
-            lab = lab.masked_fill(~valid, IGNORE)
-        return img, lab
-
-    local, labels = window(pair.local, labels=True)
-    glob = window(pair.global_, labels=False)[0] if with_global else None
+    norm = band_norm(store.attrs.band_mean, store.attrs.band_std)
+    local, _, labels = read_normalised(store, pair.local, out_px, norm, labels=True)
+    glob = read_normalised(store, pair.global_, out_px, norm)[0] if with_global else None
     inside = pair.local.inside_fraction(store.shape(0), out_px)
     if labels is None:
         labels = torch.full((out_px, out_px), IGNORE, dtype=torch.long)

@@ -12,7 +12,6 @@ continues from it (``run.max_failures``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from relay_models.config import FrozenConfig, ModelConfig
 
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores
 from .metrics import ConfusionMatrix
+from .trained import ModelInputs, weights_metadata
 
 log = logging.getLogger(__name__)
 
@@ -423,13 +423,16 @@ def export(config: TrainConfig, result) -> TrainResult:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     weights = {k: v.contiguous() for k, v in state["model"].items()}
     url = config.weights_url
-    meta = {
-        "relaymap_config": json.dumps(config.model.model_dump(mode="json")),
-        "step": str(state["step"]),
-    }
-    with atomic_upload(url, suffix=".safetensors") as tmp:
-        save_file(weights, tmp, metadata=meta)
     store = open_scene(config.data.train[0])
+    inputs = ModelInputs(
+        bands=store.bands,
+        band_mean=store.attrs.band_mean,
+        band_std=store.attrs.band_std,
+        classes=store.attrs.classes,
+        window_px=config.data.window_px,
+    )
+    with atomic_upload(url, suffix=".safetensors") as tmp:
+        save_file(weights, tmp, metadata=weights_metadata(config.model, inputs, state["step"]))
     model = create_model(**config.model.model_dump(exclude={"pretrained"}))
     metrics = dict(result.metrics or {})
     item = model_item(

@@ -169,5 +169,9 @@ def load_scene(
         for layer in layers[1:]:
             image = image.fillna(layer)
     image = image.assign_coords(band=list(bands)).astype("float32").chunk({"band": -1})
-    image.attrs = {"source_items": [it.id for it in items]}
+    image.attrs = {
+        "source_items": [it.id for it in items],
+        "source_hrefs": [it.get_self_href() or "" for it in items],
+        "datetime": max((it.datetime for it in items if it.datetime), default=None),
+    }
     return image.transpose("band", "y", "x")

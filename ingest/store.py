@@ -166,6 +166,10 @@ class SceneAttrs:
     band_std: tuple[float, ...]
     nodata: str = "nan"
     created: str = ""
+    #: Self hrefs of the source items ("" where unknown), for ``derived_from`` links.
+    source_hrefs: tuple[str, ...] = ()
+    #: Latest source datetime (ISO 8601), the nominal time of maps made from the scene.
+    datetime: str | None = None
 
     @classmethod
     def read(cls, url: str) -> SceneAttrs | None:
@@ -270,6 +274,8 @@ def write_scene(
         num_levels=num_levels,
         bands=tuple(bands),
         source_items=tuple(sources),
+        source_hrefs=tuple(image.attrs.get("source_hrefs", ())),
+        datetime=when.isoformat() if (when := image.attrs.get("datetime")) else None,
         classes=tuple(
             {"index": c.index, "value": c.value, "name": c.name, "color_hint": c.color_hint}
             for c in classes or ()

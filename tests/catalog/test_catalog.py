@@ -71,8 +71,9 @@ def _map(url, sample, model, item_id="map-sample-00"):
         item_id=item_id,
         collection="relaymap-maps",
         classes=CLASSES,
-        source_items=list(sample.get_items())[:1],
+        sources=[(it.id, it.get_self_href()) for it in list(sample.get_items())[:1]],
         model_item=model,
+        datetime=next(sample.get_items()).datetime,
     )
 
 

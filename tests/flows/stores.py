@@ -20,6 +20,7 @@ def array_store(
     num_classes: int | None = None,
     num_levels: int = 2,
     chunk_px: int = 64,
+    bands: list[str] | None = None,
 ):
     """Write ``image`` ``(C, H, W)`` float32 and ``labels`` ``(H, W)`` uint8 as a store on a
     10 m UTM grid."""
@@ -29,7 +30,7 @@ def array_store(
     img = xr.DataArray(
         image.astype(np.float32),
         dims=("band", "y", "x"),
-        coords={"band": [f"b{i}" for i in range(c)], **coords},
+        coords={"band": bands or [f"b{i}" for i in range(c)], **coords},
         attrs={"source_items": ["synthetic"]},
     )
     lab = None if labels is None else xr.DataArray(labels, dims=("y", "x"), coords=coords)

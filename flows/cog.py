@@ -1,0 +1,126 @@
+"""Map products on disk: class and probability GeoTIFFs written strip by strip, turned into
+COGs (internal tiles, mode overviews, palette), and a PNG quicklook with a legend.
+
+Rows arrive from the stitcher top to bottom, so they go into a tiled scratch GeoTIFF; GDAL's
+COG driver then copies it into the final layout (tiles, overviews) without holding the
+raster in memory. Callers upload the results atomically (:func:`catalog.storage.atomic_upload`).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from PIL import Image, ImageDraw
+
+#: Class COG nodata (also ``ingest.labels.IGNORE``).
+NODATA = 255
+#: Probability COG scale: a stored value v means probability v / 254; 255 is nodata.
+PROB_SCALE = 254
+
+
+def palette(classes: Sequence[Mapping[str, Any]]) -> dict[int, tuple[int, int, int, int]]:
+    """RGBA per class index from each class's ``color_hint`` (hex), else evenly spaced hues."""
+    colours = {}
+    for i, c in enumerate(classes):
+        hint = (c.get("color_hint") or "").lstrip("#")
+        if len(hint) == 6:
+            colours[int(c["index"])] = (*bytes.fromhex(hint), 255)
+        else:
+            r, g, b = colorsys.hsv_to_rgb(i / max(len(classes), 1), 0.65, 0.9)
+            colours[int(c["index"])] = (int(r * 255), int(g * 255), int(b * 255), 255)
+    colours[NODATA] = (0, 0, 0, 0)
+    return colours
+
+
+class StripWriter:
+    """A tiled uint8 scratch GeoTIFF that takes full-width row strips, top to bottom."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        shape_yx: tuple[int, int],
+        count: int,
+        crs: Any,
+        transform: Affine,
+        colormap: Mapping[int, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.ds = rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            height=shape_yx[0],
+            width=shape_yx[1],
+            count=count,
+            dtype="uint8",
+            crs=crs,
+            transform=transform,
+            nodata=NODATA,
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+            compress="ZSTD",  # fast; the COG copy recompresses
+            BIGTIFF="IF_SAFER",
+        )
+        if colormap is not None:
+            self.ds.write_colormap(1, colormap)
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        """Write ``(count, h, W)`` uint8 rows starting at scene row ``y0``."""
+        h, w = rows.shape[1:]
+        self.ds.write(rows, window=rasterio.windows.Window(0, y0, w, h))
+
+    def close(self) -> None:
+        self.ds.close()
+
+
+def to_cog(src: str, dst: str, *, compress: str = "DEFLATE", resampling: str = "MODE") -> None:
+    """Copy a GeoTIFF into a COG: 512 px internal tiles, overviews (``resampling``),
+    ``compress`` (DEFLATE or ZSTD); the palette and nodata carry over."""
+    rasterio.shutil.copy(
+        src,
+        dst,
+        driver="COG",
+        BLOCKSIZE=512,
+        COMPRESS=compress,
+        PREDICTOR="NO",
+        OVERVIEWS="AUTO",
+        OVERVIEW_RESAMPLING=resampling,
+        RESAMPLING="NEAREST",
+        BIGTIFF="IF_SAFER",
+        NUM_THREADS="ALL_CPUS",
+    )
+
+
+def quicklook(
+    cog: str, dst: str, classes: Sequence[Mapping[str, Any]], *, max_px: int = 512
+) -> None:
+    """A PNG of the class COG (read from its overviews, at most ``max_px`` a side) with a
+    legend of the class colours and names underneath; nodata is transparent."""
+    with rasterio.open(cog) as src:
+        scale = max(src.height, src.width) / max_px
+        scale = max(scale, 1.0)
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        classes_img = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    colours = palette(classes)
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    for k, rgba in colours.items():
+        lut[k] = rgba
+    body = Image.fromarray(lut[classes_img], "RGBA")
+    line, pad = 16, 6
+    legend_h = pad + line * len(classes) + pad
+    width = max(body.width, 160)
+    out = Image.new("RGBA", (width, body.height + legend_h), (255, 255, 255, 255))
+    out.paste(body, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, c in enumerate(classes):
+        y = body.height + pad + i * line
+        draw.rectangle([pad, y + 2, pad + 11, y + 13], fill=colours[int(c["index"])])
+        draw.text((pad + 18, y), str(c["name"]), fill=(0, 0, 0, 255))
+    out.save(dst, format="PNG")

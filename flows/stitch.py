@@ -1,0 +1,88 @@
+"""Streaming stitch: blend overlapping tile predictions into rows, flushed as they finish.
+
+Tiles arrive in :func:`relay_models.geometry.tile_grid` order (row-major). Once a tile whose
+top edge is row ``y`` arrives, no later tile touches rows above ``y``, so those rows are
+final: they are normalised and handed to the sink, and the buffer only ever holds one
+strip of tile height (``K x L x W``), never the scene.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from relay_models.geometry import Tile, blend_weights
+
+#: ``sink(y0, probs, valid)``: rows ``y0 .. y0 + h`` of ``(K, h, W)`` float32 probabilities
+#: and the ``(h, W)`` data mask.
+Sink = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+class RowStitcher:
+    """Accumulates weighted tile probabilities over a moving strip of scene rows.
+
+    Args:
+        shape_yx: scene ``(height, width)``.
+        num_classes: K.
+        tile_px: tile side L.
+        overlap_px: tile overlap; tiles are blended with raised-cosine ramps over it.
+        sink: receives finished rows, top to bottom, each row exactly once.
+    """
+
+    def __init__(
+        self,
+        shape_yx: tuple[int, int],
+        num_classes: int,
+        tile_px: int,
+        overlap_px: int,
+        sink: Sink,
+    ) -> None:
+        self.height, self.width = shape_yx
+        self.tile_px = tile_px
+        self.sink = sink
+        self.weights = blend_weights(tile_px, overlap_px)
+        rows = tile_px  # after flush(oy) a tile always starts at buffer row 0
+        self.acc = np.zeros((num_classes, rows, self.width), dtype=np.float32)
+        self.norm = np.zeros((rows, self.width), dtype=np.float32)
+        self.valid = np.zeros((rows, self.width), dtype=bool)
+        self.top = 0  # scene row of buffer row 0; rows above it were flushed
+
+    def add(self, tile: Tile, probs: np.ndarray | None, valid: np.ndarray | None) -> None:
+        """Blend one tile: ``(K, L, L)`` probabilities and its ``(L, L)`` data mask, or
+        ``None`` for a tile that was skipped (no data: its pixels stay nodata)."""
+        oy, ox = tile.origin_yx
+        if oy < self.top:
+            raise ValueError(
+                f"tile at row {oy} arrived after rows up to {self.top} were written: tiles "
+                f"must come in tile_grid order"
+            )
+        self.flush(oy)
+        if probs is None:
+            return
+        h = min(self.tile_px, self.height - oy)
+        w = min(self.tile_px, self.width - ox)
+        r = oy - self.top
+        wt = self.weights[:h, :w]
+        self.acc[:, r : r + h, ox : ox + w] += probs[:, :h, :w] * wt
+        self.norm[r : r + h, ox : ox + w] += wt
+        self.valid[r : r + h, ox : ox + w] |= valid[:h, :w]
+
+    def flush(self, upto: int) -> None:
+        """Emit rows ``[top, upto)``: no tile still to come touches them."""
+        upto = min(upto, self.height)
+        n = upto - self.top
+        if n <= 0:
+            return
+        probs = self.acc[:, :n] / np.maximum(self.norm[:n], 1e-12)
+        self.sink(self.top, probs, self.valid[:n] & (self.norm[:n] > 0))
+        rest = self.acc.shape[1] - n
+        for buf in (self.acc, self.norm, self.valid):  # shift the strip up by n rows
+            view = buf if buf.ndim == 3 else buf[None]
+            view[:, :rest] = view[:, n:].copy()
+            view[:, rest:] = 0
+        self.top = upto
+
+    def close(self) -> None:
+        """Emit the remaining rows (call after the last tile)."""
+        self.flush(self.height)
