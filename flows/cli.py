@@ -93,7 +93,7 @@ def train(config: str, address: str | None) -> None:
 @click.option("--overlap-px", type=int, default=None, help="Tile overlap (default: tile/4).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Model actors.")
-@click.option("--no-probabilities", is_flag=True, help="Skip the probability COG.")
+@click.option("--probabilities", is_flag=True, help="Also write the class probability COG.")
 @click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
 def infer(
     model: str,
@@ -104,7 +104,7 @@ def infer(
     overlap_px: int | None,
     batch_size: int,
     workers: int,
-    no_probabilities: bool,
+    probabilities: bool,
     address: str | None,
 ) -> None:
     """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item."""
@@ -123,7 +123,7 @@ def infer(
             overlap_px=overlap_px,
             batch_size=batch_size,
             workers=workers,
-            probabilities=not no_probabilities,
+            probabilities=probabilities,
         )
     except ValidationError as e:
         raise click.BadParameter(str(e)) from None

@@ -71,7 +71,8 @@ class InferConfig(FrozenConfig):
     workers: int = Field(default=2, ge=1)
     #: Use GPUs; default: when the Ray cluster has any.
     use_gpu: bool | None = None
-    probabilities: bool = True
+    #: Also write the per-class probability COG (K bands, round(p * 254), 255 = nodata).
+    probabilities: bool = False
     quicklook: bool = True
     compress: Literal["DEFLATE", "ZSTD"] = "DEFLATE"
 
@@ -126,6 +127,27 @@ def _store(url: str) -> SceneStore:
     return open_scene(url)
 
 
+class _Region:
+    """A store seen through one pre-read box per level: the windows of a batch of adjacent
+    tiles share chunks, so each chunk is read and decompressed once per batch, not per tile."""
+
+    def __init__(self, store: SceneStore, windows: Sequence[Window], out_px: int) -> None:
+        self.store, self.attrs = store, store.attrs
+        self.boxes: dict[int, tuple[tuple[int, int, int, int], np.ndarray]] = {}
+        by_level: dict[int, list[tuple[int, int, int, int]]] = {}
+        for win in windows:
+            level, _ = win.level(out_px, max_level=store.attrs.num_levels)
+            by_level.setdefault(level, []).append(win.scale(2**level).pixel_bounds())
+        for level, boxes in by_level.items():
+            y0, x0, y1, x1 = (f(b[i] for b in boxes) for i, f in enumerate((min, min, max, max)))
+            self.boxes[level] = ((y0, x0, y1, x1), store.read_box((y0, x0, y1, x1), level)[0])
+
+    def read_window(self, window: Window, level: int = 0):
+        (by0, bx0, _, _), image = self.boxes[level]
+        y0, x0, y1, x1 = window.scale(2**level).pixel_bounds()
+        return image[:, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0], None, (y0, x0)
+
+
 def read_tiles(
     batch: dict[str, np.ndarray],
     *,
@@ -136,20 +158,26 @@ def read_tiles(
     std: Sequence[float],
 ) -> dict[str, np.ndarray]:
     """Ray Data stage: tile origins -> local (and global) windows and local data masks."""
-    store = _store(scene)
     norm = band_norm(mean, std)
-    local, glob, valid = [], [], []
-    for oy, ox in zip(batch["oy"], batch["ox"], strict=True):
-        centre = (oy + tile_px / 2, ox + tile_px / 2)
-        img, ok, _ = read_normalised(store, Window(centre, float(tile_px)), tile_px, norm)
-        local.append(img.numpy())
-        valid.append(ok.numpy())
-        if factor:
-            pair = window_pair(centre, tile_px, factor=factor)
-            glob.append(read_normalised(store, pair.global_, tile_px, norm)[0].numpy())
-    out = {"index": batch["index"], "local": np.stack(local), "valid": np.stack(valid)}
+    centres = [
+        (oy + tile_px / 2, ox + tile_px / 2)
+        for oy, ox in zip(batch["oy"], batch["ox"], strict=True)
+    ]
+    locals_ = [Window(c, float(tile_px)) for c in centres]
+    globals_ = [window_pair(c, tile_px, factor=factor).global_ for c in centres] if factor else []
+    region = _Region(_store(scene), locals_ + globals_, tile_px)
+    local, valid = zip(
+        *(read_normalised(region, w, tile_px, norm)[:2] for w in locals_), strict=True
+    )
+    out = {
+        "index": batch["index"],
+        "local": torch.stack(local).numpy(),
+        "valid": torch.stack(valid).numpy(),
+    }
     if factor:
-        out["global"] = np.stack(glob)
+        out["global"] = torch.stack(
+            [read_normalised(region, w, tile_px, norm)[0] for w in globals_]
+        ).numpy()
     return out
 
 

@@ -129,6 +129,7 @@ def test_scene_to_cog_on_s3_registered_in_a_searchable_catalog(ray_local, scenes
         tile_px=128,
         overlap_px=32,
         workers=2,
+        probabilities=True,
     )
     product = infer(cfg, progress=False)
     data, profile, overviews, tags = _read(product.classes_url)
@@ -184,7 +185,9 @@ def test_tiled_output_equals_the_model_on_windows(ray_local, tmp_path, scenes):
     mean = torch.tensor(trained.inputs.band_mean)[:, None, None]
     std = torch.tensor(trained.inputs.band_std)[:, None, None]
     norm = (torch.from_numpy(image) - mean) / std  # the model's statistics, not the store's
-    cfg = dict(model=scenes["model"], scene=small.url, out=str(tmp_path / "maps"))
+    cfg = dict(
+        model=scenes["model"], scene=small.url, out=str(tmp_path / "maps"), probabilities=True
+    )
     tol = 0.6 / 254  # probabilities are stored as round(p * 254)
 
     # one window: tiles as large as the scene give the model's answer on the whole window
@@ -214,7 +217,7 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
 ):
     import flows.infer
 
-    cfg = _config(scenes, tmp_path, tile_px=128, overlap_px=0, quicklook=False)
+    cfg = _config(scenes, tmp_path, tile_px=128, overlap_px=0, quicklook=False, probabilities=True)
     product = infer(cfg, progress=False)
     before = _read(product.classes_url)[0]
 

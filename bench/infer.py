@@ -1,0 +1,290 @@
+"""Batch inference speed and memory: model alone vs the whole pipeline, 1 vs 2 workers,
+peak RSS against scene size.
+
+    python bench/infer.py [--sizes 4096,16384] [--model swinv2_nano_relay] [--tile-px 256]
+
+Synthetic 4-band scene stores (smooth patterns, written by ``ingest.write_scene``) and a
+randomly initialised model saved as training saves one. On the first (smallest) scene, side
+by side in one Ray session: (1) model only: the actor pool on tiles read beforehand and held
+in the object store; (2) the full pipeline (read, predict, stitch, COGs) with 2 workers and
+(3) with 1. Then each size runs alone in a fresh process, sampling the RSS of the driver and
+of the Ray Data workers. Targets: (2) >= 80% of (1); RSS of the largest scene within 1.3x of
+the smallest; 2 workers >= 1.6x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BANDS = ["blue", "green", "red", "nir"]
+CLASSES = [{"index": i, "value": i, "name": f"class{i}", "color_hint": None} for i in range(6)]
+
+
+def make_store(url: str, size: int) -> str:
+    """A ``size`` x ``size`` 4-band store of smooth, compressible patterns (lazy, chunked)."""
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+    from odc.geo.xr import xr_coords
+
+    from ingest import open_scene, write_scene
+
+    if Path(url, "zarr.json").exists():
+        return open_scene(url).url
+    chunk = 512  # write_scene's default
+
+    def block(block_info=None):
+        (b0, b1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        bands = [np.sin(yy / (60 + 20 * b)) * np.cos(xx / (90 + 10 * b)) for b in range(b0, b1)]
+        return np.round(1000 + 500 * np.stack(bands)).astype(np.float32)
+
+    data = da.map_blocks(
+        block, chunks=((4,), *([(chunk,) * (size // chunk)] * 2)), dtype=np.float32
+    )
+    gbox = GeoBox((size, size), Affine(10, 0, 500000, 0, -10, 4800000), "EPSG:32633")
+    image = xr.DataArray(
+        data,
+        dims=("band", "y", "x"),
+        coords={"band": BANDS, **xr_coords(gbox, crs_coord_name="spatial_ref")},
+        attrs={"source_items": [f"synthetic-{size}"]},
+    )
+    return write_scene(url, image, num_levels=3, chunk_px=chunk).url
+
+
+def make_model(path: str, name: str, window_px: int) -> str:
+    from safetensors.torch import save_file
+
+    from flows.trained import ModelInputs, weights_metadata
+    from relay_models import create_model
+    from relay_models.config import ModelConfig
+
+    config = ModelConfig(name=name, num_classes=len(CLASSES), in_chans=len(BANDS))
+    model = create_model(**config.model_dump(exclude={"pretrained"}))
+    inputs = ModelInputs(
+        bands=BANDS,
+        band_mean=[1000.0] * 4,
+        band_std=[350.0] * 4,
+        classes=CLASSES,
+        window_px=window_px,
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path, metadata=weights_metadata(config, inputs, 0))
+    return path
+
+
+def _rss_kb(pid: int, field: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _data_workers() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::MapWorker") or b"ray::ReadTiles" in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int) -> None:
+    """One pipeline run in this (fresh) process; prints peak RSS as JSON."""
+    import ray
+
+    from flows.infer import InferConfig, infer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    peak = {"workers": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["workers"] = max([peak["workers"], *(_rss_kb(p) for p in _data_workers())])
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = InferConfig(
+            model=model,
+            scene=store,
+            out=out,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            batch_size=batch,
+        )
+        product = infer(cfg, progress=False)
+    done.set()
+    print(
+        json.dumps(
+            {
+                "driver_mb": _rss_kb(os.getpid(), "VmHWM") / 1024,
+                "worker_mb": peak["workers"] / 1024,
+                "seconds": product.seconds,
+                "tiles": product.tiles,
+            }
+        )
+    )
+
+
+def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int) -> dict:
+    """Model-only vs pipeline (2 and 1 workers) tiles/s on one store, one Ray session."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from flows.infer import InferConfig, Predictor, _configure_ray_data, infer, read_tiles
+    from flows.trained import load_trained
+    from ingest import open_scene
+    from relay_models.geometry import tile_grid
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _configure_ray_data()
+    trained = load_trained(model)
+    scene = open_scene(store)
+    tiles = tile_grid(scene.shape(0), tile_px, overlap_px=overlap_px)
+    kw = {
+        "scene": scene.url,
+        "tile_px": tile_px,
+        "factor": trained.factor,
+        "mean": list(trained.inputs.band_mean),
+        "std": list(trained.inputs.band_std),
+    }
+    batches = []
+    for i in range(0, len(tiles), batch):
+        part = tiles[i : i + batch]
+        batches.append(
+            read_tiles(
+                {
+                    "index": list(range(i, i + len(part))),
+                    "oy": [t.origin_yx[0] for t in part],
+                    "ox": [t.origin_yx[1] for t in part],
+                },
+                **kw,
+            )
+        )
+    rows = [{k: v[j] for k, v in b.items()} for b in batches for j in range(len(b["index"]))]
+    pre = ray.data.from_items(rows, override_num_blocks=len(batches)).materialize()
+    t0 = time.perf_counter()
+    n = 0
+    for out in pre.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_url": model, "use_gpu": False},
+        compute=ActorPoolStrategy(size=2),
+        batch_size=batch,
+        num_cpus=1,
+    ).iter_batches(batch_size=None, batch_format="numpy"):
+        n += len(out["index"])
+    model_only = n / (time.perf_counter() - t0)
+    del pre, rows, batches
+    res = {"tiles": len(tiles), "model_only": model_only}
+    with tempfile.TemporaryDirectory() as out:
+        for workers in (2, 1):
+            cfg = InferConfig(
+                model=model,
+                scene=store,
+                out=out,
+                tile_px=tile_px,
+                overlap_px=overlap_px,
+                batch_size=batch,
+                workers=workers,
+            )
+            product = infer(cfg, progress=False)
+            res[f"pipeline_{workers}"] = product.tiles / product.seconds
+    ray.shutdown()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="4096,16384")
+    p.add_argument("--model", default="swinv2_nano_relay")
+    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--overlap-px", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workdir", default=None, help="keep stores here (default: a temp dir)")
+    p.add_argument("--rss-child", nargs=2, metavar=("STORE", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child, args.tile_px, args.overlap_px, args.batch)
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="relaymap-bench-infer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    stores = {s: make_store(str(work / f"scene-{s}.zarr"), s) for s in sizes}
+    model = make_model(str(work / "model.safetensors"), args.model, args.tile_px)
+    print(f"stores written in {time.perf_counter() - t:.0f} s", flush=True)
+    tp = throughput(stores[sizes[0]], model, args.tile_px, args.overlap_px, args.batch)
+    mp = args.tile_px**2 / 1e6
+    print(f"\n{args.model}, {args.tile_px} px tiles, overlap {args.overlap_px}, on {sizes[0]}^2")
+    print(f"{'':<34}{'tiles/s':>9}{'MP/s':>8}{'ratio':>8}")
+    v = tp["model_only"]
+    print(f"{'model only (2 actors, pre-read)':<34}{v:>9.2f}{v * mp:>8.2f}")
+    for w, target in ((2, "vs model only"), (1, "")):
+        v = tp[f"pipeline_{w}"]
+        print(
+            f"{f'pipeline, {w} worker' + ('s' if w > 1 else ''):<34}{v:>9.2f}{v * mp:>8.2f}"
+            f"{v / tp['model_only']:>8.2f}  {target}"
+        )
+    print(f"{'2 workers / 1 worker':<34}{'':>17}{tp['pipeline_2'] / tp['pipeline_1']:>8.2f}")
+    print(f"\n{'scene':<10}{'tiles':>7}{'seconds':>9}{'driver MB':>11}{'worker MB':>11}")
+    rss = {}
+    for s in sizes:
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--rss-child",
+                    stores[s],
+                    model,
+                    "--tile-px",
+                    str(args.tile_px),
+                    "--overlap-px",
+                    str(args.overlap_px),
+                    "--batch",
+                    str(args.batch),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        rss[s] = json.loads(out)
+        r = rss[s]
+        print(
+            f"{f'{s}^2':<10}{r['tiles']:>7}{r['seconds']:>9.1f}{r['driver_mb']:>11.0f}{r['worker_mb']:>11.0f}",
+            flush=True,
+        )
+    lo, hi = rss[sizes[0]], rss[sizes[-1]]
+    print(
+        f"RSS ratio {sizes[-1]}^2 / {sizes[0]}^2: driver {hi['driver_mb'] / lo['driver_mb']:.2f}, "
+        f"worker {hi['worker_mb'] / lo['worker_mb']:.2f} (target <= 1.3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
