@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import click
 
@@ -12,6 +14,7 @@ import click
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """relaymap: land-cover maps from Earth-observation imagery with relay-token transformers."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -94,6 +97,7 @@ def train(config: str, address: str | None) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Model actors.")
 @click.option("--probabilities", is_flag=True, help="Also write the class probability COG.")
+@click.option("--item-id", default=None, help="Map item id (default: <scene>-<model>).")
 @click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
 def infer(
     model: str,
@@ -105,6 +109,7 @@ def infer(
     batch_size: int,
     workers: int,
     probabilities: bool,
+    item_id: str | None,
     address: str | None,
 ) -> None:
     """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item."""
@@ -124,6 +129,7 @@ def infer(
             batch_size=batch_size,
             workers=workers,
             probabilities=probabilities,
+            item_id=item_id,
         )
     except ValidationError as e:
         raise click.BadParameter(str(e)) from None
@@ -139,6 +145,51 @@ def infer(
         f"item: {product.item.id} ({product.item.get_self_href() or 'not registered'}); "
         f"{product.tiles} tiles ({product.skipped} without data) in {product.seconds:.1f} s"
     )
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+def pipeline(config: str) -> None:
+    """Run mapping_pipeline with the parameters in CONFIG (YAML; see flows.pipeline)."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import PipelineParams, mapping_pipeline
+
+    try:
+        params = PipelineParams.from_yaml(config)
+    except (ValidationError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="CONFIG") from None
+    click.echo(json.dumps(mapping_pipeline(params), indent=1, default=str))
+
+
+@main.command()
+@click.option("--workdir", default="relaymap-demo", show_default=True, help="Local folder.")
+@click.option("--out", default=None, help="Where maps go (default: WORKDIR/maps; s3://...).")
+@click.option("--steps", default=300, show_default=True, help="Training steps.")
+def demo(workdir: str, out: str | None, steps: int) -> None:
+    """Sample scenes -> local STAC API -> ingest -> train -> map -> COGs + STAC, locally."""
+    import time
+
+    from flows.demo import run_demo
+
+    t0 = time.perf_counter()
+    res = run_demo(workdir, out_url=out, steps=steps)
+    p = res.pipeline
+    click.echo(f"\nrelaymap demo done in {time.perf_counter() - t0:.0f} s")
+    click.echo(f"  workdir:    {res.workdir}")
+    click.echo(f"  model:      {p['model']}")
+    if "val_miou" in p.get("metrics", {}):
+        click.echo(f"  validation mIoU: {p['metrics']['val_miou']:.3f}")
+    click.echo(f"  mapped:     {', '.join(p['mapped']) or '-'}")
+    if p["skipped"]:
+        click.echo(f"  already mapped (skipped): {', '.join(p['skipped'])}")
+    for scene, err in p["failed"].items():
+        click.echo(f"  FAILED {scene}: {err}")
+    click.echo(f"  catalog:    {res.catalog_url}/catalog.json")
+    for m in res.maps:
+        click.echo(
+            f"  map {m['id']}:\n    COG       {m['classes']}\n    quicklook {m['quicklook']}"
+        )
 
 
 if __name__ == "__main__":

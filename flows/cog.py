@@ -20,6 +20,9 @@ from PIL import Image, ImageDraw
 
 #: Class COG nodata (also ``ingest.labels.IGNORE``).
 NODATA = 255
+#: GDAL block cache for writing products (``rasterio.Env(GDAL_CACHEMAX=...)``): GDAL's
+#: default, 5% of RAM, would fill while building the overviews of a large raster.
+GDAL_CACHE_MB = 256
 #: Probability COG scale: a stored value v means probability v / 254; 255 is nodata.
 PROB_SCALE = 254
 

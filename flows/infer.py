@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 import pystac
+import rasterio
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -40,7 +41,7 @@ from relay_models.config import FrozenConfig
 from relay_models.geometry import Tile, Window, tile_grid, window_pair
 from relay_models.inference import predict_tiles
 
-from .cog import NODATA, PROB_SCALE, StripWriter, palette, quicklook, to_cog
+from .cog import GDAL_CACHE_MB, NODATA, PROB_SCALE, StripWriter, palette, quicklook, to_cog
 from .dataset import band_norm, read_normalised
 from .stitch import RowStitcher
 from .trained import ModelError, TrainedModel, load_trained
@@ -304,7 +305,10 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     gbox = store.geobox(0)
     k = trained.config.num_classes
     skipped = 0
-    with tempfile.TemporaryDirectory(prefix="relaymap-infer-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="relaymap-infer-") as tmp,
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
+    ):
         scratch = Path(tmp)
         writers = {
             "classes": StripWriter(

@@ -74,7 +74,8 @@ class RowStitcher:
         n = upto - self.top
         if n <= 0:
             return
-        probs = self.acc[:, :n] / np.maximum(self.norm[:n], 1e-12)
+        probs = self.acc[:, :n]
+        np.divide(probs, np.maximum(self.norm[:n], 1e-12), out=probs)  # in place: no copy
         self.sink(self.top, probs, self.valid[:n] & (self.norm[:n] > 0))
         rest = self.acc.shape[1] - n
         for buf in (self.acc, self.norm, self.valid):  # shift the strip up by n rows

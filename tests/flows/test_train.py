@@ -183,6 +183,13 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
     item = second.model_item
     assert item.properties["mlm:name"] == "swinv2_nano_relay"
     assert item.properties["relaymap:metrics"]["step"] == 28
+    # inference loads the exported file back, with its input contract (from S3)
+    from flows.trained import load_trained
+
+    loaded = load_trained(second.weights_url)
+    assert loaded.inputs.bands == store.bands and loaded.inputs.window_px == 32
+    assert loaded.inputs.band_mean == store.attrs.band_mean
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in trained.items())
 
 
 @pytest.mark.slow

@@ -1,0 +1,103 @@
+"""Running a relaymap command on an existing Ray cluster through the Ray Jobs API.
+
+The flows call :func:`run_job` when a cluster address is set (``RAY_ADDRESS`` or the
+``address`` parameter, the dashboard URL, e.g. ``http://head:8265``): the entrypoint is the
+relaymap CLI (``python -m flows.cli ...``), the runtime env carries relaymap's packages,
+the command's config files and the object-store credentials; logs are streamed to the
+caller while the job runs, and a failed job raises :class:`RayJobError` with its error.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+#: relaymap's top-level packages, shipped to the cluster as ``py_modules``.
+PACKAGES = ("relay_models", "ingest", "catalog", "flows")
+#: Environment variables forwarded to the job (object storage, GDAL, relaymap settings).
+FORWARD = ("AWS_", "GDAL_", "RELAYMAP_")
+
+
+class RayJobError(RuntimeError):
+    """A Ray job failed or was stopped; the message carries the job's error and log tail."""
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The Jobs API address to submit to: ``address``, else ``RAY_ADDRESS`` when it is an
+    ``http(s)://`` dashboard URL; None means run in-process on local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        return address
+    return None
+
+
+def runtime_env(files: Mapping[str, str], working_dir: str) -> dict:
+    """The job's runtime env: ``files`` written into ``working_dir`` (uploaded as the job's
+    working directory), relaymap's packages as ``py_modules``, forwarded environment."""
+    root = Path(__file__).resolve().parents[1]
+    for name, text in files.items():
+        Path(working_dir, name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD)}
+    return {
+        "working_dir": working_dir,
+        "py_modules": [str(root / p) for p in PACKAGES],
+        "env_vars": env,
+    }
+
+
+def run_job(
+    address: str,
+    args: Sequence[str],
+    *,
+    files: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+) -> str:
+    """Submit ``relaymap ARGS`` as a Ray job, stream its log lines to ``log``, wait for it.
+
+    Args:
+        address: the cluster's Jobs API (dashboard) URL.
+        args: CLI arguments after ``relaymap``, e.g. ``["train", "run.yaml"]``.
+        files: config files the command reads, ``{name: text}``, put in its working dir.
+        log: receives each log line as it arrives.
+        timeout_s: stop the job and fail after this long.
+
+    Returns:
+        The job's submission id.
+
+    Raises:
+        RayJobError: the job failed, was stopped, or timed out.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entrypoint = "python -m flows.cli " + shlex.join(args)
+    with tempfile.TemporaryDirectory(prefix="relaymap-job-") as wd:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(files or {}, wd))
+    log(f"submitted Ray job {job_id} to {address}: relaymap {shlex.join(args)}")
+    seen = 0
+    start = time.monotonic()
+    while True:
+        status = client.get_job_status(job_id)
+        text = client.get_job_logs(job_id)
+        for line in text[seen:].splitlines():
+            log(line)
+        seen = len(text)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            client.stop_job(job_id)
+            raise RayJobError(f"Ray job {job_id} timed out after {timeout_s:.0f} s; stopped it")
+        time.sleep(poll_s)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise RayJobError(
+            f"Ray job {job_id} ({entrypoint}) {status.value.lower()}: {info.message}\n{tail}"
+        )
+    return job_id

@@ -1,0 +1,459 @@
+"""Prefect flows: STAC -> scene stores -> model -> maps -> STAC, retried, idempotent.
+
+* :func:`ingest_flow`: search a STAC API, write one scene store per item;
+* :func:`train_flow`: a training run (:mod:`flows.train`);
+* :func:`infer_flow`: map scene stores, register the map items (:mod:`flows.infer`);
+* :func:`mapping_pipeline`: AOI + dates -> the scenes not mapped yet -> maps -> STAC,
+  training a model first when asked to.
+
+Tasks retry transient failures (network, S3, STAC API) with backoff and fail fast on bad
+input. Reruns are cheap: finished stores are kept (``write_scene`` is a no-op on them), map
+items are upserted by id, and the pipeline skips scenes whose map item exists. Heavy steps
+run on Ray: in-process on local Ray by default, or as Ray jobs (:mod:`flows.jobs`) when a
+cluster address (``RAY_ADDRESS`` or ``address``, the dashboard URL) is set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pystac
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.tasks import exponential_backoff
+from pydantic import Field, model_validator
+
+from catalog import ItemNotFound, open_catalog
+from catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url, read_bytes
+from ingest import StacApiError, ingest_items, search
+from relay_models.config import FrozenConfig, ModelConfig
+
+from .infer import InferConfig
+from .jobs import cluster_address, run_job
+from .train import DataConfig, OptimConfig, OutputConfig, RunConfig, TrainConfig
+
+#: Failures worth retrying: the network, object storage, a STAC API.
+TRANSIENT = (StacApiError, StorageError, ConnectionError, TimeoutError, *TRANSPORT_ERRORS)
+RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=1)}
+
+
+def _transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only transient errors, never bad input."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+retrying = {**RETRIES, "retry_condition_fn": _transient}
+
+
+# ---------------------------------------------------------------- parameters
+
+
+class SceneQuery(FrozenConfig):
+    """Which imagery: a STAC API search."""
+
+    stac_api: str
+    collections: list[str] = Field(min_length=1)
+    #: ``[minlon, minlat, maxlon, maxlat]`` (WGS84).
+    bbox: tuple[float, float, float, float] | None = None
+    #: RFC 3339 interval, e.g. ``2024-06-01/2024-06-30``.
+    datetime: str | None = None
+    #: Instead of ``datetime``: the last N days up to now (scheduled runs).
+    lookback_days: int | None = Field(default=None, ge=1)
+    max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
+    bands: list[str] = Field(default=["blue", "green", "red", "nir"], min_length=1)
+
+    @model_validator(mode="after")
+    def _one_time_filter(self) -> SceneQuery:
+        if self.datetime and self.lookback_days:
+            raise ValueError("give 'datetime' or 'lookback_days', not both")
+        return self
+
+    def interval(self) -> str | None:
+        """The search's datetime interval."""
+        if not self.lookback_days:
+            return self.datetime
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        start = now - dt.timedelta(days=self.lookback_days)
+        return (
+            f"{start.isoformat().replace('+00:00', 'Z')}/{now.isoformat().replace('+00:00', 'Z')}"
+        )
+
+
+class IngestParams(FrozenConfig):
+    query: SceneQuery
+    #: Scene stores go to ``<stores_url>/<item id>.zarr``.
+    stores_url: str
+    #: Asset with labels (``classification:classes``); none for unlabelled scenes.
+    label_asset: str | None = None
+    #: Only these item ids (default: every item found).
+    item_ids: list[str] | None = None
+
+
+class InferSettings(FrozenConfig):
+    tile_px: int | None = Field(default=None, ge=32)
+    overlap_px: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    workers: int = Field(default=2, ge=1)
+    probabilities: bool = False
+
+
+class InferParams(FrozenConfig):
+    model: str
+    stores: list[str] = Field(min_length=1)
+    out_url: str
+    catalog_url: str | None = None
+    settings: InferSettings = InferSettings()
+    address: str | None = None
+
+
+class TrainParams(FrozenConfig):
+    config: TrainConfig
+    address: str | None = None
+
+
+class TrainSpec(FrozenConfig):
+    """Training inside the pipeline: labelled items of the search, one model."""
+
+    train_items: list[str] = Field(min_length=1)
+    val_items: list[str] = Field(default_factory=list)
+    label_asset: str = "labels"
+    model: str = "swinv2_nano_relay"
+    steps: int = Field(default=200, ge=1)
+    window_px: int = 64
+    batch_size: int = 8
+    #: From-scratch models want more than the paper's fine-tuning 1e-4.
+    lr: float = Field(default=1e-3, gt=0)
+    workers: int = Field(default=2, ge=1)
+    run_name: str = "relaymap-pipeline"
+
+
+class PipelineParams(FrozenConfig):
+    """An AOI and dates to keep mapped with a model (given, or trained first)."""
+
+    query: SceneQuery
+    #: Scene stores go to ``<work_url>/scenes``, training runs to ``<work_url>/runs``.
+    work_url: str
+    #: Map products go to ``<out_url>/<map item id>/``.
+    out_url: str
+    #: Static catalog URL or STAC API for map (and model) items.
+    catalog_url: str
+    #: A trained model (weights or MLM item); or ``train`` to train one first.
+    model: str | None = None
+    train: TrainSpec | None = None
+    infer: InferSettings = InferSettings()
+    collection: str = "relaymap-maps"
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> PipelineParams:
+        if (self.model is None) == (self.train is None):
+            raise ValueError("give exactly one of 'model' (a trained model) or 'train'")
+        return self
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@task(**retrying, persist_result=True)
+def search_scenes(query: SceneQuery) -> list[dict]:
+    """The query's items (as dicts: small, persistable)."""
+    items = search(
+        query.stac_api,
+        collections=query.collections,
+        bbox=query.bbox,
+        datetime=query.interval(),
+        max_cloud_cover=query.max_cloud_cover,
+        require_assets=query.bands,
+    )
+    get_run_logger().info("%d scenes match on %s", len(items), query.stac_api)
+    return [it.to_dict() for it in items]
+
+
+@task(**retrying, persist_result=True, task_run_name="ingest {item[id]}")
+def ingest_scene(item: dict, stores_url: str, bands: list[str], label_asset: str | None) -> str:
+    """One item to its scene store (a no-op when the store is complete); the store URL."""
+    it = pystac.Item.from_dict(item)
+    url = join(normalize_url(stores_url), f"{it.id}.zarr")
+    store = ingest_items([it], url, bands, label_asset=label_asset)
+    get_run_logger().info("scene %s -> %s", it.id, store.url)
+    return store.url
+
+
+@task(**retrying, persist_result=True)
+def train_task(config: TrainConfig, address: str | None = None) -> dict:
+    """Train (or resume) locally on Ray, or as a Ray job on a cluster; the model's URLs."""
+    logger = get_run_logger()
+    jobs = cluster_address(address)
+    if jobs:
+        files = {"train.yaml": yaml.safe_dump(config.model_dump(mode="json"))}
+        run_job(jobs, ["train", "train.yaml"], files=files, log=logger.info)
+        return _model_urls(config, metrics=None)
+    from .train import train
+
+    result = train(config, address=address)
+    logger.info("trained %s: %s", config.run.name, result.metrics)
+    return _model_urls(config, metrics=result.metrics)
+
+
+def _model_urls(config: TrainConfig, metrics: dict | None) -> dict:
+    """Where a finished run's weights and MLM item are (the item when a catalog is set)."""
+    item_url = None
+    if config.output.catalog_url:
+        catalog = open_catalog(config.output.catalog_url)
+        item = catalog.get_item(config.output.collection, config.run.name)
+        item_url = item.get_self_href()
+        metrics = metrics or item.properties.get("relaymap:metrics", {})
+    metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+    return {"weights": config.weights_url, "item": item_url, "metrics": metrics}
+
+
+@task(**retrying, task_run_name="map {config.scene}")
+def infer_task(config: InferConfig, address: str | None = None) -> str:
+    """Map one scene; the map item's id."""
+    logger = get_run_logger()
+    jobs = cluster_address(address)
+    if jobs:
+        args = ["infer", "--model", config.model, "--scene", config.scene, "--out", config.out]
+        for flag, value in (
+            ("--catalog", config.catalog),
+            ("--tile-px", config.tile_px),
+            ("--overlap-px", config.overlap_px),
+            ("--batch-size", config.batch_size),
+            ("--workers", config.workers),
+            ("--item-id", config.item_id),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        if config.probabilities:
+            args.append("--probabilities")
+        run_job(jobs, args, log=logger.info)
+        return config.item_id or ""
+    from .infer import infer
+
+    product = infer(config, address=address, progress=False)
+    logger.info(
+        "mapped %s: %d tiles in %.1f s -> %s",
+        config.scene,
+        product.tiles,
+        product.seconds,
+        product.classes_url,
+    )
+    return product.item.id
+
+
+def _gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Results by key, and the error of each key whose task failed (others go on)."""
+    done, failed = {}, {}
+    for key, fut in futures.items():
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            done[key] = state.result()
+        else:
+            failed[key] = _message(state)
+    return done, failed
+
+
+def _message(state) -> str:
+    try:
+        state.result()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return state.message or state.name
+
+
+# ---------------------------------------------------------------- flows
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(params: IngestParams) -> dict:
+    """Search, then one store per item; a scene that fails does not stop the others.
+
+    Returns ``{"stores": {item id: store url}, "failed": {item id: error}}``.
+    """
+    items = search_scenes(params.query)
+    if params.item_ids is not None:
+        wanted = set(params.item_ids)
+        items = [it for it in items if it["id"] in wanted]
+        missing = wanted - {it["id"] for it in items}
+        if missing:
+            raise ValueError(f"items {sorted(missing)} are not in the search results")
+    futures = {
+        it["id"]: ingest_scene.submit(it, params.stores_url, params.query.bands, params.label_asset)
+        for it in items
+    }
+    stores, failed = _gather(futures)
+    logger = get_run_logger()
+    for item_id, err in failed.items():
+        logger.error("scene %s failed to ingest: %s", item_id, err)
+    if not stores:
+        raise RuntimeError(f"no scene could be ingested: {json.dumps(failed)}")
+    return {"stores": stores, "failed": failed}
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: TrainParams) -> dict:
+    """Train (or resume) one run; returns ``{"weights", "item", "metrics"}``."""
+    return train_task(params.config, params.address)
+
+
+@flow(name="infer", log_prints=True)
+def infer_flow(params: InferParams) -> dict:
+    """Map every store; a scene that fails does not stop the others.
+
+    Returns ``{"items": {store: map item id}, "failed": {store: error}}``.
+    """
+    futures = {}
+    for store in params.stores:
+        cfg = _infer_config(
+            params.model, store, params.out_url, params.catalog_url, params.settings
+        )
+        # one scene at a time: each uses every Ray worker
+        futures[store] = infer_task.submit(cfg, params.address)
+        futures[store].wait()
+    items, failed = _gather(futures)
+    if not items:
+        raise RuntimeError(f"no scene could be mapped: {json.dumps(failed)}")
+    return {"items": items, "failed": failed}
+
+
+def _infer_config(
+    model: str,
+    store: str,
+    out_url: str,
+    catalog_url: str | None,
+    settings: InferSettings,
+    collection: str = "relaymap-maps",
+    item_id: str | None = None,
+) -> InferConfig:
+    return InferConfig(
+        model=model,
+        scene=store,
+        out=out_url,
+        catalog=catalog_url,
+        collection=collection,
+        item_id=item_id,
+        **settings.model_dump(),
+    )
+
+
+def map_item_id(item_id: str, model_name: str) -> str:
+    """The map item id of a scene and a model (stable: reruns replace, never duplicate)."""
+    return f"{item_id}-{model_name}"
+
+
+@flow(name="mapping-pipeline", log_prints=True)
+def mapping_pipeline(params: PipelineParams) -> dict:
+    """AOI + dates -> scenes not mapped yet -> (train) -> maps -> STAC.
+
+    Returns what it did: ``{"model", "metrics", "mapped", "skipped", "failed"}``.
+    """
+    logger = get_run_logger()
+    stores_url = join(normalize_url(params.work_url), "scenes")
+    items = search_scenes(params.query)
+    train_ids = set(params.train.train_items) if params.train else set()
+    result: dict[str, Any] = {"failed": {}}
+    if params.train is not None:
+        spec = params.train
+        labelled = ingest_flow(
+            IngestParams(
+                query=params.query,
+                stores_url=stores_url,
+                label_asset=spec.label_asset,
+                item_ids=spec.train_items + spec.val_items,
+            )
+        )
+        if labelled["failed"]:
+            raise RuntimeError(f"training scenes failed to ingest: {labelled['failed']}")
+        stores = labelled["stores"]
+        config = _train_config(params, spec, stores)
+        trained = train_task(config, params.address)
+        model, model_name = trained["item"] or trained["weights"], spec.run_name
+        result["metrics"] = trained["metrics"]
+    else:
+        model = params.model
+        model_name = _model_name(model)
+    result["model"] = model
+    catalog = open_catalog(params.catalog_url)
+    todo, skipped = [], []
+    for it in items:
+        if it["id"] in train_ids:
+            continue
+        try:
+            catalog.get_item(params.collection, map_item_id(it["id"], model_name))
+            skipped.append(it["id"])
+        except ItemNotFound:
+            todo.append(it)
+    logger.info("%d scenes to map, %d already mapped", len(todo), len(skipped))
+    result["skipped"] = skipped
+    result["mapped"] = {}
+    if not todo:
+        return result
+    futures = {
+        it["id"]: ingest_scene.submit(it, stores_url, params.query.bands, None) for it in todo
+    }
+    stores, failed = _gather(futures)
+    result["failed"].update(failed)
+    for item_id, store in stores.items():
+        cfg = _infer_config(
+            model,
+            store,
+            params.out_url,
+            params.catalog_url,
+            params.infer,
+            params.collection,
+            map_item_id(item_id, model_name),
+        )
+        fut = infer_task.submit(cfg, params.address)
+        mapped, err = _gather({item_id: fut})
+        result["mapped"].update(mapped)
+        result["failed"].update(err)
+    for item_id, err in result["failed"].items():
+        logger.error("scene %s failed: %s", item_id, err)
+    return result
+
+
+def _model_name(model: str) -> str:
+    """A model's name for map ids: its MLM item id, else the weights file's stem."""
+    if model.endswith(".json"):
+        return json.loads(read_bytes(normalize_url(model)))["id"]
+    return model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _train_config(params: PipelineParams, spec: TrainSpec, stores: dict[str, str]) -> TrainConfig:
+    from ingest import open_scene
+
+    store = open_scene(stores[spec.train_items[0]])
+    return TrainConfig(
+        model=ModelConfig(
+            name=spec.model, num_classes=len(store.attrs.classes), in_chans=len(store.bands)
+        ),
+        data=DataConfig(
+            train=[stores[i] for i in spec.train_items],
+            val=[stores[i] for i in spec.val_items],
+            window_px=spec.window_px,
+        ),
+        optim=OptimConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr),
+        run=RunConfig(
+            name=spec.run_name,
+            storage_url=join(normalize_url(params.work_url), "runs"),
+            num_workers=spec.workers,
+            checkpoint_every=max(spec.steps // 4, 1),
+            val_every=max(spec.steps // 4, 1),
+            log_every=max(spec.steps // 10, 1),
+        ),
+        output=OutputConfig(catalog_url=params.catalog_url),
+    )
+
+
+def run_pipeline(params: PipelineParams | dict) -> dict:
+    """Validate ``params`` (a clear error naming the bad field), then run the pipeline."""
+    return mapping_pipeline(PipelineParams.model_validate(params))

@@ -1,0 +1,114 @@
+"""Deployments as users run them: a real ``prefect server``, ``prefect deploy`` of
+prefect.yaml, a process worker, a triggered run; and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import rasterio
+
+from catalog import StaticCatalog, serve_stac
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prefect(args, env, cwd=ROOT, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample_local):
+    from tests.services import _stop, prefect_server
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    with prefect_server(home) as env:
+        env = {**env, "RELAYMAP_WORKDIR": str(work)}
+        made = _prefect(["work-pool", "create", "relaymap-process", "--type", "process"], env)
+        assert made.returncode == 0, made.stdout + made.stderr
+        deployed = _prefect(["--no-prompt", "deploy", "--all"], env)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        listed = _prefect(["deployment", "ls"], env).stdout
+        for name in ("ingest/ingest", "train/train", "infer/infer", "monthly-example-aoi"):
+            assert name in listed, listed
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "relaymap-process"],
+            env={**os.environ, **env},
+            cwd=work,
+            start_new_session=True,
+            stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            with serve_stac([sample_local]) as api:
+                params = {
+                    "params": {
+                        "query": {"stac_api": api, "collections": [sample_local.id]},
+                        "stores_url": str(tmp_path / "stores"),
+                    }
+                }
+                run = _prefect(
+                    [
+                        "deployment",
+                        "run",
+                        "ingest/ingest",
+                        "--params",
+                        json.dumps(params),
+                        "--watch",
+                        "--watch-timeout",
+                        "240",
+                    ],
+                    env,
+                    timeout=300,
+                )
+            log = (tmp_path / "worker.log").read_text()
+            assert run.returncode == 0, run.stdout + run.stderr + log
+            assert "Completed" in run.stdout
+        finally:
+            _stop(worker)
+    stores = sorted(p.name for p in (tmp_path / "stores").iterdir())
+    assert stores == [
+        f"{it.id}.zarr" for it in sorted(sample_local.get_items(), key=lambda i: i.id)
+    ]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """``relaymap demo`` in a fresh process (Prefect's ephemeral API, local Ray)."""
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        ["relaymap", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "20"],
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "relaymap demo done" in res.stdout and "validation mIoU" in res.stdout
+    catalog = StaticCatalog(str(tmp_path / "demo" / "catalog"))
+    maps = catalog.search(collections=["relaymap-maps"])
+    assert len(maps) == 2  # the two held-out scenes
+    for item in maps:
+        with rasterio.open(item.assets["classes"].href) as src:
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert src.overviews(1) == [2]  # 640 px scenes, 512 px COG tiles
+        png = Path(item.assets["overview"].href.removeprefix("file://"))
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        assert any(ln.rel == "derived_from" and "model" in (ln.title or "") for ln in item.links)
+    assert catalog.search(collections=["relaymap-models"])
+    print(f"demo took {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,183 @@
+"""Prefect flows on a real (ephemeral, SQLite) Prefect API: partial failures, retries,
+idempotent reruns, parameter validation, and Ray jobs on a real ``ray start`` cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+from prefect.testing.utilities import prefect_test_harness
+
+from catalog import StaticCatalog, serve_stac
+from catalog.server import free_port
+from catalog.storage import filesystem
+from flows.jobs import RayJobError, run_job
+from flows.pipeline import (
+    InferParams,
+    IngestParams,
+    SceneQuery,
+    TrainParams,
+    infer_flow,
+    ingest_flow,
+    train_flow,
+)
+from flows.train import DataConfig, TrainConfig
+from ingest import StacApiError, make_sample_scenes
+from relay_models.config import ModelConfig
+
+from .conftest import BANDS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    """A real Prefect API (the ephemeral server on a temporary SQLite database)."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+@pytest.mark.slow
+def test_ingest_flow_keeps_going_past_a_corrupt_scene_and_reruns_idempotently(tmp_path):
+    col = make_sample_scenes(str(tmp_path / "sample"), n_scenes=3, size_px=128, feature_px=32)
+    items = sorted(col.get_items(), key=lambda i: i.id)
+    bad = items[1]
+    for asset in bad.assets.values():  # a broken upload: every raster of one scene is junk
+        if asset.href.endswith(".tif"):
+            Path(asset.href.removeprefix("file://")).write_bytes(b"II*\x00 truncated")
+    stores = str(tmp_path / "stores")
+    with serve_stac([col]) as api:
+        params = IngestParams(
+            query=SceneQuery(stac_api=api, collections=[col.id], bands=BANDS),
+            stores_url=stores,
+            label_asset="labels",
+        )
+        result = ingest_flow(params)
+        assert sorted(result["stores"]) == [items[0].id, items[2].id]
+        assert list(result["failed"]) == [bad.id]
+        assert "CorruptRasterError" in result["failed"][bad.id]
+        assert not (tmp_path / "stores" / f"{bad.id}.zarr").exists()  # nothing half-written
+        mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stores").rglob("zarr.json")}
+        again = ingest_flow(params)  # rerun: finished stores are kept as they are
+    assert again["stores"] == result["stores"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "stores").rglob("zarr.json")} == mtimes
+
+
+def test_stac_api_down_is_retried_then_fails_with_a_clear_error(tmp_path):
+    params = IngestParams(
+        query=SceneQuery(stac_api=f"http://127.0.0.1:{free_port()}", collections=["x"]),
+        stores_url=str(tmp_path / "stores"),
+    )
+    state = ingest_flow(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StacApiError, match=r"cannot reach the STAC API at http://127\.0\.0\.1"):
+        state.result()
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.run_count for r in runs] == [4]  # the first try and 3 retries
+
+
+def test_bad_parameters_fail_at_flow_start_naming_the_field(tmp_path):
+    with pytest.raises(ParameterTypeError, match="collections"):
+        ingest_flow({"query": {"stac_api": "http://x", "collections": []}, "stores_url": "y"})
+    with pytest.raises(ParameterTypeError, match="window_px"):
+        train_flow(
+            {"config": {"model": {"num_classes": 2}, "data": {"train": ["a"], "window_px": 50}}}
+        )
+
+
+@pytest.mark.slow
+def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
+    ray_local, scenes, s3, monkeypatch
+):
+    """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
+    behind a TCP proxy that is cut); the task retries once the endpoint is back."""
+    import flows.infer
+    from tests.services import TcpProxy
+
+    proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    real_to_cog, attempts = flows.infer.to_cog, []
+
+    def to_cog(*a, **kw):
+        attempts.append(1)
+        if len(attempts) == 1:
+            proxy.cut()  # the endpoint dies while this attempt is still running
+        else:
+            proxy.restore()
+        return real_to_cog(*a, **kw)
+
+    monkeypatch.setattr(flows.infer, "to_cog", to_cog)
+    out, catalog = "s3://relaymap-test/flaky-maps", "s3://relaymap-test/flaky-catalog"
+    params = InferParams(
+        model=scenes["model"], stores=[scenes["stores"][1]], out_url=out, catalog_url=catalog
+    )
+    state = infer_flow(params, return_state=True)
+    proxy.cut()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert list(result["items"].values()) == ["sample-01-swinv2_nano_relay"]
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.run_count for r in runs] == [2]
+    fs, path = filesystem(out)
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
+    assert names == ["classes.tif", "quicklook.png"]  # no temporary or partial objects
+    assert [i.id for i in StaticCatalog(catalog).items("relaymap-maps")] == [
+        "sample-01-swinv2_nano_relay"
+    ]
+
+
+# ---------------------------------------------------------------- Ray jobs
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from tests.services import ray_head
+
+    with ray_head(num_cpus=2) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_a_ray_job_runs_relaymap_and_streams_its_logs(ray_cluster):
+    lines: list[str] = []
+    job_id = run_job(ray_cluster, ["models", "swinv2_nano*"], log=lines.append)
+    assert job_id.startswith("raysubmit_")
+    assert any(line.startswith("swinv2_nano_relay") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_a_failed_ray_job_fails_the_prefect_task_with_the_jobs_error(ray_cluster, tmp_path):
+    config = TrainConfig(
+        model=ModelConfig(num_classes=2, in_chans=4),
+        data=DataConfig(train=[str(tmp_path / "missing.zarr")]),
+    )
+    state = train_flow(TrainParams(config=config, address=ray_cluster), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RayJobError, match=r"no scene store at .*missing\.zarr"):
+        state.result()
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.run_count for r in runs] == [1]  # bad input is not retried
+
+
+def test_cluster_address_picks_the_jobs_api_only(monkeypatch):
+    from flows.jobs import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None
+    assert cluster_address("http://head:8265") == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address: Ray Client, not Jobs
+    assert cluster_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "https://ray.example.org")
+    assert cluster_address(None) == "https://ray.example.org"
