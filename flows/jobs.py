@@ -78,7 +78,16 @@ def run_job(
     client = JobSubmissionClient(address)
     entrypoint = "python -m flows.cli " + shlex.join(args)
     with tempfile.TemporaryDirectory(prefix="relaymap-job-") as wd:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(files or {}, wd))
+        env = runtime_env(files or {}, wd)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+                break
+            except RuntimeError as e:  # a cluster that just started has no job agent yet
+                if "try again later" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     log(f"submitted Ray job {job_id} to {address}: relaymap {shlex.join(args)}")
     seen = 0
     start = time.monotonic()

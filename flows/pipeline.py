@@ -361,6 +361,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     items = search_scenes(params.query)
     train_ids = set(params.train.train_items) if params.train else set()
     result: dict[str, Any] = {"failed": {}}
+    stores: dict[str, str] = {}  # scenes ingested with labels for training are reused
     if params.train is not None:
         spec = params.train
         labelled = ingest_flow(
@@ -398,11 +399,15 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     if not todo:
         return result
     futures = {
-        it["id"]: ingest_scene.submit(it, stores_url, params.query.bands, None) for it in todo
+        it["id"]: ingest_scene.submit(it, stores_url, params.query.bands, None)
+        for it in todo
+        if it["id"] not in stores
     }
-    stores, failed = _gather(futures)
+    ingested, failed = _gather(futures)
     result["failed"].update(failed)
-    for item_id, store in stores.items():
+    to_map = {it["id"]: stores[it["id"]] for it in todo if it["id"] in stores}
+    to_map.update(ingested)
+    for item_id, store in sorted(to_map.items()):
         cfg = _infer_config(
             model,
             store,

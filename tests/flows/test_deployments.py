@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _prefect(args, env, cwd=ROOT, timeout=180):
     return subprocess.run(
         [sys.executable, "-m", "prefect", *args],
-        env={**os.environ, **env},
+        env={**os.environ, **env, "COLUMNS": "250"},
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -44,7 +44,7 @@ def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample
         deployed = _prefect(["--no-prompt", "deploy", "--all"], env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         listed = _prefect(["deployment", "ls"], env).stdout
-        for name in ("ingest/ingest", "train/train", "infer/infer", "monthly-example-aoi"):
+        for name in ("ingest/ingest", "train/train", "infer/infer", "mapping-pipeline/monthly"):
             assert name in listed, listed
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "relaymap-process"],
