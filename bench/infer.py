@@ -165,6 +165,7 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     tiles = tile_grid(scene.shape(0), tile_px, overlap_px=overlap_px)
     kw = {
         "scene": scene.url,
+        "fingerprint": scene.attrs.fingerprint,
         "tile_px": tile_px,
         "factor": trained.factor,
         "mean": list(trained.inputs.band_mean),

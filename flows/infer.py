@@ -124,7 +124,8 @@ def check_scene(store: SceneStore, trained: TrainedModel) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _store(url: str) -> SceneStore:
+def _store(url: str, fingerprint: str) -> SceneStore:
+    """Stores opened once per worker process; the fingerprint tells a rewritten store apart."""
     return open_scene(url)
 
 
@@ -133,7 +134,7 @@ class _Region:
     tiles share chunks, so each chunk is read and decompressed once per batch, not per tile."""
 
     def __init__(self, store: SceneStore, windows: Sequence[Window], out_px: int) -> None:
-        self.store, self.attrs = store, store.attrs
+        self.attrs = store.attrs
         self.boxes: dict[int, tuple[tuple[int, int, int, int], np.ndarray]] = {}
         by_level: dict[int, list[tuple[int, int, int, int]]] = {}
         for win in windows:
@@ -153,6 +154,7 @@ def read_tiles(
     batch: dict[str, np.ndarray],
     *,
     scene: str,
+    fingerprint: str,
     tile_px: int,
     factor: int | None,
     mean: Sequence[float],
@@ -166,7 +168,7 @@ def read_tiles(
     ]
     locals_ = [Window(c, float(tile_px)) for c in centres]
     globals_ = [window_pair(c, tile_px, factor=factor).global_ for c in centres] if factor else []
-    region = _Region(_store(scene), locals_ + globals_, tile_px)
+    region = _Region(_store(scene, fingerprint), locals_ + globals_, tile_px)
     local, valid = zip(
         *(read_normalised(region, w, tile_px, norm)[:2] for w in locals_), strict=True
     )
@@ -244,6 +246,7 @@ def predict_scene(
             batch_size=batch_size,
             fn_kwargs={
                 "scene": store.url,
+                "fingerprint": store.attrs.fingerprint,
                 "tile_px": tiles[0].tile_px,
                 "factor": factor,
                 "mean": list(mean),
