@@ -1,6 +1,7 @@
 """Do relay tokens use context? Sliding window vs registers vs decision fusion vs relays.
 
     python bench/context.py [--steps 300] [--scenes 6] [--size-px 512] [--window-px 64]
+                            [--feature-px 128] [--seed 0]
 
 Sample scenes hold classes that look alike up close and differ by their surroundings
 (forest vs park, lake vs river; see ``ingest.sample``). Each model trains from scratch with
@@ -50,6 +51,9 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=6, help="2 of them are held out")
     p.add_argument("--size-px", type=int, default=512)
     p.add_argument("--window-px", type=int, default=64)
+    p.add_argument(
+        "--feature-px", type=int, default=None, help="park/forest/river size (default 2x window)"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +64,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        urls = make_stores(Path(tmp), args.scenes, args.size_px, args.window_px, args.seed)
+        feature_px = args.feature_px or 2 * args.window_px
+        urls = make_stores(Path(tmp), args.scenes, args.size_px, feature_px, args.seed)
         train_urls, val_urls = urls[:-2], urls[-2:]
         for name in args.models.split(","):
             t0 = time.perf_counter()
@@ -87,8 +92,9 @@ def main() -> None:
     ray.shutdown()
     print(
         f"# {args.steps} steps x batch {args.batch} x 2 workers, lr {args.lr}, local "
-        f"{args.window_px} px + global {4 * args.window_px}↓4, {args.scenes - 2} training "
-        f"/ 2 held-out {args.size_px} px scenes, seed {args.seed}"
+        f"{args.window_px} px + global {4 * args.window_px}↓4, features "
+        f"{args.feature_px or 2 * args.window_px} px, {args.scenes - 2} training / 2 held-out "
+        f"{args.size_px} px scenes, seed {args.seed}"
     )
     head = "".join(f"{n[:8]:>9}" for n in names)
     print(f"{'model':<24}{'mIoU':>7}{'context':>9}{head}{'minutes':>9}")

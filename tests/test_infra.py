@@ -122,3 +122,18 @@ def test_prefect_yaml_deploys_every_flow_from_the_package():
         from flows.pipeline import PipelineParams
 
         PipelineParams.model_validate(d["parameters"]["params"])
+
+
+def _readme_yaml(first_line: str) -> dict:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if b.startswith(first_line)]
+    return yaml.safe_load(block)
+
+
+def test_the_readme_configs_validate():
+    from flows.pipeline import PipelineParams
+    from flows.train import TrainConfig
+
+    PipelineParams.model_validate(_readme_yaml("# my-aoi.yaml"))
+    TrainConfig.model_validate(_readme_yaml("# run.yaml"))
