@@ -277,6 +277,19 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
         f"--dashboard-port={dash}",
         f"--num-cpus={num_cpus}",
         f"--temp-dir={tmp}",
+        # every fixed-default port free too: a local ray.init() cluster may hold the defaults
+        *(
+            f"--{name}-port={free_port()}"
+            for name in (
+                "dashboard-agent-listen",
+                "dashboard-agent-grpc",
+                "metrics-export",
+                "runtime-env-agent",
+                "ray-client-server",
+                "node-manager",
+                "object-manager",
+            )
+        ),
         "--disable-usage-stats",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
