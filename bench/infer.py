@@ -117,12 +117,15 @@ def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int)
     from flows.infer import InferConfig, infer
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    peak = {"workers": 0}
+    peak = {"workers": 0, "workers_private": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak["workers"] = max([peak["workers"], *(_rss_kb(p) for p in _data_workers())])
+            pids = _data_workers()
+            peak["workers"] = max([peak["workers"], *(_rss_kb(p) for p in pids)])
+            private = (_rss_kb(p, "RssAnon") for p in pids)  # without object-store pages
+            peak["workers_private"] = max([peak["workers_private"], *private])
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -142,6 +145,7 @@ def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int)
             {
                 "driver_mb": _rss_kb(os.getpid(), "VmHWM") / 1024,
                 "worker_mb": peak["workers"] / 1024,
+                "worker_private_mb": peak["workers_private"] / 1024,
                 "seconds": product.seconds,
                 "tiles": product.tiles,
             }
@@ -221,6 +225,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="4096,16384", help="scene sides for the RSS runs")
     p.add_argument("--speed-size", type=int, default=8192, help="scene side for throughput")
+    p.add_argument("--skip-speed", action="store_true", help="only the RSS runs")
     p.add_argument("--model", default="swinv2_nano_relay")
     p.add_argument("--tile-px", type=int, default=256)
     p.add_argument("--overlap-px", type=int, default=32)
@@ -235,24 +240,27 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="relaymap-bench-infer-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    stores = {s: make_store(str(work / f"scene-{s}.zarr"), s) for s in {*sizes, args.speed_size}}
+    speed = [] if args.skip_speed else [args.speed_size]
+    stores = {s: make_store(str(work / f"scene-{s}.zarr"), s) for s in {*sizes, *speed}}
     model = make_model(str(work / "model.safetensors"), args.model, args.tile_px)
     print(f"stores written in {time.perf_counter() - t:.0f} s", flush=True)
-    tp = throughput(stores[args.speed_size], model, args.tile_px, args.overlap_px, args.batch)
-    mp = args.tile_px**2 / 1e6
-    setup = f"{args.model}, {args.tile_px} px tiles, overlap {args.overlap_px}"
-    print(f"\n{setup}, {args.speed_size}^2 scene")
-    print(f"{'':<34}{'tiles/s':>9}{'MP/s':>8}{'ratio':>8}")
-    v = tp["model_only"]
-    print(f"{'model only (2 actors, pre-read)':<34}{v:>9.2f}{v * mp:>8.2f}")
-    for w, target in ((2, "vs model only"), (1, "")):
-        v = tp[f"pipeline_{w}"]
-        print(
-            f"{f'pipeline, {w} worker' + ('s' if w > 1 else ''):<34}{v:>9.2f}{v * mp:>8.2f}"
-            f"{v / tp['model_only']:>8.2f}  {target}"
-        )
-    print(f"{'2 workers / 1 worker':<34}{'':>17}{tp['pipeline_2'] / tp['pipeline_1']:>8.2f}")
-    print(f"\n{'scene':<10}{'tiles':>7}{'seconds':>9}{'driver MB':>11}{'worker MB':>11}")
+    if not args.skip_speed:
+        tp = throughput(stores[args.speed_size], model, args.tile_px, args.overlap_px, args.batch)
+        mp = args.tile_px**2 / 1e6
+        setup = f"{args.model}, {args.tile_px} px tiles, overlap {args.overlap_px}"
+        print(f"\n{setup}, {args.speed_size}^2 scene")
+        print(f"{'':<34}{'tiles/s':>9}{'MP/s':>8}{'ratio':>8}")
+        v = tp["model_only"]
+        print(f"{'model only (2 actors, pre-read)':<34}{v:>9.2f}{v * mp:>8.2f}")
+        for w, target in ((2, "vs model only"), (1, "")):
+            v = tp[f"pipeline_{w}"]
+            print(
+                f"{f'pipeline, {w} worker' + ('s' if w > 1 else ''):<34}{v:>9.2f}{v * mp:>8.2f}"
+                f"{v / tp['model_only']:>8.2f}  {target}"
+            )
+        print(f"{'2 workers / 1 worker':<34}{'':>17}{tp['pipeline_2'] / tp['pipeline_1']:>8.2f}")
+    head = f"{'scene':<10}{'tiles':>7}{'seconds':>9}{'driver MB':>11}{'worker MB':>11}"
+    print(f"\n{head}{'private MB':>12}")
     rss = {}
     for s in sizes:
         out = (
@@ -279,15 +287,19 @@ def main() -> None:
         )
         rss[s] = json.loads(out)
         r = rss[s]
-        print(
-            f"{f'{s}^2':<10}{r['tiles']:>7}{r['seconds']:>9.1f}{r['driver_mb']:>11.0f}{r['worker_mb']:>11.0f}",
-            flush=True,
-        )
+        row = f"{f'{s}^2':<10}{r['tiles']:>7}{r['seconds']:>9.1f}"
+        row += "".join(f"{r[k]:>11.0f}" for k in ("driver_mb", "worker_mb"))
+        print(f"{row}{r['worker_private_mb']:>12.0f}", flush=True)
     lo, hi = rss[sizes[0]], rss[sizes[-1]]
-    print(
-        f"RSS ratio {sizes[-1]}^2 / {sizes[0]}^2: driver {hi['driver_mb'] / lo['driver_mb']:.2f}, "
-        f"worker {hi['worker_mb'] / lo['worker_mb']:.2f} (target <= 1.3)"
+    ratios = ", ".join(
+        f"{label} {hi[k] / lo[k]:.2f}"
+        for label, k in (
+            ("driver", "driver_mb"),
+            ("worker", "worker_mb"),
+            ("worker private", "worker_private_mb"),
+        )
     )
+    print(f"RSS ratio {sizes[-1]}^2 / {sizes[0]}^2: {ratios} (target <= 1.3)")
 
 
 if __name__ == "__main__":

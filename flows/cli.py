@@ -92,6 +92,7 @@ def train(config: str, address: str | None) -> None:
 @click.option("--scene", required=True, help="Scene store URL (file://, s3://, or a path).")
 @click.option("--out", required=True, help="Output prefix; products go to OUT/<item id>/.")
 @click.option("--catalog", default=None, help="Static catalog URL or STAC API to register in.")
+@click.option("--collection", default="relaymap-maps", show_default=True, help="Map collection.")
 @click.option("--tile-px", type=int, default=None, help="Tile side (default: training window).")
 @click.option("--overlap-px", type=int, default=None, help="Tile overlap (default: tile/4).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -104,6 +105,7 @@ def infer(
     scene: str,
     out: str,
     catalog: str | None,
+    collection: str,
     tile_px: int | None,
     overlap_px: int | None,
     batch_size: int,
@@ -124,6 +126,7 @@ def infer(
             scene=scene,
             out=out,
             catalog=catalog,
+            collection=collection,
             tile_px=tile_px,
             overlap_px=overlap_px,
             batch_size=batch_size,

@@ -268,9 +268,11 @@ def predict_scene(
 # ---------------------------------------------------------------- the job
 
 
-def _default_item_id(scene_url: str, trained: TrainedModel) -> str:
-    stem = scene_url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    return f"{stem}-{trained.name}"
+def map_item_id(scene: str, model_name: str) -> str:
+    """The map item id of a scene (store URL or item id) and a model: stable, so a rerun
+    replaces the map and never duplicates it."""
+    stem = scene.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+    return f"{stem}-{model_name}"
 
 
 def infer(config: InferConfig, *, address: str | None = None, progress: bool = True) -> MapProduct:
@@ -298,7 +300,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     use_gpu = config.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    item_id = config.item_id or _default_item_id(store.url, trained)
+    item_id = config.item_id or map_item_id(store.url, trained.name)
     prefix = join(normalize_url(config.out), item_id)
     urls = {
         "classes": join(prefix, "classes.tif"),

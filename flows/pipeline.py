@@ -26,13 +26,14 @@ from prefect.tasks import exponential_backoff
 from pydantic import Field, model_validator
 
 from catalog import ItemNotFound, open_catalog
-from catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url, read_bytes
+from catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url
 from ingest import StacApiError, ingest_items, search
 from relay_models.config import FrozenConfig, ModelConfig
 
-from .infer import InferConfig
+from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
 from .train import DataConfig, OptimConfig, OutputConfig, RunConfig, TrainConfig
+from .trained import load_trained
 
 #: Failures worth retrying: the network, object storage, a STAC API.
 TRANSIENT = (StacApiError, StorageError, ConnectionError, TimeoutError, *TRANSPORT_ERRORS)
@@ -224,6 +225,7 @@ def infer_task(config: InferConfig, address: str | None = None) -> str:
         args = ["infer", "--model", config.model, "--scene", config.scene, "--out", config.out]
         for flag, value in (
             ("--catalog", config.catalog),
+            ("--collection", config.collection),
             ("--tile-px", config.tile_px),
             ("--overlap-px", config.overlap_px),
             ("--batch-size", config.batch_size),
@@ -235,10 +237,10 @@ def infer_task(config: InferConfig, address: str | None = None) -> str:
         if config.probabilities:
             args.append("--probabilities")
         run_job(jobs, args, log=logger.info)
-        return config.item_id or ""
+        return config.item_id
     from .infer import infer
 
-    product = infer(config, address=address, progress=False)
+    product = infer(config, address=address, progress=True)
     logger.info(
         "mapped %s: %d tiles in %.1f s -> %s",
         config.scene,
@@ -311,10 +313,16 @@ def infer_flow(params: InferParams) -> dict:
 
     Returns ``{"items": {store: map item id}, "failed": {store: error}}``.
     """
+    name = load_trained(params.model).name
     futures = {}
     for store in params.stores:
         cfg = _infer_config(
-            params.model, store, params.out_url, params.catalog_url, params.settings
+            params.model,
+            store,
+            params.out_url,
+            params.catalog_url,
+            params.settings,
+            item_id=map_item_id(store, name),
         )
         # one scene at a time: each uses every Ray worker
         futures[store] = infer_task.submit(cfg, params.address)
@@ -343,11 +351,6 @@ def _infer_config(
         item_id=item_id,
         **settings.model_dump(),
     )
-
-
-def map_item_id(item_id: str, model_name: str) -> str:
-    """The map item id of a scene and a model (stable: reruns replace, never duplicate)."""
-    return f"{item_id}-{model_name}"
 
 
 @flow(name="mapping-pipeline", log_prints=True)
@@ -381,7 +384,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
         result["metrics"] = trained["metrics"]
     else:
         model = params.model
-        model_name = _model_name(model)
+        model_name = load_trained(model).name
     result["model"] = model
     catalog = open_catalog(params.catalog_url)
     todo, skipped = [], []
@@ -424,13 +427,6 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     for item_id, err in result["failed"].items():
         logger.error("scene %s failed: %s", item_id, err)
     return result
-
-
-def _model_name(model: str) -> str:
-    """A model's name for map ids: its MLM item id, else the weights file's stem."""
-    if model.endswith(".json"):
-        return json.loads(read_bytes(normalize_url(model)))["id"]
-    return model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 def _train_config(params: PipelineParams, spec: TrainSpec, stores: dict[str, str]) -> TrainConfig:

@@ -184,3 +184,26 @@ def test_cluster_address_picks_the_jobs_api_only(monkeypatch):
     assert cluster_address(None) is None
     monkeypatch.setenv("RAY_ADDRESS", "https://ray.example.org")
     assert cluster_address(None) == "https://ray.example.org"
+
+
+@pytest.mark.slow
+def test_infer_flow_maps_through_ray_jobs_on_a_cluster(ray_cluster, scenes, tmp_path):
+    from flows.pipeline import InferSettings
+
+    params = InferParams(
+        model=scenes["model"],
+        stores=[scenes["stores"][1]],
+        out_url=str(tmp_path / "maps"),
+        catalog_url=str(tmp_path / "catalog"),
+        settings=InferSettings(tile_px=128, workers=1),
+        address=ray_cluster,
+    )
+    result = infer_flow(params)
+    assert result == {
+        "items": {scenes["stores"][1]: "sample-01-swinv2_nano_relay"},
+        "failed": {},
+    }
+    item = StaticCatalog(str(tmp_path / "catalog")).get_item(
+        "relaymap-maps", "sample-01-swinv2_nano_relay"
+    )
+    assert Path(item.assets["classes"].href.removeprefix("file://")).is_file()
