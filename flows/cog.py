@@ -3,13 +3,14 @@ COGs (internal tiles, mode overviews, palette), and a PNG quicklook with a legen
 
 Rows arrive from the stitcher top to bottom, so they go into a tiled scratch GeoTIFF; GDAL's
 COG driver then copies it into the final layout (tiles, overviews) without holding the
-raster in memory. Callers upload the results atomically (:func:`catalog.storage.atomic_upload`).
+raster in memory; :func:`publish` uploads each product atomically.
 """
 
 from __future__ import annotations
 
 import colorsys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from PIL import Image, ImageDraw
+
+from catalog.storage import atomic_upload
 
 #: Class COG nodata (also ``ingest.labels.IGNORE``).
 NODATA = 255
@@ -127,3 +130,23 @@ def quicklook(
         draw.rectangle([pad, y + 2, pad + 11, y + 13], fill=colours[int(c["index"])])
         draw.text((pad + 18, y), str(c["name"]), fill=(0, 0, 0, 255))
     out.save(dst, format="PNG")
+
+
+def publish(
+    scratch: Path,
+    urls: Mapping[str, str | None],
+    classes: Sequence[Mapping[str, Any]],
+    *,
+    compress: str = "DEFLATE",
+) -> None:
+    """``scratch/{classes,probabilities}.tif`` -> COGs (and the quicklook) at ``urls``
+    (any storage URL; None: not wanted). Each file appears whole or not at all."""
+    for name in ("probabilities", "classes"):
+        if not urls.get(name):
+            continue
+        with atomic_upload(urls[name], suffix=".tif") as dst:
+            resampling = "MODE" if name == "classes" else "AVERAGE"
+            to_cog(str(scratch / f"{name}.tif"), dst, compress=compress, resampling=resampling)
+            if name == "classes" and urls.get("quicklook"):
+                with atomic_upload(urls["quicklook"], suffix=".png") as png:
+                    quicklook(dst, png, classes)

@@ -35,13 +35,13 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from catalog import map_item, open_catalog
-from catalog.storage import atomic_upload, join, normalize_url
+from catalog.storage import join, normalize_url
 from ingest import SceneStore, StoreError, ingest_items, open_scene
 from relay_models.config import FrozenConfig
 from relay_models.geometry import Tile, Window, tile_grid, window_pair
 from relay_models.inference import predict_tiles
 
-from .cog import GDAL_CACHE_MB, NODATA, PROB_SCALE, StripWriter, palette, quicklook, to_cog
+from .cog import GDAL_CACHE_MB, NODATA, PROB_SCALE, StripWriter, palette, publish
 from .dataset import band_norm, read_normalised
 from .stitch import RowStitcher
 from .trained import ModelError, TrainedModel, load_trained
@@ -364,19 +364,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
             bar.close()
             for wr in writers.values():
                 wr.close()
-        # products: each file appears whole or not at all; the item is written last
-        for name in ("probabilities", "classes"):
-            if urls[name]:
-                with atomic_upload(urls[name], suffix=".tif") as dst:
-                    to_cog(
-                        str(scratch / f"{name}.tif"),
-                        dst,
-                        compress=config.compress,
-                        resampling="MODE" if name == "classes" else "AVERAGE",
-                    )
-                    if name == "classes" and urls["quicklook"]:
-                        with atomic_upload(urls["quicklook"], suffix=".png") as png:
-                            quicklook(dst, png, inputs.classes)
+        publish(scratch, urls, inputs.classes, compress=config.compress)
     item = map_item(
         urls["classes"],
         item_id=item_id,

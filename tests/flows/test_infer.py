@@ -187,7 +187,7 @@ def test_tiled_output_equals_the_model_on_windows(ray_local, tmp_path, scenes):
 def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
     ray_local, tmp_path, scenes, monkeypatch
 ):
-    import flows.infer
+    import flows.cog
 
     cfg = _config(scenes, tmp_path, tile_px=128, overlap_px=0, quicklook=False, probabilities=True)
     product = infer(cfg, progress=False)
@@ -198,7 +198,7 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
             f.write(b"II*\x00partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(flows.infer, "to_cog", crash)
+    monkeypatch.setattr(flows.cog, "to_cog", crash)
     with pytest.raises(OSError, match="disk full"):
         infer(cfg, progress=False)
     np.testing.assert_array_equal(_read(product.classes_url)[0], before)

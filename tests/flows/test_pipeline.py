@@ -103,13 +103,13 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
 ):
     """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
     behind a TCP proxy that is cut); the task retries once the endpoint is back."""
-    import flows.infer
+    import flows.cog
     from tests.services import TcpProxy
 
     proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    real_to_cog, attempts = flows.infer.to_cog, []
+    real_to_cog, attempts = flows.cog.to_cog, []
 
     def to_cog(*a, **kw):
         attempts.append(1)
@@ -119,7 +119,7 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
             proxy.restore()
         return real_to_cog(*a, **kw)
 
-    monkeypatch.setattr(flows.infer, "to_cog", to_cog)
+    monkeypatch.setattr(flows.cog, "to_cog", to_cog)
     out, catalog = "s3://relaymap-test/flaky-maps", "s3://relaymap-test/flaky-catalog"
     params = InferParams(
         model=scenes["model"], stores=[scenes["stores"][1]], out_url=out, catalog_url=catalog
