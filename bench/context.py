@@ -1,7 +1,7 @@
 """Do relay tokens use context? Sliding window vs registers vs decision fusion vs relays.
 
-    python bench/context.py [--steps 300] [--scenes 6] [--size-px 512] [--window-px 64]
-                            [--feature-px 128] [--seed 0]
+    python bench/context.py [--steps 1200] [--scenes 6] [--size-px 512] [--window-px 32]
+                            [--feature-px 64] [--seed 0]
 
 Sample scenes hold classes that look alike up close and differ by their surroundings
 (forest vs park, lake vs river; see ``ingest.sample``). Each model trains from scratch with
@@ -47,10 +47,10 @@ def main() -> None:
     from ingest.sample import CLASSES, CONTEXT_PAIRS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--scenes", type=int, default=6, help="2 of them are held out")
     p.add_argument("--size-px", type=int, default=512)
-    p.add_argument("--window-px", type=int, default=64)
+    p.add_argument("--window-px", type=int, default=32)
     p.add_argument(
         "--feature-px", type=int, default=None, help="park/forest/river size (default 2x window)"
     )
