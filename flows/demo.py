@@ -9,7 +9,6 @@ the held-out scenes -> COGs, quicklooks and STAC items in a static catalog.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from catalog import StaticCatalog, serve_stac
@@ -42,7 +41,7 @@ def run_demo(
     model and existing maps."""
     from .pipeline import PipelineParams, SceneQuery, TrainSpec, mapping_pipeline
 
-    work = normalize_url(str(Path(workdir).resolve()) if "://" not in workdir else workdir)
+    work = normalize_url(workdir)
     out = normalize_url(out_url) if out_url else join(work, "maps")
     catalog_url = join(work, "catalog")
     sample = make_sample_scenes(
