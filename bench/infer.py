@@ -110,11 +110,26 @@ def _data_workers() -> list[int]:
     return pids
 
 
+def _map(store: str, model: str, tile_px: int, overlap_px: int, batch: int, workers: int):
+    """One full pipeline run (class COG + quicklook into a temporary folder)."""
+    from flows.infer import InferConfig, infer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = InferConfig(
+            model=model,
+            scene=store,
+            out=out,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            batch_size=batch,
+            workers=workers,
+        )
+        return infer(cfg, progress=False)
+
+
 def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int) -> None:
     """One pipeline run in this (fresh) process; prints peak RSS as JSON."""
     import ray
-
-    from flows.infer import InferConfig, infer
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     peak = {"workers": 0, "workers_private": 0}
@@ -129,16 +144,7 @@ def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int)
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
-    with tempfile.TemporaryDirectory() as out:
-        cfg = InferConfig(
-            model=model,
-            scene=store,
-            out=out,
-            tile_px=tile_px,
-            overlap_px=overlap_px,
-            batch_size=batch,
-        )
-        product = infer(cfg, progress=False)
+    product = _map(store, model, tile_px, overlap_px, batch, workers=2)
     done.set()
     print(
         json.dumps(
@@ -158,7 +164,7 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     import ray
     from ray.data import ActorPoolStrategy
 
-    from flows.infer import InferConfig, Predictor, _configure_ray_data, infer, read_tiles
+    from flows.infer import Predictor, _configure_ray_data, read_tiles
     from flows.trained import load_trained
     from ingest import open_scene
     from relay_models.geometry import tile_grid
@@ -204,19 +210,9 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     model_only = n / (time.perf_counter() - t0)
     del pre, rows, batches
     res = {"tiles": len(tiles), "model_only": model_only}
-    with tempfile.TemporaryDirectory() as out:
-        for workers in (2, 1):
-            cfg = InferConfig(
-                model=model,
-                scene=store,
-                out=out,
-                tile_px=tile_px,
-                overlap_px=overlap_px,
-                batch_size=batch,
-                workers=workers,
-            )
-            product = infer(cfg, progress=False)
-            res[f"pipeline_{workers}"] = product.tiles / product.seconds
+    for workers in (2, 1):
+        product = _map(store, model, tile_px, overlap_px, batch, workers)
+        res[f"pipeline_{workers}"] = product.tiles / product.seconds
     ray.shutdown()
     return res
 
