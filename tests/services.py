@@ -303,10 +303,23 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
         yield url
     finally:
         _stop(proc)
-        subprocess.run(
-            [shutil.which("ray") or "ray", "stop", "--force"], capture_output=True, check=False
-        )
+        # the cluster's daemons may have left the process group: kill each process whose
+        # command line names this cluster's temp dir (never `ray stop`, which would kill
+        # every Ray cluster on the machine, the tests' own ray.init() one included)
+        for pid in _pids_mentioning(tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+    return pids
 
 
 @contextlib.contextmanager
