@@ -16,6 +16,7 @@ within 1.3x of the smallest; 2 workers >= 1.6x one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -88,12 +89,10 @@ def make_model(path: str, name: str, window_px: int) -> str:
 
 
 def _rss_kb(pid: int, field: str = "VmRSS") -> int:
-    try:
+    with contextlib.suppress(OSError):  # the process may have exited
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:
-        pass
     return 0
 
 
@@ -165,13 +164,13 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     from ray.data import ActorPoolStrategy
 
     from flows.infer import Predictor, _configure_ray_data, read_tiles
-    from flows.trained import load_trained
+    from flows.trained import read_info
     from ingest import open_scene
     from relay_models.geometry import tile_grid
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     _configure_ray_data()
-    trained = load_trained(model)
+    trained = read_info(model)
     scene = open_scene(store)
     tiles = tile_grid(scene.shape(0), tile_px, overlap_px=overlap_px)
     kw = {

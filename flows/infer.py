@@ -44,7 +44,7 @@ from relay_models.inference import predict_tiles
 from .cog import GDAL_CACHE_MB, NODATA, PROB_SCALE, StripWriter, palette, publish
 from .dataset import band_norm, read_normalised
 from .stitch import RowStitcher
-from .trained import ModelError, TrainedModel, load_trained
+from .trained import ModelError, ModelInfo, load_trained, read_info
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class MapProduct:
 # ---------------------------------------------------------------- checks
 
 
-def check_scene(store: SceneStore, trained: TrainedModel) -> None:
+def check_scene(store: SceneStore, trained: ModelInfo) -> None:
     """Fail before any compute when the model cannot map this scene.
 
     Raises:
@@ -285,7 +285,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     import ray
 
     t0 = time.perf_counter()
-    trained = load_trained(config.model)
+    trained = read_info(config.model)  # the actors load the weights; here the header will do
     store = open_scene(config.scene)
     check_scene(store, trained)
     inputs = trained.inputs
@@ -401,6 +401,6 @@ def _sources(store: SceneStore) -> list[tuple[str, str]]:
 
 def map_items(items: Sequence[pystac.Item], config: InferConfig, **kw) -> MapProduct:
     """Ingest STAC ``items`` (the model's bands, no labels) to ``config.scene``, then map it."""
-    trained = load_trained(config.model)
-    ingest_items(items, config.scene, trained.inputs.bands, label_asset=None)
+    bands = read_info(config.model).inputs.bands
+    ingest_items(items, config.scene, bands, label_asset=None)
     return infer(config, **kw)

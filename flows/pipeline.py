@@ -33,7 +33,7 @@ from relay_models.config import FrozenConfig, ModelConfig
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
 from .train import DataConfig, OptimConfig, OutputConfig, RunConfig, TrainConfig
-from .trained import load_trained
+from .trained import read_info
 
 #: Failures worth retrying: the network, object storage, a STAC API.
 TRANSIENT = (StacApiError, StorageError, ConnectionError, TimeoutError, *TRANSPORT_ERRORS)
@@ -313,7 +313,7 @@ def infer_flow(params: InferParams) -> dict:
 
     Returns ``{"items": {store: map item id}, "failed": {store: error}}``.
     """
-    name = load_trained(params.model).name
+    name = read_info(params.model).name
     futures = {}
     for store in params.stores:
         cfg = _infer_config(
@@ -384,7 +384,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
         result["metrics"] = trained["metrics"]
     else:
         model = params.model
-        model_name = load_trained(model).name
+        model_name = read_info(model).name
     result["model"] = model
     catalog = open_catalog(params.catalog_url)
     todo, skipped = [], []

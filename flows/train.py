@@ -188,7 +188,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
     state, start = None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        # each worker its own copy: as_directory() shares one download folder between the
+        # workers of a node, and a torch.load of it once failed on a restart after a kill
+        with tempfile.TemporaryDirectory(prefix="relaymap-resume-") as d:
+            checkpoint.to_directory(d)
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         start = int(state["step"])
@@ -424,13 +427,7 @@ def export(config: TrainConfig, result) -> TrainResult:
     weights = {k: v.contiguous() for k, v in state["model"].items()}
     url = config.weights_url
     store = open_scene(config.data.train[0])
-    inputs = ModelInputs(
-        bands=store.bands,
-        band_mean=store.attrs.band_mean,
-        band_std=store.attrs.band_std,
-        classes=store.attrs.classes,
-        window_px=config.data.window_px,
-    )
+    inputs = ModelInputs.of_store(store, config.data.window_px)
     with atomic_upload(url, suffix=".safetensors") as tmp:
         save_file(weights, tmp, metadata=weights_metadata(config.model, inputs, state["step"]))
     model = create_model(**config.model.model_dump(exclude={"pretrained"}))

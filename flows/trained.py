@@ -3,13 +3,15 @@
 Training writes one safetensors file whose metadata holds the model config
 (``relaymap_config``) and the inputs contract (``relaymap_inputs``: band order, the
 training stores' per-band mean/std, classes, window side). Either that file or the STAC
-MLM item pointing at it (asset role ``mlm:model``) loads back into a ready model.
+MLM item pointing at it (asset role ``mlm:model``) gives a :class:`ModelInfo` (header
+only: for planning and checks) or a ready :class:`TrainedModel` (for the model actors).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pystac
@@ -18,7 +20,8 @@ from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from catalog.storage import normalize_url, read_bytes
+from catalog.storage import filesystem, normalize_url, read_bytes
+from ingest import SceneStore
 from relay_models import create_model
 from relay_models.config import FrozenConfig, ModelConfig
 
@@ -37,6 +40,18 @@ class ModelInputs(FrozenConfig):
     classes: tuple[dict[str, Any], ...] = Field(min_length=1)
     window_px: int = Field(ge=16)
 
+    @classmethod
+    def of_store(cls, store: SceneStore, window_px: int) -> ModelInputs:
+        """The contract of a model trained on ``store`` (its bands, statistics, classes)."""
+        a = store.attrs
+        return cls(
+            bands=a.bands,
+            band_mean=a.band_mean,
+            band_std=a.band_std,
+            classes=a.classes,
+            window_px=window_px,
+        )
+
 
 def weights_metadata(model: ModelConfig, inputs: ModelInputs, step: int) -> dict[str, str]:
     """The safetensors metadata :func:`load_trained` reads back."""
@@ -48,23 +63,32 @@ def weights_metadata(model: ModelConfig, inputs: ModelInputs, step: int) -> dict
 
 
 @dataclass(frozen=True)
-class TrainedModel:
-    """A model in eval mode with its config, input contract and (if known) MLM item."""
+class ModelInfo:
+    """What a trained model is, from its file's metadata alone (no weights read): enough to
+    check a scene, name the products and plan the tiles."""
 
-    model: torch.nn.Module
     config: ModelConfig
     inputs: ModelInputs
     weights_url: str
     item: pystac.Item | None = None
 
-    @property
+    @functools.cached_property
     def factor(self) -> int | None:
         """Global/local side ratio, or None for single-window models."""
-        return self.model.factor if getattr(self.model, "takes_global", False) else None
+        with torch.device("meta"):  # structure only: no memory, no initialisation cost
+            model = create_model(**self.config.model_dump(exclude={"pretrained"}))
+        return model.factor if model.takes_global else None
 
     @property
     def name(self) -> str:
         return self.item.id if self.item is not None else self.config.name
+
+
+@dataclass(frozen=True)
+class TrainedModel(ModelInfo):
+    """A :class:`ModelInfo` with its model loaded, in eval mode."""
+
+    model: torch.nn.Module = field(kw_only=True)
 
 
 def _weights_href(item: pystac.Item) -> str:
@@ -74,11 +98,16 @@ def _weights_href(item: pystac.Item) -> str:
     raise ModelError(f"MLM item {item.id} has no asset with role 'mlm:model'")
 
 
-def load_trained(url: str) -> TrainedModel:
-    """Load a model from its safetensors file or its MLM item (``.json``), any storage URL.
+#: The safetensors format caps its JSON header at 100 MB.
+_MAX_HEADER = 100_000_000
+
+
+def read_info(url: str) -> ModelInfo:
+    """A model's info from its safetensors file or its MLM item (``.json``), any storage
+    URL; of the weights file only the header is read.
 
     Raises:
-        ModelError: the file is not a relaymap model (no config metadata) or is corrupt.
+        ModelError: no such file, not a safetensors file, or not a relaymap model.
     """
     url = normalize_url(url)
     item = None
@@ -86,11 +115,17 @@ def load_trained(url: str) -> TrainedModel:
         item = pystac.Item.from_dict(json.loads(read_bytes(url)))
         item.set_self_href(url)
         url = normalize_url(_weights_href(item))
-    raw = read_bytes(url)
+    fs, path = filesystem(url)
     try:
-        state = load(raw)
-        meta = _metadata(raw)
-    except (SafetensorError, ValueError) as e:
+        with fs.open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(n) if 0 < n <= _MAX_HEADER else b""
+        if len(header) != n or not n:
+            raise ValueError("bad header length")
+        meta = json.loads(header).get("__metadata__") or {}
+    except FileNotFoundError:
+        raise ModelError(f"no model file at {url}") from None
+    except ValueError as e:  # JSON errors are ValueErrors too
         raise ModelError(f"{url} is not a readable safetensors file: {e}") from None
     if "relaymap_config" not in meta or "relaymap_inputs" not in meta:
         raise ModelError(
@@ -99,14 +134,20 @@ def load_trained(url: str) -> TrainedModel:
         )
     config = ModelConfig.model_validate_json(meta["relaymap_config"])
     inputs = ModelInputs.model_validate_json(meta["relaymap_inputs"])
-    model = create_model(**config.model_dump(exclude={"pretrained"}))
+    return ModelInfo(config, inputs, url, item)
+
+
+def load_trained(url: str) -> TrainedModel:
+    """:func:`read_info`, then the weights, strictly, into a model in eval mode.
+
+    Raises:
+        ModelError: as :func:`read_info`, or weights that do not fit the config.
+    """
+    info = read_info(url)
+    try:
+        state = load(read_bytes(info.weights_url))
+    except SafetensorError as e:
+        raise ModelError(f"{info.weights_url} is not a readable safetensors file: {e}") from None
+    model = create_model(**info.config.model_dump(exclude={"pretrained"}))
     model.load_state_dict(state, strict=True)
-    return TrainedModel(model.eval(), config, inputs, url, item)
-
-
-def _metadata(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (an 8-byte length, then a JSON header)."""
-    n = int.from_bytes(raw[:8], "little")
-    if n <= 0 or n > len(raw) - 8:
-        raise ValueError("bad header length")
-    return json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
+    return TrainedModel(info.config, info.inputs, info.weights_url, info.item, model=model.eval())

@@ -42,13 +42,7 @@ def quick_model(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    inputs = ModelInputs(
-        bands=store.bands,
-        band_mean=store.attrs.band_mean,
-        band_std=store.attrs.band_std,
-        classes=store.attrs.classes,
-        window_px=window_px,
-    )
+    inputs = ModelInputs.of_store(store, window_px)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, path, metadata=weights_metadata(config, inputs, steps))
     return path

@@ -45,3 +45,14 @@ def test_train_rejects_a_bad_config_before_starting(tmp_path):
     result = CliRunner().invoke(main, ["train", str(path)])
     assert result.exit_code == 2
     assert "stepz" in result.output and "Extra inputs are not permitted" in result.output
+
+
+def test_pipeline_rejects_a_bad_config_before_starting(tmp_path):
+    path = tmp_path / "aoi.yaml"
+    path.write_text(
+        "query: {stac_api: http://x, collections: [s2]}\n"
+        "work_url: w\nout_url: o\ncatalog_url: c\n"  # neither a model nor training
+    )
+    result = CliRunner().invoke(main, ["pipeline", str(path)])
+    assert result.exit_code == 2
+    assert "give exactly one of 'model' (a trained model) or 'train'" in result.output

@@ -234,6 +234,8 @@ def test_bad_models_and_scenes_fail_before_any_compute(tmp_path, scenes):
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(ModelError, match="no relaymap metadata"):
         run(other.url, model=str(plain))
+    with pytest.raises(ModelError, match="no model file at"):
+        run(other.url, model=str(tmp_path / "gone.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="not a readable safetensors"):
         run(other.url, model=str(tmp_path / "junk.safetensors"))
