@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BANDS = ["blue", "green", "red", "nir"]
-CLASSES = [{"index": i, "value": i, "name": f"class{i}", "color_hint": None} for i in range(6)]
 
 
 def make_store(url: str, size: int) -> str:
@@ -68,23 +67,19 @@ def make_store(url: str, size: int) -> str:
 
 
 def make_model(path: str, name: str, window_px: int) -> str:
-    from safetensors.torch import save_file
+    """A randomly initialised model with this scene's data spec, saved as training saves one."""
+    from relay_models import ClassSpec, DataSpec, create_model, save_model
+    from relay_models.registry import takes_global
 
-    from flows.trained import ModelInputs, weights_metadata
-    from relay_models import create_model
-    from relay_models.config import ModelConfig
-
-    config = ModelConfig(name=name, num_classes=len(CLASSES), in_chans=len(BANDS))
-    model = create_model(**config.model_dump(exclude={"pretrained"}))
-    inputs = ModelInputs(
+    spec = DataSpec(
         bands=BANDS,
-        band_mean=[1000.0] * 4,
-        band_std=[350.0] * 4,
-        classes=CLASSES,
+        mean=[1000.0] * 4,
+        std=[350.0] * 4,
+        classes=[ClassSpec(index=i, value=i, name=f"class{i}") for i in range(6)],
         window_px=window_px,
+        factor=4 if takes_global(name) else None,
     )
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata=weights_metadata(config, inputs, 0))
+    save_model(create_model(name, num_classes=6, in_chans=len(BANDS), spec=spec), path)
     return path
 
 
@@ -111,17 +106,16 @@ def _data_workers() -> list[int]:
 
 def _map(store: str, model: str, tile_px: int, overlap_px: int, batch: int, workers: int):
     """One full pipeline run (class COG + quicklook into a temporary folder)."""
-    from flows.infer import InferConfig, infer
+    from flows.infer import InferConfig, MapOptions, infer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = InferConfig(
             model=model,
             scene=store,
             out=out,
-            tile_px=tile_px,
-            overlap_px=overlap_px,
-            batch_size=batch,
-            workers=workers,
+            options=MapOptions(
+                tile_px=tile_px, overlap_px=overlap_px, batch_size=batch, workers=workers
+            ),
         )
         return infer(cfg, progress=False)
 
@@ -163,37 +157,27 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     import ray
     from ray.data import ActorPoolStrategy
 
-    from flows.infer import Predictor, _configure_ray_data, read_tiles
+    from flows.infer import Predictor, configure_ray_data, read_stage
     from flows.trained import read_info
     from ingest import open_scene
-    from relay_models.geometry import tile_grid
+    from relay_models.inference import plan_tiles
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    _configure_ray_data()
-    trained = read_info(model)
+    configure_ray_data()
+    info = read_info(model)
     scene = open_scene(store)
-    tiles = tile_grid(scene.shape(0), tile_px, overlap_px=overlap_px)
+    tiles = plan_tiles(scene.shape(0), tile_px, overlap_px)
     kw = {
         "scene": scene.url,
         "fingerprint": scene.attrs.fingerprint,
+        "spec": info.spec.model_dump_json(),
         "tile_px": tile_px,
-        "factor": trained.factor,
-        "mean": list(trained.inputs.band_mean),
-        "std": list(trained.inputs.band_std),
+        "overlap_px": overlap_px,
     }
-    batches = []
-    for i in range(0, len(tiles), batch):
-        part = tiles[i : i + batch]
-        batches.append(
-            read_tiles(
-                {
-                    "index": list(range(i, i + len(part))),
-                    "oy": [t.origin_yx[0] for t in part],
-                    "ox": [t.origin_yx[1] for t in part],
-                },
-                **kw,
-            )
-        )
+    batches = [
+        read_stage({"index": list(range(i, min(i + batch, len(tiles))))}, **kw)
+        for i in range(0, len(tiles), batch)
+    ]
     rows = [{k: v[j] for k, v in b.items()} for b in batches for j in range(len(b["index"]))]
     pre = ray.data.from_items(rows, override_num_blocks=len(batches)).materialize()
     t0 = time.perf_counter()

@@ -156,11 +156,12 @@ def main() -> None:
     p.add_argument("--chunk-px", type=int, default=512, help="store chunk side")
     args = p.parse_args()
 
-    from tests.services import environ, seaweedfs
+    from catalog.local_s3 import seaweedfs
 
     print(f"# {os.cpu_count()} CPUs; SeaweedFS S3 on loopback; chunk {args.chunk_px} px")
     print(f"{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}{'vs read':>9}")
-    with seaweedfs(buckets=("bench",)) as s3, environ(s3.env()):
+    with seaweedfs(buckets=("bench",)) as s3:
+        os.environ.update(s3.env())  # this script's own process: make_scene writes to it
         for size in (int(s) for s in args.sizes.split(",")):
             item = make_scene(size, f"s3://bench/cogs-{size}")
             mb = size * size * len(BANDS) * 2 / 1e6

@@ -73,26 +73,25 @@ def measure(name: str, urls: list[str], args) -> tuple[float, float, float]:
     """Samples/s of the loader alone, the model step alone, and both, for one model."""
     import torch
 
-    from flows.dataset import WindowPairDataset
-    from relay_models import RelayLoss, create_model
+    from flows.dataset import WindowPairDataset, data_spec
+    from ingest import open_scene
+    from relay_models import RelayLoss, create_model, train_step
+    from relay_models.registry import takes_global
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=6, in_chans=4)
-    factor = model.factor if model.takes_global else 0
-    data = WindowPairDataset(urls, window_px=args.window_px, factor=factor, seed=0)
+    factor = 4 if takes_global(name) else None
+    spec = data_spec([open_scene(u) for u in urls], window_px=args.window_px, factor=factor)
+    model = create_model(name, num_classes=6, in_chans=4, spec=spec)
+    data = WindowPairDataset(urls, spec, seed=0)
     loader = iter(
         torch.utils.data.DataLoader(data, batch_size=args.batch, num_workers=args.loader_workers)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    loss_fn = RelayLoss(factor=max(factor, 1))
+    loss_fn = RelayLoss(factor=factor or 1)
     fixed = next(loader)
 
     def step(batch):
-        out = model(batch["local"], batch["global"]) if "global" in batch else model(batch["local"])
-        loss = loss_fn(out, batch["labels"]).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, batch, loss_fn, opt)
 
     return (
         rate(lambda: next(loader), args.seconds, args.batch),

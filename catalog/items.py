@@ -29,6 +29,8 @@ from pystac.extensions.mlm import (
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
+from relay_models.spec import DataSpec
+
 from .storage import filesystem, gdal_env, normalize_url
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
@@ -176,14 +178,9 @@ def model_item(
     *,
     item_id: str,
     collection: str,
+    spec: DataSpec,
     model_name: str,
     architecture: str,
-    bands: Sequence[str],
-    band_mean: Sequence[float],
-    band_std: Sequence[float],
-    classes: Sequence[Mapping[str, Any]],
-    window_px: int,
-    factor: int,
     total_parameters: int,
     hyperparameters: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
@@ -191,12 +188,15 @@ def model_item(
     bbox: Sequence[float] | None = None,
     datetime: dt.datetime | None = None,
 ) -> pystac.Item:
-    """A STAC MLM item for a trained relay-token model and its safetensors weights.
+    """A STAC MLM item for a trained relay-token model and its safetensors weights; inputs,
+    normalisation and classes come from the model's data ``spec``.
 
     Inputs are the local and global windows (``(B, C, L, L)`` float32, z-scored per band
     with the training stores' statistics); the output is ``(B, K, L, L)`` class logits.
     """
     weights_url = normalize_url(weights_url)
+    bands, window_px, factor = list(spec.bands), spec.window_px, spec.factor
+    classes = spec.class_table()
     geometry = geometry or {
         "type": "Polygon",
         "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
@@ -211,13 +211,13 @@ def model_item(
     )
     scaling = [
         ValueScaling.create(type="z-score", mean=float(m), stddev=float(s))
-        for m, s in zip(band_mean, band_std, strict=True)
+        for m, s in zip(spec.mean, spec.std, strict=True)
     ]
 
     def window_input(name: str, description: str) -> ModelInput:
         spec = ModelInput.create(
             name=name,
-            bands=list(bands),
+            bands=bands,
             description=description,
             input=InputStructure.create(
                 shape=[-1, len(bands), window_px, window_px],

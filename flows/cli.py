@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 import click
+from pydantic import BaseModel
+
+from flows.options import MapOptions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +38,7 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
     Relay-token variants show their overhead over the sliding-window baseline; with
     --flops, GFLOPs are per forward pass on one window (pair) of SIDE_PX pixels.
     """
-    from relay_models import list_models, model_stats
-    from relay_models._registry import split_name
+    from relay_models import list_models, model_stats, split_name
     from relay_models.stats import ModelStats
 
     names = list_models(pattern)
@@ -87,52 +92,66 @@ def train(config: str, address: str | None) -> None:
         click.echo(f"validation mIoU: {result.metrics['val_miou']:.3f}")
 
 
+def options_of(config_cls: type[BaseModel]) -> Callable:
+    """Click options made from a pydantic config's fields (``--tile-px``, ``--quicklook/
+    --no-quicklook`` ...), each defaulting to None (unset: the config's own default)."""
+
+    def decorate(f: Callable) -> Callable:
+        for name, field in reversed(config_cls.model_fields.items()):
+            flag = "--" + name.replace("_", "-")
+            kind = field.annotation
+            if get_origin(kind) in (Union, UnionType):  # X | None -> X
+                kind = next(a for a in get_args(kind) if a is not type(None))
+            help_ = field.description + (
+                "" if field.default is None else f" [default: {field.default}]"
+            )
+            if kind is bool:
+                f = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)(f)
+            elif get_origin(kind) is Literal:
+                choice = click.Choice(get_args(kind))
+                f = click.option(flag, name, type=choice, default=None, help=help_)(f)
+            else:
+                f = click.option(flag, name, type=kind, default=None, help=help_)(f)
+        return f
+
+    return decorate
+
+
 @main.command()
-@click.option("--model", "model", required=True, help="Weights (.safetensors) or MLM item (.json).")
-@click.option("--scene", required=True, help="Scene store URL (file://, s3://, or a path).")
-@click.option("--out", required=True, help="Output prefix; products go to OUT/<item id>/.")
+@click.option("--model", "model", default=None, help="Weights (.safetensors) or MLM item (.json).")
+@click.option("--scene", default=None, help="Scene store URL (file://, s3://, or a path).")
+@click.option("--out", default=None, help="Output prefix; products go to OUT/<item id>/.")
 @click.option("--catalog", default=None, help="Static catalog URL or STAC API to register in.")
-@click.option("--collection", default="relaymap-maps", show_default=True, help="Map collection.")
-@click.option("--tile-px", type=int, default=None, help="Tile side (default: training window).")
-@click.option("--overlap-px", type=int, default=None, help="Tile overlap (default: tile/4).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Model actors.")
-@click.option("--probabilities", is_flag=True, help="Also write the class probability COG.")
+@click.option("--collection", default=None, help="Map collection [default: relaymap-maps].")
 @click.option("--item-id", default=None, help="Map item id (default: <scene>-<model>).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="An InferConfig YAML (flows.infer); flags given as well override its values.",
+)
 @click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
-def infer(
-    model: str,
-    scene: str,
-    out: str,
-    catalog: str | None,
-    collection: str,
-    tile_px: int | None,
-    overlap_px: int | None,
-    batch_size: int,
-    workers: int,
-    probabilities: bool,
-    item_id: str | None,
-    address: str | None,
-) -> None:
-    """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item."""
+@options_of(MapOptions)
+def infer(config_file: str | None, address: str | None, **flags) -> None:
+    """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item.
+
+    \b
+    Example:
+      relaymap infer --model runs/run-1/model.safetensors --scene scenes/a.zarr \\
+          --out maps --catalog catalog --overlap-px 32 --probabilities
+    """
     from pydantic import ValidationError
 
     from flows.infer import InferConfig
     from flows.infer import infer as run_inference
 
+    base = InferConfig.from_yaml(config_file).model_dump() if config_file else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    options = {k: given.pop(k) for k in list(given) if k in MapOptions.model_fields}
     try:
-        cfg = InferConfig(
-            model=model,
-            scene=scene,
-            out=out,
-            catalog=catalog,
-            collection=collection,
-            tile_px=tile_px,
-            overlap_px=overlap_px,
-            batch_size=batch_size,
-            workers=workers,
-            probabilities=probabilities,
-            item_id=item_id,
+        cfg = InferConfig.model_validate(
+            {**base, **given, "options": {**base.get("options", {}), **options}}
         )
     except ValidationError as e:
         raise click.BadParameter(str(e)) from None

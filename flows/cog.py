@@ -86,6 +86,42 @@ class StripWriter:
         self.ds.close()
 
 
+class MapWriter:
+    """The stitcher's sink: class (and probability) rows into scratch GeoTIFFs in ``scratch``
+    (``classes.tif``, ``probabilities.tif``) on the scene's grid, ready for :func:`publish`."""
+
+    def __init__(
+        self,
+        scratch: Path,
+        gbox: Any,
+        classes: Sequence[Mapping[str, Any]],
+        *,
+        probabilities: bool = False,
+    ) -> None:
+        grid = dict(shape_yx=gbox.shape, crs=gbox.crs.to_wkt(), transform=gbox.transform)
+        self.classes = StripWriter(
+            str(scratch / "classes.tif"), count=1, colormap=palette(classes), **grid
+        )
+        self.probs = (
+            StripWriter(str(scratch / "probabilities.tif"), count=len(classes), **grid)
+            if probabilities
+            else None
+        )
+
+    def sink(self, y0: int, probs: np.ndarray, valid: np.ndarray) -> None:
+        """Rows ``y0..`` of ``(K, h, W)`` probabilities and their ``(h, W)`` data mask."""
+        classes = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
+        self.classes.write(y0, classes[None])
+        if self.probs is not None:
+            scaled = np.rint(probs * PROB_SCALE).astype(np.uint8)
+            self.probs.write(y0, np.where(valid, scaled, NODATA))
+
+    def close(self) -> None:
+        self.classes.close()
+        if self.probs is not None:
+            self.probs.close()
+
+
 def to_cog(src: str, dst: str, *, compress: str = "DEFLATE", resampling: str = "MODE") -> None:
     """Copy a GeoTIFF into a COG: 512 px internal tiles, overviews (``resampling``),
     ``compress`` (DEFLATE or ZSTD); the palette and nodata carry over."""

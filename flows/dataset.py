@@ -1,11 +1,10 @@
-"""Window pairs from scene stores, for training and validation.
+"""Training and validation samples from scene stores, read as the model's data spec says.
 
 The sampler decides *where* (a :class:`~relay_models.geometry.WindowPair`: random centre,
-rescale and rotation, or a fixed tile grid); :func:`read_pair` decides *what* (the local
-window read at the level matching its scale, the global window at its own level, both
-resampled to ``L x L`` with :func:`relay_models.sampling.read_window`, normalised with the
-store's band statistics, outside-the-scene pixels set to the band mean (0) and ignored).
-No scene is ever read whole: each window reads the chunks its bounding box touches.
+rescale and rotation, or a fixed tile grid); the window reader
+(:func:`relay_models.windows.read_pair`) decides *what*, normalised with the run's
+:class:`~relay_models.DataSpec`, the same statistics inference uses. No scene is ever read
+whole: each window reads the chunks its bounding box touches.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ingest import SceneStore, StoreError, open_scene
-from ingest.labels import IGNORE
-from relay_models.geometry import Window, WindowPair, tile_grid, window_pair
-from relay_models.sampling import read_window
+from relay_models import ClassSpec, DataSpec
+from relay_models.geometry import WindowPair, tile_grid, window_pair
+from relay_models.windows import read_pair
 
 
 @dataclass(frozen=True)
@@ -53,68 +52,24 @@ def check_stores(stores: Sequence[SceneStore], *, need_labels: bool) -> tuple[st
     return bands
 
 
-def band_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-band ``(C, 1, 1)`` mean and std tensors for z-scoring (std floored at 1e-6)."""
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32).clamp(min=1e-6)[:, None, None]
-    return m, s
-
-
-def read_normalised(
-    store: SceneStore,
-    win: Window,
-    out_px: int,
-    norm: tuple[torch.Tensor, torch.Tensor],
-    *,
-    labels: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One window resampled to ``out_px`` from the store level matching its scale.
-
-    Returns:
-        ``(C, L, L)`` float32 z-scored bands (0 where there is no data or outside the
-        scene), the ``(L, L)`` bool data mask, and ``(L, L)`` int64 labels (255 where
-        invalid) when ``labels`` and the store has them, else None.
-    """
-    level, _ = win.level(out_px, max_level=store.attrs.num_levels)
-    image, label, origin = store.read_window(win, level)
-    at_level = win.scale(2**level)
-    img, _ = read_window(
-        torch.from_numpy(image), at_level, out_px, origin_yx=origin, fill=float("nan")
+def data_spec(stores: Sequence[SceneStore], *, window_px: int, factor: int | None) -> DataSpec:
+    """The data contract of a model trained on ``stores``: their bands and classes, and band
+    statistics pooled over all of them (each store weighted by its pixel count), used for
+    training, validation and inference alike."""
+    check_stores(stores, need_labels=False)
+    n = np.array([float(np.prod(s.shape(0))) for s in stores])[:, None]
+    mean = np.array([s.attrs.band_mean for s in stores])
+    std = np.array([s.attrs.band_std for s in stores])
+    pooled = (n * mean).sum(0) / n.sum()
+    var = (n * (std**2 + mean**2)).sum(0) / n.sum() - pooled**2
+    return DataSpec(
+        bands=stores[0].bands,
+        mean=tuple(map(float, pooled)),
+        std=tuple(map(float, np.sqrt(np.maximum(var, 0.0)))),
+        classes=tuple(ClassSpec(**c) for c in stores[0].attrs.classes),
+        window_px=window_px,
+        factor=factor,
     )
-    valid = torch.isfinite(img).all(0)
-    mean, std = norm
-    img = torch.where(valid, (img - mean) / std, torch.zeros(()))
-    lab = None
-    if labels and label is not None:
-        lab, _ = read_window(
-            torch.from_numpy(label)[None],
-            at_level,
-            out_px,
-            origin_yx=origin,
-            mode="nearest",
-            fill=IGNORE,
-        )
-        lab = lab[0].long().masked_fill(~valid, IGNORE)
-    return img, valid, lab
-
-
-def read_pair(
-    store: SceneStore, pair: WindowPair, out_px: int, *, with_global: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
-    """Read one training/validation window pair, normalised with the store's statistics.
-
-    Returns:
-        local ``(C, L, L)`` and global ``(C, L, L)`` (or None) float32 normalised bands
-        (0 outside the scene and where there is no data), local labels ``(L, L)`` int64
-        (255 outside/no data), and the fraction of the local window inside the scene.
-    """
-    norm = band_norm(store.attrs.band_mean, store.attrs.band_std)
-    local, _, labels = read_normalised(store, pair.local, out_px, norm, labels=True)
-    glob = read_normalised(store, pair.global_, out_px, norm)[0] if with_global else None
-    inside = pair.local.inside_fraction(store.shape(0), out_px)
-    if labels is None:
-        labels = torch.full((out_px, out_px), IGNORE, dtype=torch.long)
-    return local, glob, labels, inside
 
 
 class WindowPairDataset(IterableDataset):
@@ -122,12 +77,11 @@ class WindowPairDataset(IterableDataset):
 
     Each ``(rank, DataLoader worker)`` draws from its own generator, seeded from ``seed``,
     so workers never repeat each other's samples. Yields dicts with ``local``, ``global``
-    (when ``factor``), ``labels``.
+    (when the spec has a global window) and ``labels``.
 
     Args:
         urls: scene store URLs (``file://``, ``s3://`` ...).
-        window_px: local window side L (pixels at level 0, before rescaling).
-        factor: global/local side ratio; 0 for models without a global window.
+        spec: the model's data contract (window side, factor, normalisation).
         augment: random rescale/rotation settings.
         seed: base seed.
         rank: this training worker's rank (different ranks draw different samples).
@@ -136,21 +90,19 @@ class WindowPairDataset(IterableDataset):
     def __init__(
         self,
         urls: Sequence[str],
+        spec: DataSpec,
         *,
-        window_px: int,
-        factor: int,
         augment: Augment = Augment(),
         seed: int = 0,
         rank: int = 0,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
-        self.window_px = window_px
-        self.factor = factor
+        self.spec = spec
         self.augment = augment
         self.seed = seed
         self.rank = rank
-        self.bands = check_stores([open_scene(u) for u in self.urls], need_labels=True)
+        check_stores([open_scene(u) for u in self.urls], need_labels=True)
 
     def _generator(self) -> np.random.Generator:
         info = get_worker_info()
@@ -161,51 +113,41 @@ class WindowPairDataset(IterableDataset):
         """A random window pair in ``store`` (centre uniform over the scene)."""
         h, w = store.shape(0)
         a = self.augment
-        side = float(self.window_px)
+        side = float(self.spec.window_px)
         if rng.random() < a.p_rescale:
             side *= rng.uniform(*a.rescale)
         angle = float(rng.uniform(*a.rotate_deg)) if rng.random() < a.p_rotate else 0.0
         centre = (float(rng.uniform(0, h)), float(rng.uniform(0, w)))
-        return window_pair(centre, side, factor=max(self.factor, 1), angle_deg=angle)
+        return window_pair(centre, side, factor=self.spec.factor or 1, angle_deg=angle)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = self._generator()
         stores = [open_scene(u) for u in self.urls]
         sizes = np.array([np.prod(s.shape(0)) for s in stores], dtype=float)
+        norm, px = self.spec.norm(), self.spec.window_px
         while True:
             store = stores[rng.choice(len(stores), p=sizes / sizes.sum())]
             pair = self.sample_pair(store, rng)
-            local, glob, labels, inside = read_pair(
-                store, pair, self.window_px, with_global=bool(self.factor)
-            )
-            if 1 - inside > self.augment.max_outside:
+            if 1 - pair.local.inside_fraction(store.shape(0), px) > self.augment.max_outside:
                 continue
-            yield {
-                "local": local,
-                "labels": labels,
-                **({"global": glob} if glob is not None else {}),
-            }
-
-
-def validation_tiles(
-    urls: Sequence[str], *, window_px: int, factor: int
-) -> list[tuple[str, WindowPair]]:
-    """A fixed grid of non-overlapping local tiles (with their global windows) per store."""
-    tiles = []
-    for url in urls:
-        store = open_scene(url)
-        for t in tile_grid(store.shape(0), window_px):
-            tiles.append((url, t.pair(max(factor, 1))))
-    return tiles
+            sample = read_pair(
+                store, pair, px, norm, with_global=self.spec.takes_global, labels=True
+            )
+            del sample["valid"]
+            yield sample
 
 
 class TileDataset(torch.utils.data.Dataset):
-    """Validation: the fixed tiles of :func:`validation_tiles`, each read once."""
+    """Validation: a fixed grid of non-overlapping local tiles (with their global windows)
+    over each store, each read once."""
 
-    def __init__(self, urls: Sequence[str], *, window_px: int, factor: int) -> None:
-        self.window_px = window_px
-        self.factor = factor
-        self.tiles = validation_tiles(urls, window_px=window_px, factor=factor)
+    def __init__(self, urls: Sequence[str], spec: DataSpec) -> None:
+        self.spec = spec
+        self.tiles: list[tuple[str, WindowPair]] = [
+            (url, t.pair(spec.factor or 1))
+            for url in urls
+            for t in tile_grid(open_scene(url).shape(0), spec.window_px)
+        ]
         self._stores: dict[str, SceneStore] = {}
 
     def __len__(self) -> int:
@@ -214,7 +156,13 @@ class TileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         url, pair = self.tiles[i]
         store = self._stores.get(url) or self._stores.setdefault(url, open_scene(url))
-        local, glob, labels, _ = read_pair(
-            store, pair, self.window_px, with_global=bool(self.factor)
+        sample = read_pair(
+            store,
+            pair,
+            self.spec.window_px,
+            self.spec.norm(),
+            with_global=self.spec.takes_global,
+            labels=True,
         )
-        return {"local": local, "labels": labels, **({"global": glob} if glob is not None else {})}
+        del sample["valid"]
+        return sample

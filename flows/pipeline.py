@@ -32,6 +32,7 @@ from relay_models.config import FrozenConfig, ModelConfig
 
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
+from .options import MapOptions
 from .train import DataConfig, OptimConfig, OutputConfig, RunConfig, TrainConfig
 from .trained import read_info
 
@@ -98,20 +99,12 @@ class IngestParams(FrozenConfig):
     item_ids: list[str] | None = None
 
 
-class InferSettings(FrozenConfig):
-    tile_px: int | None = Field(default=None, ge=32)
-    overlap_px: int | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=8, ge=1)
-    workers: int = Field(default=2, ge=1)
-    probabilities: bool = False
-
-
 class InferParams(FrozenConfig):
     model: str
     stores: list[str] = Field(min_length=1)
     out_url: str
     catalog_url: str | None = None
-    settings: InferSettings = InferSettings()
+    options: MapOptions = MapOptions()
     address: str | None = None
 
 
@@ -149,7 +142,7 @@ class PipelineParams(FrozenConfig):
     #: A trained model (weights or MLM item); or ``train`` to train one first.
     model: str | None = None
     train: TrainSpec | None = None
-    infer: InferSettings = InferSettings()
+    infer: MapOptions = MapOptions()
     collection: str = "relaymap-maps"
     address: str | None = None
 
@@ -222,21 +215,8 @@ def infer_task(config: InferConfig, address: str | None = None) -> str:
     logger = get_run_logger()
     jobs = cluster_address(address)
     if jobs:
-        args = ["infer", "--model", config.model, "--scene", config.scene, "--out", config.out]
-        for flag, value in (
-            ("--catalog", config.catalog),
-            ("--collection", config.collection),
-            ("--tile-px", config.tile_px),
-            ("--overlap-px", config.overlap_px),
-            ("--batch-size", config.batch_size),
-            ("--workers", config.workers),
-            ("--item-id", config.item_id),
-        ):
-            if value is not None:
-                args += [flag, str(value)]
-        if config.probabilities:
-            args.append("--probabilities")
-        run_job(jobs, args, log=logger.info)
+        files = {"infer.yaml": yaml.safe_dump(config.model_dump(mode="json"))}
+        run_job(jobs, ["infer", "--config", "infer.yaml"], files=files, log=logger.info)
         return config.item_id
     from .infer import infer
 
@@ -316,13 +296,13 @@ def infer_flow(params: InferParams) -> dict:
     name = read_info(params.model).name
     futures = {}
     for store in params.stores:
-        cfg = _infer_config(
-            params.model,
-            store,
-            params.out_url,
-            params.catalog_url,
-            params.settings,
+        cfg = InferConfig(
+            model=params.model,
+            scene=store,
+            out=params.out_url,
+            catalog=params.catalog_url,
             item_id=map_item_id(store, name),
+            options=params.options,
         )
         # one scene at a time: each uses every Ray worker
         futures[store] = infer_task.submit(cfg, params.address)
@@ -331,26 +311,6 @@ def infer_flow(params: InferParams) -> dict:
     if not items:
         raise RuntimeError(f"no scene could be mapped: {json.dumps(failed)}")
     return {"items": items, "failed": failed}
-
-
-def _infer_config(
-    model: str,
-    store: str,
-    out_url: str,
-    catalog_url: str | None,
-    settings: InferSettings,
-    collection: str = "relaymap-maps",
-    item_id: str | None = None,
-) -> InferConfig:
-    return InferConfig(
-        model=model,
-        scene=store,
-        out=out_url,
-        catalog=catalog_url,
-        collection=collection,
-        item_id=item_id,
-        **settings.model_dump(),
-    )
 
 
 @flow(name="mapping-pipeline", log_prints=True)
@@ -411,14 +371,14 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     to_map = {it["id"]: stores[it["id"]] for it in todo if it["id"] in stores}
     to_map.update(ingested)
     for item_id, store in sorted(to_map.items()):
-        cfg = _infer_config(
-            model,
-            store,
-            params.out_url,
-            params.catalog_url,
-            params.infer,
-            params.collection,
-            map_item_id(item_id, model_name),
+        cfg = InferConfig(
+            model=model,
+            scene=store,
+            out=params.out_url,
+            catalog=params.catalog_url,
+            collection=params.collection,
+            item_id=map_item_id(item_id, model_name),
+            options=params.infer,
         )
         fut = infer_task.submit(cfg, params.address)
         mapped, err = _gather({item_id: fut})

@@ -11,7 +11,6 @@ continues from it (``run.max_failures``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -29,12 +28,19 @@ from ray.train import UserCallback
 from catalog import StaticCatalog, model_item, open_catalog
 from catalog.storage import StorageError, atomic_upload, atomic_write, join, normalize_url, remove
 from ingest import StoreError, open_scene
-from relay_models import RelayLoss, create_model
-from relay_models.config import FrozenConfig, ModelConfig
+from relay_models import (
+    DataSpec,
+    FrozenConfig,
+    ModelConfig,
+    RelayLoss,
+    create_model,
+    evaluate,
+    save_model,
+    train_step,
+)
+from relay_models.registry import takes_global
 
-from .dataset import Augment, TileDataset, WindowPairDataset, check_stores
-from .metrics import ConfusionMatrix
-from .trained import ModelInputs, weights_metadata
+from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
 
 log = logging.getLogger(__name__)
 
@@ -136,70 +142,73 @@ def _learning_rate(cfg: OptimConfig, step: int) -> float | None:
     return cfg.lr * (step + 1) / warmup if step < warmup else None
 
 
-def _batches(loader):
+def _batches(loader, device: torch.device):
     while True:
-        yield from loader
+        for batch in loader:
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _resume(model: torch.nn.Module) -> dict | None:
+    """The latest checkpoint's state (model loaded into ``model``), or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    # each worker its own copy: as_directory() shares one download folder between the
+    # workers of a node, and a torch.load of it once failed on a restart after a kill
+    with tempfile.TemporaryDirectory(prefix="relaymap-resume-") as d:
+        checkpoint.to_directory(d)
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return state
 
 
-def _forward(model, batch):
-    return model(batch["local"], batch["global"]) if "global" in batch else model(batch["local"])
-
-
-@torch.no_grad()
-def validate(
-    model, tiles: TileDataset, indices: list[int], num_classes: int, device, batch_size: int
-) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` on the given validation tiles, summed over workers."""
-    cm = ConfusionMatrix(num_classes)
-    model.eval()
-    for i in range(0, len(indices), batch_size):
-        items = [tiles[j] for j in indices[i : i + batch_size]]
-        batch = _to({k: torch.stack([it[k] for it in items]) for k in items[0]}, device)
-        out = _forward(model, batch)
-        logits = out.local if isinstance(out, tuple) else out
-        cm.update(logits.argmax(1), batch["labels"])
-    model.train()
-    cm.all_reduce()
-    return cm
-
-
-def train_loop_per_worker(raw_config: dict) -> None:
-    """Ray Train's per-worker function: build, restore, train, validate, report."""
+def _num_nodes(world: int) -> int:
     import ray
+
+    nodes = [None] * world
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return len(set(nodes)) if nodes[0] is not None else 1
+
+
+#: Fault injection for the recovery tests: at step ``PAUSE_AT_STEP`` the last rank writes its
+#: pid to ``PAUSE_FILE`` (if that file does not exist yet) and waits there, to be killed by
+#: the test at that defined point; unset in production, where it costs one dict lookup.
+PAUSE_ENV = ("RELAYMAP_TEST_PAUSE_AT_STEP", "RELAYMAP_TEST_PAUSE_FILE")
+
+
+def _fault_point(step: int, rank: int, world: int) -> None:
+    at, path = (os.environ.get(k) for k in PAUSE_ENV)
+    if not (at and path) or int(at) != step or rank != world - 1 or os.path.exists(path):
+        return
+    tmp = f"{path}.{os.getpid()}"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+    while True:
+        time.sleep(1)
+
+
+def train_loop_per_worker(raw: dict) -> None:
+    """Ray Train's per-worker function: it only wires data, model, :func:`train_step`,
+    validation, checkpoints and reports together."""
     import ray.train
     import ray.train.torch
 
-    config = TrainConfig.model_validate(raw_config)
+    config = TrainConfig.model_validate(raw["config"])
+    spec = DataSpec.model_validate(raw["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core per worker; no oversubscription
     torch.manual_seed(config.run.seed)
-    model = create_model(
-        **config.model.model_dump(exclude={"pretrained"}), pretrained=config.model.pretrained
-    )
-    factor = model.factor if model.takes_global else 0
-    optim = config.optim
-    state, start = None, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        # each worker its own copy: as_directory() shares one download folder between the
-        # workers of a node, and a torch.load of it once failed on a restart after a kill
-        with tempfile.TemporaryDirectory(prefix="relaymap-resume-") as d:
-            checkpoint.to_directory(d)
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        start = int(state["step"])
+    model = create_model(**config.model.model_dump(), spec=spec)
+    state = _resume(model)
+    start = int(state["step"]) if state else 0
     net = ray.train.torch.prepare_model(model)
-    nodes = [None] * world
-    if torch.distributed.is_initialized():
-        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    num_nodes = len(set(nodes)) if nodes[0] is not None else 1
+    optim, run = config.optim, config.run
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=optim.plateau_factor, patience=optim.plateau_patience
@@ -208,19 +217,14 @@ def train_loop_per_worker(raw_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         plateau.load_state_dict(state["plateau"])
     loss_fn = RelayLoss(
-        factor=max(factor, 1),
+        factor=spec.factor or 1,
         global_weight=optim.global_weight,
         consistency_weight=optim.consistency_weight,
     )
     augment = Augment(p_rescale=config.data.p_rescale, p_rotate=config.data.p_rotate)
     # a resumed run draws new samples: the seed includes the step it resumes at
     data = WindowPairDataset(
-        config.data.train,
-        window_px=config.data.window_px,
-        factor=factor,
-        augment=augment,
-        seed=config.run.seed + start,
-        rank=rank,
+        config.data.train, spec, augment=augment, seed=run.seed + start, rank=rank
     )
     loader = torch.utils.data.DataLoader(
         data,
@@ -228,51 +232,39 @@ def train_loop_per_worker(raw_config: dict) -> None:
         num_workers=config.data.loader_workers,
         persistent_workers=config.data.loader_workers > 0,
     )
-    tiles = (
-        TileDataset(config.data.val, window_px=config.data.window_px, factor=factor)
-        if config.data.val
-        else None
-    )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    batches = _batches(loader)
-    run, seen, t0 = config.run, 0, time.perf_counter()
+    tiles = TileDataset(config.data.val, spec) if config.data.val else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    batches = _batches(loader, device)
+    num_nodes, seen, t0 = _num_nodes(world), 0, time.perf_counter()
     net.train()
     for step in range(start, optim.steps):
         lr = _learning_rate(optim, step)
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        batch = _to(next(batches), device)
-        with autocast:
-            terms = loss_fn(_forward(net, batch), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), optim.grad_clip)
-        optimizer.step()
+        batch = next(batches)
+        terms = train_step(
+            net, batch, loss_fn, optimizer, grad_clip=optim.grad_clip, autocast=autocast
+        )
         seen += batch["local"].shape[0]
         done = step + 1
         last = done == optim.steps
         metrics: dict[str, Any] = {}
         if tiles is not None and (done % run.val_every == 0 or last):
-            cm = validate(
+            mine = torch.utils.data.Subset(tiles, range(rank, len(tiles), world))
+            cm = evaluate(
                 model,
-                tiles,
-                list(range(rank, len(tiles), world)),
-                config.model.num_classes,
-                device,
-                optim.batch_size,
+                torch.utils.data.DataLoader(mine, batch_size=optim.batch_size),
+                spec.num_classes,
+                device=device,
             )
+            cm.all_reduce()
             metrics |= {"val_miou": cm.miou(), "val_iou": cm.iou().nan_to_num(-1).tolist()}
-            if _learning_rate(optim, step) is None:
+            if lr is None:
                 plateau.step(metrics["val_miou"])
         save = done % run.checkpoint_every == 0 or last
         if not (save or metrics or done % run.log_every == 0):
             continue
-        elapsed = time.perf_counter() - t0
         metrics |= {
             "step": done,
             "start_step": start,
@@ -280,10 +272,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
             "loss": terms.total.item(),
             "loss_local": terms.local.item(),
             "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": seen * world / max(elapsed, 1e-9),
+            "samples_per_s": seen * world / max(time.perf_counter() - t0, 1e-9),
         }
-        ckpt = None
         with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
             if save and rank == 0:
                 torch.save(
                     {
@@ -296,6 +288,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        _fault_point(done, rank, world)
 
 
 # ---------------------------------------------------------------- the driver
@@ -321,9 +314,9 @@ def _ray_storage(url: str) -> tuple[str, Any]:
     return url, None
 
 
-def check_inputs(config: TrainConfig) -> None:
+def check_inputs(config: TrainConfig) -> DataSpec:
     """Fail before any compute: stores readable and labelled with one band order matching
-    the model, and the storage URL writable."""
+    the model, and the storage URL writable. Returns the run's data spec."""
     stores = [open_scene(u) for u in config.data.train]
     bands = check_stores(stores, need_labels=True)
     if config.data.val:
@@ -338,7 +331,7 @@ def check_inputs(config: TrainConfig) -> None:
             f"{len(bands)} bands {list(bands)}"
         )
     classes = len(stores[0].attrs.classes)
-    if classes and classes != config.model.num_classes:
+    if classes != config.model.num_classes:
         raise StoreError(
             f"model.num_classes={config.model.num_classes} but the stores' "
             f"labels have {classes} classes"
@@ -351,6 +344,12 @@ def check_inputs(config: TrainConfig) -> None:
             f"cannot write to run.storage_url={config.run.storage_url}: {e}"
         ) from None
     remove(probe)
+    m = config.model
+    return data_spec(
+        stores,
+        window_px=config.data.window_px,
+        factor=m.factor if takes_global(m.name) else None,
+    )
 
 
 class ProgressLog(UserCallback):
@@ -390,13 +389,16 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    check_inputs(config)
+    spec = check_inputs(config)
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     path, fs = _ray_storage(config.run.storage_url)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config.model_dump(mode="json"),
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json"),
+        },
         scaling_config=ScalingConfig(
             num_workers=config.run.num_workers,
             use_gpu=config.run.use_gpu,
@@ -412,39 +414,30 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
         ),
     )
     result = trainer.fit()
-    return export(config, result)
+    return export(config, spec, result)
 
 
-def export(config: TrainConfig, result) -> TrainResult:
-    """Write the final weights (safetensors, with the config in its metadata) and the MLM
-    model item (added to ``output.catalog_url`` when set)."""
-    from safetensors.torch import save_file
-
+def export(config: TrainConfig, spec: DataSpec, result) -> TrainResult:
+    """Write the final weights (safetensors, with the model config and data spec in its
+    header) and the MLM model item (added to ``output.catalog_url`` when set)."""
     if result.checkpoint is None:
         raise RuntimeError(f"run {config.run.name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    weights = {k: v.contiguous() for k, v in state["model"].items()}
+    model = create_model(**config.model.model_dump(exclude={"pretrained"}), spec=spec)
+    model.load_state_dict(state["model"])
     url = config.weights_url
-    store = open_scene(config.data.train[0])
-    inputs = ModelInputs.of_store(store, config.data.window_px)
     with atomic_upload(url, suffix=".safetensors") as tmp:
-        save_file(weights, tmp, metadata=weights_metadata(config.model, inputs, state["step"]))
-    model = create_model(**config.model.model_dump(exclude={"pretrained"}))
+        save_model(model, tmp, step=str(state["step"]))
     metrics = dict(result.metrics or {})
     item = model_item(
         url,
         item_id=config.run.name,
         collection=config.output.collection,
+        spec=spec,
         model_name=config.model.name,
         architecture=type(model.backbone).__name__
         + (" + relay tokens" if getattr(model.backbone, "num_relays", 0) else ""),
-        bands=list(store.bands),
-        band_mean=list(store.attrs.band_mean),
-        band_std=list(store.attrs.band_std),
-        classes=list(store.attrs.classes),
-        window_px=config.data.window_px,
-        factor=model.factor if model.takes_global else 0,
         total_parameters=sum(p.numel() for p in model.parameters()),
         hyperparameters={
             **config.optim.model_dump(),

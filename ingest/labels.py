@@ -27,11 +27,10 @@ from rasterio.features import rasterize
 from shapely.geometry import mapping, shape
 
 from catalog.storage import normalize_url, read_bytes, redact
+from relay_models.windows import IGNORE
 
 from .errors import CorruptRasterError, IngestError
 from .load import configure_odc, rio_env
-
-IGNORE = 255
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ from odc.geo.xr import xr_coords
 from rasterio.errors import RasterioError
 
 from catalog.storage import exists, native, normalize_url, redact, remove
-from relay_models.geometry import Window
+from relay_models.windows import IGNORE, halve_mean, halve_mode
 
 from .errors import CorruptRasterError, StoreError
-from .labels import IGNORE, LabelClass
+from .labels import LabelClass
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +65,6 @@ def level_chunk_px(chunk_px: int, level: int) -> int:
     """Chunk side at a level: halved per level (one chunk per level-0 chunk, so building a
     level never rechunks), but not below 128 px."""
     return max(chunk_px >> level, min(chunk_px, 128))
-
-
-def _quads(block: np.ndarray) -> list[np.ndarray]:
-    """The four pixels of every 2x2 cell of ``(..., 2h, 2w)`` as four ``(..., h, w)`` views."""
-    return [block[..., i::2, j::2] for i in (0, 1) for j in (0, 1)]
-
-
-def _mean_2x2(block: np.ndarray) -> np.ndarray:
-    """Mean over the valid (non-NaN) pixels of each 2x2 cell; NaN where none is valid."""
-    total = np.zeros(block[..., ::2, ::2].shape, dtype=np.float32)
-    count = np.zeros(total.shape, dtype=np.uint8)
-    for q in _quads(block):
-        ok = ~np.isnan(q)
-        total += np.where(ok, q, np.float32(0))
-        count += ok
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.float32(np.nan)).astype(np.float32)
-
-
-def _mode_2x2(block: np.ndarray) -> np.ndarray:
-    """Most frequent valid label of each 2x2 cell (ties: lowest class; all ignored: 255)."""
-    quads = _quads(block)
-    best = np.full(quads[0].shape, IGNORE, dtype=np.uint8)
-    best_count = np.zeros(quads[0].shape, dtype=np.uint8)
-    for c in np.unique(block[block != IGNORE]):  # ascending: ties keep the lowest class
-        count = sum((q == c).astype(np.uint8) for q in quads)
-        better = count > best_count
-        best[better] = c
-        best_count[better] = count[better]
-    return best
 
 
 def _pad_even(arr: da.Array, fill: float) -> da.Array:
@@ -295,8 +265,8 @@ def write_scene(
             sources, targets = [], []
             for level in range(num_levels + 1):
                 if level:
-                    img = _halve(img, _mean_2x2, np.nan)
-                    lab = None if lab is None else _halve(lab, _mode_2x2, IGNORE)
+                    img = _halve(img, halve_mean, np.nan)
+                    lab = None if lab is None else _halve(lab, halve_mode, IGNORE)
                 ds = _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=False)
                 if level == 0:
                     level0 = ds["image"].data
@@ -332,8 +302,8 @@ def write_scene(
                 zarr_format=3,
                 mask_and_scale=False,
             )
-            img = _halve(prev["image"].data, _mean_2x2, np.nan)
-            lab = _halve(prev["label"].data, _mode_2x2, IGNORE) if "label" in prev else None
+            img = _halve(prev["image"].data, halve_mean, np.nan)
+            lab = _halve(prev["label"].data, halve_mode, IGNORE) if "label" in prev else None
             _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=True)
             done.add(level)
             new_attrs = _replace(new_attrs, levels_done=tuple(sorted(done)))
@@ -389,7 +359,8 @@ def _replace(attrs: SceneAttrs, **changes: Any) -> SceneAttrs:
 
 
 class SceneStore:
-    """Lazy access to a complete scene store's levels and window reads."""
+    """Lazy access to a complete scene store's levels; a
+    :class:`relay_models.windows.Pyramid`, so the window reader reads windows from it."""
 
     def __init__(self, url: str, attrs: SceneAttrs) -> None:
         self.url = url
@@ -418,6 +389,11 @@ class SceneStore:
     @property
     def bands(self) -> tuple[str, ...]:
         return self.attrs.bands
+
+    @property
+    def num_levels(self) -> int:
+        """Levels below level 0 (a :class:`relay_models.windows.Pyramid`)."""
+        return self.attrs.num_levels
 
     @property
     def has_labels(self) -> bool:
@@ -458,16 +434,6 @@ class SceneStore:
             group = zarr.open_group(native(self.url), path=_level_group(level) or "", mode="r")
             self._arrays[level] = {k: group[k] for k in ("image", "label") if k in group}
         return self._arrays[level]
-
-    def read_window(
-        self, window: Window, level: int = 0
-    ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
-        """The pixels a level-0 ``window`` touches at ``level`` (its axis-aligned box, padded),
-        and the box's top-left pixel at that level, for resampling the window from it."""
-        scaled = window.scale(2**level)
-        y0, x0, y1, x1 = scaled.pixel_bounds()
-        image, label = self.read_box((y0, x0, y1, x1), level)
-        return image, label, (y0, x0)
 
 
 def open_scene(url: str) -> SceneStore:

@@ -50,7 +50,7 @@ class ModelConfig(FrozenConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from ._registry import split_name
+        from .registry import split_name
 
         split_name(name)  # ValueError listing valid names
         return name

@@ -1,53 +1,62 @@
-"""Tiled inference on an in-memory scene: the core that batch inference calls per tile batch.
+"""The tiled-inference engine: tiles -> windows -> model -> blended class probabilities.
 
-A scene is cut into overlapping local tiles (:func:`geometry.tile_grid`); each tile gets its
-centred global window, read from the scene downsampled ``factor`` times (area average, the
-same pyramid a scene store holds) with the band mean (0 after normalisation) outside the
-scene. Per-tile class probabilities of the local branch are blended over the overlaps.
+One core for an in-memory scene (:func:`predict_array`) and for batch inference on Ray Data
+(``flows.infer``), which runs the same three steps on its workers:
+
+1. :func:`plan_tiles`: overlapping local tiles over the scene (:func:`geometry.tile_grid`);
+2. :func:`read_tiles`: each tile's local window and centred global window, read and
+   normalised by the window reader (:mod:`relay_models.windows`) as the model's
+   :class:`~relay_models.spec.DataSpec` says;
+3. :func:`run_tiles`: class probabilities of the local branch, tiles without data skipped;
+
+and blends the tiles with :class:`~relay_models.stitch.RowStitcher` (its docstring states
+the blending rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Literal
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .geometry import Tile, blend_weights, tile_grid
-from .sampling import read_window
-
-Blend = Literal["cosine", "center"]
-
-
-def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """Area-average ``(C, H, W)`` by ``factor`` (partial edge cells average their pixels)."""
-    if factor == 1:
-        return image
-    return F.avg_pool2d(image.unsqueeze(0).float(), factor, ceil_mode=True)[0]
+from .geometry import Tile, tile_grid
+from .spec import DataSpec
+from .stitch import Blend, RowStitcher
+from .windows import ArrayPyramid, Pyramid, Region, read_window
 
 
-def read_tiles(
-    image: torch.Tensor,
-    tiles: Sequence[Tile],
-    *,
-    factor: int | None,
-    coarse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Local windows ``(N, C, L, L)`` and, if ``factor``, global windows from ``coarse``
-    (``image`` downsampled ``factor`` times; computed here when not given)."""
-    local = torch.stack([read_window(image, t.window, t.tile_px)[0] for t in tiles])
-    if factor is None:
-        return local, None
-    if coarse is None:
-        coarse = downsample(image, factor)
-    glob = torch.stack(
-        [read_window(coarse, t.pair(factor).global_.scale(factor), t.tile_px)[0] for t in tiles]
-    )
-    return local, glob
+def plan_tiles(
+    shape_yx: tuple[int, int], tile_px: int, overlap_px: int | None = None
+) -> list[Tile]:
+    """Tiles of ``tile_px`` over a scene, overlapping by ``overlap_px`` (default a quarter
+    tile), in row-major order (what :class:`RowStitcher` needs)."""
+    overlap_px = tile_px // 4 if overlap_px is None else overlap_px
+    if not 0 <= overlap_px < tile_px:
+        raise ValueError(f"overlap_px={overlap_px} must be in [0, tile_px={tile_px})")
+    return tile_grid(shape_yx, tile_px, overlap_px=overlap_px)
+
+
+def read_tiles(source: Pyramid, tiles: Sequence[Tile], spec: DataSpec) -> dict[str, torch.Tensor]:
+    """The model inputs of ``tiles``, read from ``source`` through one :class:`Region`.
+
+    Returns:
+        ``{"local": (N, C, L, L), "valid": (N, L, L) bool}``, plus ``"global": (N, C, L, L)``
+        when the spec has a global window; float32, normalised.
+    """
+    out_px = tiles[0].tile_px
+    norm = spec.norm()
+    locals_ = [t.window for t in tiles]
+    globals_ = [t.pair(spec.factor).global_ for t in tiles] if spec.takes_global else []
+    region = Region(source, locals_ + globals_, out_px)
+    local, valid = zip(*(read_window(region, w, out_px, norm)[:2] for w in locals_), strict=True)
+    out = {"local": torch.stack(local), "valid": torch.stack(valid)}
+    if globals_:
+        out["global"] = torch.stack([read_window(region, w, out_px, norm)[0] for w in globals_])
+    return out
 
 
 @torch.inference_mode()
@@ -55,14 +64,29 @@ def predict_tiles(
     model: nn.Module, local: torch.Tensor, global_: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Class probabilities ``(N, K, L, L)`` float32 of the local windows (local branch)."""
-    out = model(local, global_) if getattr(model, "takes_global", False) else model(local)
+    out = model(local, global_) if model.spec.takes_global else model(local)
     logits = out.local if isinstance(out, tuple) else out
     return logits.float().softmax(1)
 
 
-def _batches(items: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def run_tiles(
+    model: nn.Module, tiles: dict[str, torch.Tensor], device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(N, K, L, L)`` float32 of :func:`read_tiles` output (zeros for tiles
+    without data, which are not run) and the ``(N,)`` bool mask of tiles that ran. On CUDA
+    the model runs in bf16."""
+    device = device or next(model.parameters()).device
+    valid = tiles["valid"]
+    n, size = valid.shape[0], valid.shape[-1]
+    probs = np.zeros((n, model.spec.num_classes, size, size), dtype=np.float32)
+    ran = valid.reshape(n, -1).any(1).numpy()
+    if ran.any():
+        local = tiles["local"][ran].to(device)
+        glob = tiles.get("global")
+        glob = None if glob is None else glob[ran].to(device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            probs[ran] = predict_tiles(model, local, glob).float().cpu().numpy()
+    return probs, ran
 
 
 @torch.inference_mode()
@@ -70,7 +94,7 @@ def predict_array(
     model: nn.Module,
     image: np.ndarray | torch.Tensor,
     *,
-    tile_px: int = 256,
+    tile_px: int | None = None,
     overlap_px: int | None = None,
     valid: np.ndarray | torch.Tensor | None = None,
     batch_size: int = 8,
@@ -81,66 +105,61 @@ def predict_array(
     """Segment a whole in-memory scene with overlapping tiles.
 
     Args:
-        model: a registered model in eval mode (two-window models get global windows).
-        image: ``(C, H, W)`` normalised bands (0 = band mean), any size.
-        tile_px: local window side L.
+        model: a model from ``create_model`` in eval mode; its ``spec`` says how to
+            normalise the bands and how large the global window is.
+        image: ``(C, H, W)`` bands in the spec's units (``spec.mean`` / ``spec.std``), any
+            size; NaN = no data.
+        tile_px: local window side L (default ``spec.window_px``).
         overlap_px: overlap between neighbouring tiles (default: a quarter tile).
-        valid: optional ``(H, W)`` bool data mask; tiles with no valid pixel are skipped.
+        valid: optional ``(H, W)`` bool data mask; pixels outside it count as no data.
         batch_size: tiles per forward pass.
-        blend: ``cosine`` fades tiles into each other over the overlap; ``center`` keeps
-            only each tile's central part (``Tile.keep``), as the paper does.
+        blend: ``cosine`` or ``center`` (:mod:`relay_models.stitch`).
         device: where to run the model (default: the model's device).
         progress: show a tile progress bar.
 
     Returns:
-        ``(K, H, W)`` float32 probabilities on the CPU; all zero where no tile was run.
+        ``(K, H, W)`` float32 probabilities on the CPU; all zero where no tile ran.
+
+    Raises:
+        ValueError: wrong band count, or no pixel with data.
     """
-    image = torch.as_tensor(image, dtype=torch.float32)
+    spec: DataSpec = model.spec
+    image = torch.as_tensor(image, dtype=torch.float32).numpy().copy()
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
-    if image.shape[0] != model.backbone.in_chans:
+    if image.shape[0] != spec.in_chans:
         raise ValueError(
-            f"image has {image.shape[0]} bands but the model expects "
-            f"in_chans={model.backbone.in_chans}"
+            f"image has {image.shape[0]} bands but the model expects {spec.in_chans} "
+            f"({list(spec.bands)})"
         )
-    if overlap_px is None:
-        overlap_px = tile_px // 4
-    if blend not in ("cosine", "center"):
-        raise ValueError(f"blend must be 'cosine' or 'center', got {blend!r}")
+    if valid is not None:
+        image[:, ~np.asarray(valid, dtype=bool)] = np.nan
     device = torch.device(device) if device else next(model.parameters()).device
     _, h, w = image.shape
-    factor = model.factor if getattr(model, "takes_global", False) else None
-    coarse = downsample(image, factor) if factor else None
-    tiles = tile_grid((h, w), tile_px, overlap_px=overlap_px)
-    if valid is not None:
-        valid = torch.as_tensor(valid, dtype=torch.bool)
-        tiles = [t for t in tiles if valid[t.keep[0] : t.keep[2], t.keep[1] : t.keep[3]].any()]
-    weights = torch.from_numpy(blend_weights(tile_px, overlap_px if blend == "cosine" else 0))
-    acc: torch.Tensor | None = None
-    norm = torch.zeros(h, w)
-    bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="tiles")
-    for batch in _batches(tiles, batch_size):
-        local, glob = read_tiles(image, batch, factor=factor, coarse=coarse)
-        probs = predict_tiles(
-            model, local.to(device), None if glob is None else glob.to(device)
-        ).cpu()
-        if acc is None:
-            acc = torch.zeros(probs.shape[1], h, w)
-        for t, p in zip(batch, probs, strict=True):
-            oy, ox = t.origin_yx
-            y0, x0, y1, x1 = (
-                t.keep
-                if blend == "center"
-                else (oy, ox, min(oy + tile_px, h), min(ox + tile_px, w))
-            )
-            wt = weights[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-            acc[:, y0:y1, x0:x1] += p[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox] * wt
-            norm[y0:y1, x0:x1] += wt
-        bar.update(len(batch))
-    bar.close()
-    if acc is None:
+    tile_px = tile_px or spec.window_px
+    levels = int(math.log2(spec.factor)) if spec.takes_global else 0
+    source = ArrayPyramid(image, num_levels=levels)
+    tiles = plan_tiles((h, w), tile_px, overlap_px)
+    overlap = tile_px // 4 if overlap_px is None else overlap_px
+    out = torch.zeros(spec.num_classes, h, w)
+
+    def sink(y0: int, probs: np.ndarray, _valid: np.ndarray) -> None:
+        out[:, y0 : y0 + probs.shape[1]] = torch.from_numpy(probs)
+
+    stitcher = RowStitcher((h, w), spec.num_classes, tile_px, overlap, sink, blend=blend)
+    ran_any = False
+    with tqdm(total=len(tiles), unit="tile", disable=not progress, desc="tiles") as bar:
+        for i in range(0, len(tiles), batch_size):
+            batch = tiles[i : i + batch_size]
+            probs, ran = run_tiles(model, read_tiles(source, batch, spec), device)
+            for t, p, r in zip(batch, probs, ran, strict=True):
+                stitcher.add(t, p if r else None, np.ones(p.shape[1:], dtype=bool))
+            ran_any |= bool(ran.any())
+            bar.update(len(batch))
+    stitcher.close()
+    if not ran_any:
         raise ValueError("no tile has valid data: the scene is empty (all nodata)")
-    return acc / norm.clamp(min=1e-12)
+    return out
 
 
 def to_classes(

@@ -27,7 +27,9 @@ def read_window(
         out_px: output side.
         origin_yx: scene pixel of ``image[:, 0, 0]`` when ``image`` is a region read from a
             larger raster (e.g. a Zarr chunk range around ``window.pixel_bounds()``).
-        mode: ``"bilinear"`` for imagery, ``"nearest"`` for labels.
+        mode: ``"bilinear"`` for imagery, ``"nearest"`` for labels. An unrotated window
+            larger than ``out_px`` is area-averaged instead of bilinear (no aliasing): each
+            output pixel is the exact area-weighted mean of the input pixels it covers.
         fill: value for samples outside ``image`` (0 = band mean after normalisation; 255
             for ignored labels).
 
@@ -53,6 +55,8 @@ def read_window(
             out[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = image[:, ys:ye, xs:xe]
             valid[ys - y0 : ye - y0, xs - x0 : xe - x0] = True
         return out, valid
+    if mode == "bilinear" and local.angle_deg % 360 == 0 and local.side_px > out_px * (1 + 1e-9):
+        return _area(image, local, out_px, fill)
     pts = torch.as_tensor(local.sample_points(out_px), dtype=torch.float32, device=image.device)
     valid = (pts[..., 0] >= 0) & (pts[..., 0] < h) & (pts[..., 1] >= 0) & (pts[..., 1] < w)
     # grid_sample, align_corners=False: -1 and 1 are the outer pixel edges, as in our convention
@@ -65,3 +69,31 @@ def read_window(
     if mode == "nearest":
         out = out.to(image.dtype)
     return out, valid
+
+
+def _area_weights(start: float, cell: float, n_out: int, n_in: int) -> torch.Tensor:
+    """``(n_out, n_in)`` weights: the fraction of output cell ``i`` (``[start + i * cell,
+    start + (i + 1) * cell)`` in input pixels) covered by input pixel ``j``."""
+    lo = start + torch.arange(n_out, dtype=torch.float64)[:, None] * cell
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]
+    overlap = torch.minimum(lo + cell, j + 1) - torch.maximum(lo, j)
+    return overlap.clamp(min=0) / cell
+
+
+def _area(image: torch.Tensor, window: Window, out_px: int, fill: float):
+    """Area-average an unrotated ``window`` of ``image`` onto ``out_px x out_px``; an output
+    pixel touching a NaN (or the outside) is NaN before ``fill``."""
+    h, w = image.shape[1:]
+    y0, x0, _, _ = window.bounds()
+    cell = window.side_px / out_px
+    wy = _area_weights(y0, cell, out_px, h)
+    wx = _area_weights(x0, cell, out_px, w)
+    img = image.double()
+    bad = torch.isnan(img).any(0).double()
+    out = torch.einsum("yh,chw,xw->cyx", wy, torch.nan_to_num(img, nan=0.0), wx)
+    touched_bad = torch.einsum("yh,hw,xw->yx", wy, bad, wx) > 0
+    # covered fraction < 1: part of the cell lies outside the image
+    inside = torch.outer(wy.sum(1), wx.sum(1)) > 1 - 1e-6
+    valid = inside & ~touched_bad
+    out = torch.where(valid, out, torch.full_like(out, fill)).to(torch.float32)
+    return out.to(image.device), valid.to(image.device)

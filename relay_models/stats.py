@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .factory import create_model
+
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -41,8 +43,6 @@ def model_stats(
     name: str, *, num_classes: int = 10, side_px: int = 256, flops: bool = True
 ) -> ModelStats:
     """Params and GFLOPs of a registered model, built on the meta device."""
-    from . import create_model
-
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes)
     gflops = count_flops(model, side_px) / 1e9 if flops else float("nan")

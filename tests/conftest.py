@@ -6,6 +6,11 @@ import importlib
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI machines are shared: a property test must not fail because an example was slow
+settings.register_profile("relaymap", deadline=None)
+settings.load_profile("relaymap")
 
 
 @pytest.fixture(scope="session")

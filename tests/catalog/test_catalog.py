@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from catalog import ItemNotFound, StacApiCatalog, StaticCatalog, map_item, model_item
 from catalog.storage import atomic_upload, read_bytes
 from ingest.load import rio_env
+from relay_models import ClassSpec, DataSpec
 
 CLASSES = [
     {"index": i, "name": n, "color_hint": c}
@@ -52,12 +53,14 @@ def model(tmp_path):
         collection="relaymap-models",
         model_name="swinv2_nano_relay",
         architecture="Swin V2 + relay tokens",
-        bands=["blue", "green", "red", "nir"],
-        band_mean=[0.1, 0.1, 0.1, 0.3],
-        band_std=[0.02, 0.03, 0.04, 0.1],
-        classes=CLASSES,
-        window_px=64,
-        factor=4,
+        spec=DataSpec(
+            bands=("blue", "green", "red", "nir"),
+            mean=(0.1, 0.1, 0.1, 0.3),
+            std=(0.02, 0.03, 0.04, 0.1),
+            classes=tuple(ClassSpec(value=c["index"], **c) for c in CLASSES),
+            window_px=64,
+            factor=4,
+        ),
         total_parameters=4_969_896,
         hyperparameters={"lr": 1e-4},
         metrics={"val_miou": 0.61},

@@ -1,4 +1,5 @@
-"""Window sampling and reading: centring, alignment under rotation/rescale, padding, skip."""
+"""Training samples from scene stores: windows read through the window reader with the run's
+data spec (centring, alignment under rotation/rescale, padding), skip rule, tiles, spec."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flows.dataset import Augment, TileDataset, WindowPairDataset, check_stores, read_pair
+from flows.dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
 from ingest import StoreError, open_scene
 from relay_models.geometry import window_pair
+from relay_models.windows import read_pair as read_windows
 from tests.flows.stores import array_store, stripes
 
 
@@ -19,9 +21,18 @@ def stripe_store(tmp_path_factory):
     return array_store(str(tmp_path_factory.mktemp("s") / "stripes.zarr"), image, labels)
 
 
+def _spec(store, factor=4, window_px=64):
+    return data_spec([store], window_px=window_px, factor=factor)
+
+
+def read_pair(store, pair, out_px):
+    """``(local, global, labels, inside fraction)`` normalised with the store's own spec."""
+    s = read_windows(store, pair, out_px, _spec(store).norm(), labels=True)
+    return s["local"], s["global"], s["labels"], pair.local.inside_fraction(store.shape(0), out_px)
+
+
 def _denorm(store, x):
-    mean = torch.tensor(store.attrs.band_mean)[:, None, None]
-    std = torch.tensor(store.attrs.band_std)[:, None, None]
+    mean, std = _spec(store).norm()
     return x * std + mean
 
 
@@ -44,11 +55,9 @@ def test_global_window_comes_from_the_level_and_is_centred(stripe_store):
     level-0 pixels it covers; its centre crop covers the local window."""
     pair = window_pair((128.0, 128.0), 64, factor=4)
     local, glob, _, _ = read_pair(stripe_store, pair, 64)
-    full, _, origin = stripe_store.read_window(pair.global_, level=0)
-    assert origin == (0, 0)
+    full, _ = stripe_store.read_box(pair.global_.pixel_bounds(), level=0)
     pooled = F.avg_pool2d(torch.from_numpy(full)[None], 4)[0]
-    mean = torch.tensor(stripe_store.attrs.band_mean)[:, None, None]
-    std = torch.tensor(stripe_store.attrs.band_std)[:, None, None]
+    mean, std = _spec(stripe_store).norm()
     torch.testing.assert_close(glob, (pooled - mean) / std, atol=1e-5, rtol=0)
     crop = _denorm(stripe_store, glob)[:, 24:40, 24:40]
     local_pooled = F.avg_pool2d(_denorm(stripe_store, local)[None], 4)[0]
@@ -68,8 +77,7 @@ def test_skip_rule_and_rank_streams(stripe_store):
     def take(rank, n=24):
         ds = WindowPairDataset(
             [stripe_store.url],
-            window_px=64,
-            factor=4,
+            _spec(stripe_store),
             seed=3,
             rank=rank,
             augment=Augment(max_outside=0.5),
@@ -84,7 +92,7 @@ def test_skip_rule_and_rank_streams(stripe_store):
 
 
 def test_tiles_cover_the_scene_once(stripe_store):
-    tiles = TileDataset([stripe_store.url], window_px=64, factor=4)
+    tiles = TileDataset([stripe_store.url], _spec(stripe_store))
     assert len(tiles) == 16
     seen = torch.zeros(256, 256, dtype=torch.int64)
     for i in range(len(tiles)):
@@ -114,7 +122,21 @@ class TestBadStores:
 
 
 def test_numbers_of_bands_and_dtypes(stripe_store):
-    s = next(iter(WindowPairDataset([stripe_store.url], window_px=64, factor=4)))
+    s = next(iter(WindowPairDataset([stripe_store.url], _spec(stripe_store))))
     assert s["local"].dtype == s["global"].dtype == torch.float32
     assert s["labels"].dtype == torch.int64
     assert np.isfinite(s["local"].numpy()).all()
+
+
+def test_data_spec_pools_statistics_over_the_stores(tmp_path, stripe_store):
+    """The run's normalisation is the pixel-weighted mean/std of all its stores, i.e. the
+    statistics of their union, not of the first store."""
+    image, labels = stripes(64, 256)
+    other = array_store(str(tmp_path / "other.zarr"), image * 3 + 1, labels)
+    spec = data_spec([stripe_store, other], window_px=64, factor=4)
+    big, _ = stripes()
+    union = np.concatenate([big.reshape(2, -1), (image * 3 + 1).reshape(2, -1)], axis=1)
+    np.testing.assert_allclose(spec.mean, union.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(spec.std, union.std(1), rtol=1e-4)
+    assert spec.bands == stripe_store.bands and spec.factor == 4 and spec.window_px == 64
+    assert spec.class_names == ["class_0", "class_1"]

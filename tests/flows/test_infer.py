@@ -10,70 +10,16 @@ import torch
 
 from catalog import StaticCatalog, multihash_sha256
 from catalog.storage import filesystem, gdal_env
-from flows.infer import InferConfig, infer
-from flows.stitch import RowStitcher
+from flows.infer import InferConfig, MapOptions, infer
 from flows.trained import ModelError, load_trained
 from ingest import StoreError, open_scene
 from ingest.sample import CLASSES
-from relay_models.geometry import tile_grid
-from relay_models.inference import predict_array, predict_tiles, read_tiles
+from relay_models.inference import plan_tiles, predict_array, predict_tiles, read_tiles
+from relay_models.windows import ArrayPyramid
 
 from .stores import array_store
 
 BANDS = ["blue", "green", "red", "nir"]
-
-
-# ---------------------------------------------------------------- stitching (no Ray)
-
-
-def _stitch(shape, tile_px, overlap_px, tile_probs):
-    out = np.full((2, *shape), np.nan, dtype=np.float32)
-    rows_seen = []
-
-    def sink(y0, probs, valid):
-        rows_seen.extend(range(y0, y0 + probs.shape[1]))
-        out[:, y0 : y0 + probs.shape[1]] = np.where(valid, probs, np.nan)
-
-    st = RowStitcher(shape, 2, tile_px, overlap_px, sink)
-    for t in tile_grid(shape, tile_px, overlap_px=overlap_px):
-        p = tile_probs(t)
-        st.add(t, p, np.ones((tile_px, tile_px), bool) if p is not None else None)
-    st.close()
-    return out, rows_seen
-
-
-@pytest.mark.parametrize("shape", [(200, 330), (64, 64), (40, 90)])
-def test_constant_tiles_stitch_to_a_constant_map_without_seams(shape):
-    const = np.array([0.3, 0.7], dtype=np.float32)[:, None, None]
-    out, rows = _stitch(shape, 64, 16, lambda t: np.broadcast_to(const, (2, 64, 64)).copy())
-    assert rows == list(range(shape[0]))  # every row once, top to bottom
-    np.testing.assert_allclose(out, np.broadcast_to(const, out.shape), atol=1e-6)
-
-
-def test_stitch_matches_the_in_memory_blend_and_keeps_skipped_tiles_nodata():
-    rng = np.random.default_rng(0)
-    shape, tile, overlap = (150, 170), 64, 24
-    tiles = tile_grid(shape, tile, overlap_px=overlap)
-    probs = {t.origin_yx: rng.random((2, tile, tile), dtype=np.float32) for t in tiles}
-    skipped = tiles[0].origin_yx
-    out, _ = _stitch(
-        shape, tile, overlap, lambda t: None if t.origin_yx == skipped else probs[t.origin_yx]
-    )
-    # reference: accumulate the whole scene at once
-    from relay_models.geometry import blend_weights
-
-    acc, norm = np.zeros((2, *shape)), np.zeros(shape)
-    wt = blend_weights(tile, overlap)
-    for t in tiles:
-        if t.origin_yx == skipped:
-            continue
-        oy, ox = t.origin_yx
-        h, w = min(tile, shape[0] - oy), min(tile, shape[1] - ox)
-        acc[:, oy : oy + h, ox : ox + w] += probs[t.origin_yx][:, :h, :w] * wt[:h, :w]
-        norm[oy : oy + h, ox : ox + w] += wt[:h, :w]
-    ref = np.where(norm > 0, acc / np.maximum(norm, 1e-12), np.nan)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-    assert np.isnan(out[:, :10, :10]).all()  # covered by the skipped tile only
 
 
 def _read(url):
@@ -81,9 +27,12 @@ def _read(url):
         return src.read(), src.profile, src.overviews(1), src.tags(ns="IMAGE_STRUCTURE")
 
 
-def _config(scenes, tmp_path, **kw):
+def _config(scenes, tmp_path, **options):
     return InferConfig(
-        model=scenes["model"], scene=scenes["stores"][1], out=str(tmp_path / "maps"), **kw
+        model=scenes["model"],
+        scene=scenes["stores"][1],
+        out=str(tmp_path / "maps"),
+        options=MapOptions(**options),
     )
 
 
@@ -98,10 +47,7 @@ def test_scene_to_cog_on_s3_registered_in_a_searchable_catalog(ray_local, scenes
         scene=scenes["stores"][1],
         out="s3://relaymap-test/maps",
         catalog=catalog_url,
-        tile_px=128,
-        overlap_px=32,
-        workers=2,
-        probabilities=True,
+        options=MapOptions(tile_px=128, overlap_px=32, workers=2, probabilities=True),
     )
     product = infer(cfg, progress=False)
     data, profile, overviews, tags = _read(product.classes_url)
@@ -147,40 +93,41 @@ def test_scene_to_cog_on_s3_registered_in_a_searchable_catalog(ray_local, scenes
 
 
 @pytest.mark.slow
-def test_tiled_output_equals_the_model_on_windows(ray_local, tmp_path, scenes):
-    trained = load_trained(scenes["model"])
-    model = trained.model
-    # a 192 px scene cut from a sample scene, away from its nodata corner
+def test_ray_mapping_and_predict_array_are_one_engine(ray_local, tmp_path, scenes):
+    """Batch inference on a store and ``predict_array`` on the same pixels in memory give the
+    same probabilities (one read rule, one blend rule), nodata included; a tile as large as
+    the scene gives the model's answer on that one window."""
+    info, model = load_trained(scenes["model"])
+    # a 192 px scene cut from a sample scene, with a nodata block
     image, _ = open_scene(scenes["stores"][1]).read_box((400, 400, 592, 592))
-    assert np.isfinite(image).all()
+    image[:, 150:, :40] = np.nan
     small = array_store(str(tmp_path / "small.zarr"), image, None, bands=list(BANDS))
-    mean = torch.tensor(trained.inputs.band_mean)[:, None, None]
-    std = torch.tensor(trained.inputs.band_std)[:, None, None]
-    norm = (torch.from_numpy(image) - mean) / std  # the model's statistics, not the store's
-    cfg = dict(
-        model=scenes["model"], scene=small.url, out=str(tmp_path / "maps"), probabilities=True
-    )
     tol = 0.6 / 254  # probabilities are stored as round(p * 254)
 
-    # one window: tiles as large as the scene give the model's answer on the whole window
-    one = infer(InferConfig(**cfg, tile_px=192, item_id="one"), progress=False)
-    glob = read_tiles(norm, tile_grid((192, 192), 192), factor=trained.factor)[1]
-    ref = predict_tiles(model, norm[None], glob)[0].numpy()
-    np.testing.assert_allclose(_read(one.probabilities_url)[0] / 254, ref, atol=tol)
-    # disjoint tiles (overlap 0): each tile is exactly the model on that tile
-    # overlapping tiles: the in-memory cosine blend of the same tiles
-    for overlap in (0, 16):
-        got = infer(
-            InferConfig(**cfg, tile_px=64, overlap_px=overlap, item_id=f"o{overlap}"),
-            progress=False,
+    def run(**options):
+        config = InferConfig(
+            model=scenes["model"],
+            scene=small.url,
+            out=str(tmp_path / "maps"),
+            item_id="-".join(f"{k}{v}" for k, v in options.items()),
+            options=MapOptions(probabilities=True, **options),
         )
-        ref = predict_array(model, norm, tile_px=64, overlap_px=overlap).numpy()
-        probs = _read(got.probabilities_url)[0] / 254
-        np.testing.assert_allclose(probs, ref, atol=tol)
-        classes = _read(got.classes_url)[0][0]
-        assert (classes == ref.argmax(0))[
-            np.abs(np.diff(np.sort(ref, 0)[-2:], axis=0)[0]) > tol
-        ].all()
+        product = infer(config, progress=False)
+        return _read(product.probabilities_url)[0] / 254, _read(product.classes_url)[0][0]
+
+    one, _ = run(tile_px=192)
+    tiles = plan_tiles((192, 192), 192)
+    inputs = read_tiles(ArrayPyramid(image, num_levels=2), tiles, info.spec)
+    ref = predict_tiles(model, inputs["local"], inputs["global"])[0].numpy()
+    valid = np.isfinite(image).all(0)
+    np.testing.assert_allclose(one[:, valid], ref[:, valid], atol=tol)
+    for overlap in (0, 16):
+        probs, classes = run(tile_px=64, overlap_px=overlap)
+        ref = predict_array(model, image, tile_px=64, overlap_px=overlap).numpy()
+        np.testing.assert_allclose(probs[:, valid], ref[:, valid], atol=tol)
+        assert (classes[~valid] == 255).all()
+        clear = np.abs(np.diff(np.sort(ref, 0)[-2:], axis=0)[0]) > tol
+        assert (classes == ref.argmax(0))[clear & valid].all()
 
 
 @pytest.mark.slow
@@ -261,28 +208,22 @@ def test_a_scene_smaller_than_a_tile_is_padded_and_mapped(ray_local, tmp_path, s
 def test_a_model_loads_from_its_mlm_item(tmp_path, scenes):
     from catalog import model_item
 
-    trained = load_trained(scenes["model"])
-    inputs = trained.inputs
+    info, model = load_trained(scenes["model"])
     item = model_item(
         scenes["model"],
         item_id="quick",
         collection="relaymap-models",
-        model_name=trained.config.name,
+        spec=info.spec,
+        model_name=info.config.name,
         architecture="SwinTransformerV2 + relay tokens",
-        bands=inputs.bands,
-        band_mean=inputs.band_mean,
-        band_std=inputs.band_std,
-        classes=inputs.classes,
-        window_px=inputs.window_px,
-        factor=trained.factor,
         total_parameters=1,
     )
     catalog = StaticCatalog(str(tmp_path / "catalog"))
     catalog.add_items([item])
-    via_item = load_trained(item.get_self_href())
-    assert via_item.item.id == "quick" and via_item.name == "quick"
-    assert via_item.weights_url == trained.weights_url
-    ours, theirs = via_item.model.state_dict(), trained.model.state_dict()
+    via_info, via_model = load_trained(item.get_self_href())
+    assert via_info.item.id == "quick" and via_info.name == "quick"
+    assert via_info.weights_url == info.weights_url and via_info.spec == info.spec
+    ours, theirs = via_model.state_dict(), model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 

@@ -13,6 +13,7 @@ from catalog import StaticCatalog, serve_stac
 from catalog.server import free_port
 from catalog.storage import filesystem
 from flows.jobs import RayJobError, run_job
+from flows.options import MapOptions
 from flows.pipeline import (
     InferParams,
     IngestParams,
@@ -186,16 +187,88 @@ def test_cluster_address_picks_the_jobs_api_only(monkeypatch):
     assert cluster_address(None) == "https://ray.example.org"
 
 
-@pytest.mark.slow
-def test_infer_flow_maps_through_ray_jobs_on_a_cluster(ray_cluster, scenes, tmp_path):
-    from flows.pipeline import InferSettings
+# ---------------------------------------------------------------- inference options, every path
 
+#: Every inference option at a value other than its default.
+NON_DEFAULT = MapOptions(
+    tile_px=128,
+    overlap_px=8,
+    batch_size=3,
+    workers=1,
+    use_gpu=False,
+    probabilities=True,
+    quicklook=False,
+    compress="ZSTD",
+)
+
+
+def test_the_option_set_covers_every_option():
+    for name, field in MapOptions.model_fields.items():
+        assert getattr(NON_DEFAULT, name) != field.default, f"{name} is at its default"
+
+
+def _the_worker_saw_every_option(catalog_url: str, item_id: str) -> None:
+    """The map item records the options the mapping process ran with, and the products
+    show the ones that change them."""
+    import rasterio
+
+    from catalog.storage import gdal_env
+
+    item = StaticCatalog(catalog_url).get_item("relaymap-maps", item_id)
+    assert item.properties["relaymap:options"] == NON_DEFAULT.model_dump(mode="json")
+    assert "probabilities" in item.assets and "overview" not in item.assets
+    with rasterio.Env(**gdal_env()), rasterio.open(item.assets["classes"].href) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "ZSTD"
+
+
+def _flags(options: MapOptions) -> list[str]:
+    args = []
+    for name, value in options.model_dump().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.mark.slow
+def test_every_option_reaches_the_worker_from_the_cli(ray_local, scenes, tmp_path):
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    catalog = str(tmp_path / "catalog")
+    args = ["infer", "--model", scenes["model"], "--scene", scenes["stores"][1]]
+    args += ["--out", str(tmp_path / "maps"), "--catalog", catalog, "--item-id", "cli"]
+    res = CliRunner().invoke(main, [*args, *_flags(NON_DEFAULT)])
+    assert res.exit_code == 0, res.output
+    _the_worker_saw_every_option(catalog, "cli")
+
+
+@pytest.mark.slow
+def test_every_option_reaches_the_worker_from_a_prefect_flow(ray_local, scenes, tmp_path):
+    catalog = str(tmp_path / "catalog")
     params = InferParams(
         model=scenes["model"],
         stores=[scenes["stores"][1]],
         out_url=str(tmp_path / "maps"),
-        catalog_url=str(tmp_path / "catalog"),
-        settings=InferSettings(tile_px=128, workers=1),
+        catalog_url=catalog,
+        options=NON_DEFAULT,
+    )
+    (item_id,) = infer_flow(params)["items"].values()
+    _the_worker_saw_every_option(catalog, item_id)
+
+
+@pytest.mark.slow
+def test_every_option_reaches_the_worker_of_a_ray_job(ray_cluster, scenes, tmp_path):
+    catalog = str(tmp_path / "catalog")
+    params = InferParams(
+        model=scenes["model"],
+        stores=[scenes["stores"][1]],
+        out_url=str(tmp_path / "maps"),
+        catalog_url=catalog,
+        options=NON_DEFAULT,
         address=ray_cluster,
     )
     result = infer_flow(params)
@@ -203,7 +276,4 @@ def test_infer_flow_maps_through_ray_jobs_on_a_cluster(ray_cluster, scenes, tmp_
         "items": {scenes["stores"][1]: "sample-01-swinv2_nano_relay"},
         "failed": {},
     }
-    item = StaticCatalog(str(tmp_path / "catalog")).get_item(
-        "relaymap-maps", "sample-01-swinv2_nano_relay"
-    )
-    assert Path(item.assets["classes"].href.removeprefix("file://")).is_file()
+    _the_worker_saw_every_option(catalog, "sample-01-swinv2_nano_relay")

@@ -3,6 +3,7 @@ checkpoints, resume, a killed worker, and a two-node cluster losing a node."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from flows.train import TrainConfig, check_inputs, train
 from ingest import StoreError
 from relay_models import RelayLoss, create_model
 from tests.flows.stores import array_store, stripes
+from tests.services import environ
 
 
 def _toy(tmp_path, name="toy", size=128):
@@ -70,7 +72,6 @@ class TestBadInput:
 
     def test_unwritable_storage(self, tmp_path):
         from catalog.server import free_port
-        from tests.services import environ
 
         store = array_store(str(tmp_path / "a.zarr"), *stripes(64, 64))
         dead = {
@@ -93,29 +94,16 @@ class TestBadInput:
 
 def _loss(weights: dict, store, steps_seed=0) -> float:
     """Local+global loss of a model with ``weights`` on fixed toy tiles."""
-    from flows.dataset import TileDataset
+    from flows.dataset import TileDataset, data_spec
 
-    model = create_model("swinv2_nano_relay", num_classes=2, in_chans=2).eval()
+    spec = data_spec([store], window_px=32, factor=4)
+    model = create_model("swinv2_nano_relay", num_classes=2, in_chans=2, spec=spec).eval()
     model.load_state_dict(weights)
-    tiles = TileDataset([store.url], window_px=32, factor=4)
+    tiles = TileDataset([store.url], spec)
     batch = {k: torch.stack([tiles[i][k] for i in range(len(tiles))]) for k in tiles[0]}
     with torch.no_grad():
         out = model(batch["local"], batch["global"])
         return RelayLoss(factor=4)(out, batch["labels"]).total.item()
-
-
-def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker``)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::RayTrainWorker"):
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return sorted(pids)
 
 
 def _registered_steps(storage_url: str, run_name: str) -> int:
@@ -131,14 +119,23 @@ def _registered_steps(storage_url: str, run_name: str) -> int:
     return snapshot.count(b"checkpoint_dir_name")
 
 
-def _after_a_registered_checkpoint(storage_url, run_name, action, timeout=120):
-    """Run ``action`` once two workers are alive and a checkpoint is registered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(train_worker_pids()) == 2 and _registered_steps(storage_url, run_name) >= 1:
-            action()
-            return
-        time.sleep(0.2)
+@contextlib.contextmanager
+def paused_at_step(tmp_path, step: int):
+    """Make the last training rank stop at ``step`` (after reporting its checkpoint) and
+    wait there (``flows.train``'s fault point); yields a function that waits for the paused
+    worker and a registered checkpoint, and returns the worker's pid. Nothing is timed: the
+    fault lands at that step, however busy the machine is."""
+    from flows.train import PAUSE_ENV
+
+    pid_file = tmp_path / f"paused-{step}.pid"
+    with environ(dict(zip(PAUSE_ENV, (str(step), str(pid_file)), strict=True))):
+
+        def wait_for_pause(storage_url: str, run_name: str) -> int:
+            while not pid_file.exists() or _registered_steps(storage_url, run_name) < 1:
+                time.sleep(0.2)
+            return int(pid_file.read_text())
+
+        yield wait_for_pause
 
 
 @pytest.mark.slow
@@ -147,21 +144,21 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
 
     store = _toy(tmp_path)
     storage = "s3://relaymap-test/runs"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.shutdown()  # a cluster of our own, started with the fault point in its environment
+    with paused_at_step(tmp_path, 8) as wait_for_pause:
+        ray.init(num_cpus=2, include_dashboard=False)
     try:
         killed: list[int] = []
 
-        def kill():
-            pid = train_worker_pids()[-1]
+        def kill():  # the worker this test paused, by its pid
+            pid = wait_for_pause(storage, "toy")
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-        watcher = threading.Thread(
-            target=_after_a_registered_checkpoint, args=(storage, "toy", kill), daemon=True
-        )
+        watcher = threading.Thread(target=kill, daemon=True)
         watcher.start()
         first = train(_config([store.url], storage))
-        watcher.join(timeout=5)
+        watcher.join()
         assert killed, "no worker was killed: the test did not exercise recovery"
         assert first.metrics["step"] == 24
         assert first.metrics["start_step"] > 0  # the restarted workers resumed a checkpoint
@@ -186,10 +183,11 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
     # inference loads the exported file back, with its input contract (from S3)
     from flows.trained import load_trained
 
-    loaded = load_trained(second.weights_url)
-    assert loaded.inputs.bands == store.bands and loaded.inputs.window_px == 32
-    assert loaded.inputs.band_mean == store.attrs.band_mean
-    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in trained.items())
+    info, model = load_trained(second.weights_url)
+    assert info.spec.bands == store.bands and info.spec.window_px == 32
+    assert info.spec.mean == pytest.approx(store.attrs.band_mean)
+    assert info.spec.factor == 4
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
 
 
 @pytest.mark.slow
@@ -210,8 +208,9 @@ def test_two_node_cluster_losing_a_node(tmp_path):
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_health}
     )
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address)
+    with paused_at_step(tmp_path, 8) as wait_for_pause:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        ray.init(address=cluster.address)
     out: dict = {}
     try:
         runner = threading.Thread(
@@ -221,13 +220,10 @@ def test_two_node_cluster_losing_a_node(tmp_path):
             daemon=True,
         )
         runner.start()
-        deadline = time.monotonic() + 120
-        while not (len(train_worker_pids()) == 2 and _registered_steps(storage, "toy") >= 1):
-            assert time.monotonic() < deadline, "training never reached its second checkpoint"
-            time.sleep(0.3)
+        wait_for_pause(storage, "toy")  # a checkpoint is registered, a worker waits at step 8
         cluster.remove_node(nodes[1], allow_graceful=False)
         cluster.add_node(num_cpus=1)  # the replacement a cluster autoscaler brings
-        runner.join(timeout=240)
+        runner.join()
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -228,7 +228,10 @@ class TestStore:
             open_scene(str(tmp_path / "plain.zarr"))
 
     def test_scene_smaller_than_a_window_reads_padded(self, sample_local, tmp_path):
+        import torch
+
         from relay_models.geometry import window_pair
+        from relay_models.windows import read_pair
 
         item = _item(sample_local)
         t = load_scene([item], BANDS).odc.geobox.transform
@@ -241,15 +244,17 @@ class TestStore:
         )  # 100 x 100 px
         scene = write_scene(str(tmp_path / "small.zarr"), small, num_levels=2, chunk_px=64)
         pair = window_pair((64.0, 64.0), 256, factor=4)
-        local, _, origin = scene.read_window(pair.local, level=0)
-        glob, _, gorigin = scene.read_window(pair.global_, level=2)
-        assert local.shape == (4, 256, 256) and origin == (-64, -64)
-        assert glob.shape == (4, 256, 256) and gorigin == (-112, -112)
+        assert pair.local.pixel_bounds() == (-64, -64, 192, 192)
+        local, _ = scene.read_box(pair.local.pixel_bounds(), level=0)
+        assert local.shape == (4, 256, 256)
         assert np.isfinite(local[:, 64:164, 64:164]).all()
         assert np.isnan(local[:, :64]).all() and np.isnan(local[:, 164:]).all()
-        # a window off the level's pixel grid touches one more pixel per side
-        off = scene.read_window(window_pair((50.0, 50.0), 256, factor=4).global_, level=2)
-        assert off[0].shape == (4, 257, 257)
+        # read through the window reader: data where the scene is, 0 (the mean) elsewhere
+        norm = (torch.zeros(4, 1, 1), torch.ones(4, 1, 1))
+        pair_ = read_pair(scene, pair, 256, norm)
+        assert pair_["valid"][64:164, 64:164].all() and pair_["valid"].sum() == 100 * 100
+        assert (pair_["local"][:, ~pair_["valid"]] == 0).all()
+        assert pair_["global"].shape == (4, 256, 256)
 
 
 def test_ingest_items_in_one_call(sample_local, tmp_path):

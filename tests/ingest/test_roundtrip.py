@@ -104,14 +104,26 @@ def test_rerun_is_a_no_op(store, stac_api):
     assert again.attrs == scene.attrs  # same creation time: nothing was rewritten
 
 
-def test_reopened_store_reads_windows(store):
-    from relay_models.geometry import Window
-
+def test_reopened_store_reads_boxes(store):
     _, scene = store
     reopened = open_scene(scene.url)
-    image, label, origin = reopened.read_window(Window((10.0, 10.0), 64.0), level=0)
-    assert origin == (-22, -22) and image.shape == (4, 64, 64) and label.shape == (64, 64)
+    image, label = reopened.read_box((-22, -22, 42, 42), level=0)
+    assert image.shape == (4, 64, 64) and label.shape == (64, 64)
     assert np.isnan(image[:, :22]).all() and (label[:22] == 255).all()
     np.testing.assert_array_equal(
         image[:, 22:, 22:], reopened.level(0)["image"].values[:, :42, :42]
     )
+
+
+def test_a_store_and_an_array_pyramid_hold_the_same_levels(store):
+    """The store's levels follow the window reader's pyramid rule exactly."""
+    from relay_models.windows import ArrayPyramid
+
+    _, scene = store
+    image = scene.level(0)["image"].values
+    label = scene.level(0)["label"].values
+    pyr = ArrayPyramid(image, label, num_levels=scene.num_levels)
+    for level in range(scene.num_levels + 1):
+        ds = scene.level(level)
+        np.testing.assert_array_equal(ds["image"].values, pyr.levels[level][0])
+        np.testing.assert_array_equal(ds["label"].values, pyr.levels[level][1])

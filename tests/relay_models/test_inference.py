@@ -109,5 +109,7 @@ class TestBadInput:
             predict_array(relay_model, torch.randn(64, 64), tile_px=TILE)
 
     def test_wrong_band_count(self, relay_model):
-        with pytest.raises(ValueError, match="5 bands but the model expects in_chans=3"):
+        with pytest.raises(
+            ValueError, match=r"5 bands but the model expects 3 \(\[.b0., .b1., .b2.\]\)"
+        ):
             predict_array(relay_model, torch.randn(5, 64, 64), tile_px=TILE)

@@ -1,18 +1,32 @@
 """Streaming stitch: blend overlapping tile predictions into rows, flushed as they finish.
 
-Tiles arrive in :func:`relay_models.geometry.tile_grid` order (row-major). Once a tile whose
-top edge is row ``y`` arrives, no later tile touches rows above ``y``, so those rows are
-final: they are normalised and handed to the sink, and the buffer only ever holds one
-strip of tile height (``K x L x W``), never the scene.
+The blending rule of the tiled-inference engine (:mod:`relay_models.inference`), for
+in-memory scenes and batch inference alike: every scene pixel gets the weighted mean of the
+class probabilities of the tiles that cover it, with weights
+
+* ``cosine``: :func:`~relay_models.geometry.blend_weights`: 1 in a tile's centre, falling
+  with a raised cosine over ``overlap_px`` at its edges (never 0), so tiles fade into each
+  other and no seam shows;
+* ``center``: 1 on the tile's ``keep`` box and 0 elsewhere (the paper's rule: each pixel
+  comes from exactly one tile, the one whose centre is nearest).
+
+A pixel is valid when a tile with data covered it and it had data itself. Tiles arrive in
+:func:`relay_models.geometry.tile_grid` order (row-major). Once a tile whose top edge is row
+``y`` arrives, no later tile touches rows above ``y``, so those rows are final: they are
+normalised and handed to the sink, and the buffer only ever holds one strip of tile height
+(``K x L x W``), never the scene.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
-from relay_models.geometry import Tile, blend_weights
+from .geometry import Tile, blend_weights
+
+Blend = Literal["cosine", "center"]
 
 #: ``sink(y0, probs, valid)``: rows ``y0 .. y0 + h`` of ``(K, h, W)`` float32 probabilities
 #: and the ``(h, W)`` data mask.
@@ -26,8 +40,9 @@ class RowStitcher:
         shape_yx: scene ``(height, width)``.
         num_classes: K.
         tile_px: tile side L.
-        overlap_px: tile overlap; tiles are blended with raised-cosine ramps over it.
+        overlap_px: tile overlap.
         sink: receives finished rows, top to bottom, each row exactly once.
+        blend: ``cosine`` or ``center`` (see the module docstring).
     """
 
     def __init__(
@@ -37,11 +52,16 @@ class RowStitcher:
         tile_px: int,
         overlap_px: int,
         sink: Sink,
+        *,
+        blend: Blend = "cosine",
     ) -> None:
+        if blend not in ("cosine", "center"):
+            raise ValueError(f"blend must be 'cosine' or 'center', got {blend!r}")
         self.height, self.width = shape_yx
         self.tile_px = tile_px
         self.sink = sink
-        self.weights = blend_weights(tile_px, overlap_px)
+        self.blend = blend
+        self.weights = blend_weights(tile_px, overlap_px if blend == "cosine" else 0)
         rows = tile_px  # after flush(oy) a tile always starts at buffer row 0
         self.acc = np.zeros((num_classes, rows, self.width), dtype=np.float32)
         self.norm = np.zeros((rows, self.width), dtype=np.float32)
@@ -64,9 +84,13 @@ class RowStitcher:
         w = min(self.tile_px, self.width - ox)
         r = oy - self.top
         wt = self.weights[:h, :w]
+        if self.blend == "center":
+            ky0, kx0, ky1, kx1 = tile.keep
+            wt = np.zeros_like(wt)
+            wt[ky0 - oy : ky1 - oy, kx0 - ox : kx1 - ox] = 1
         self.acc[:, r : r + h, ox : ox + w] += probs[:, :h, :w] * wt
         self.norm[r : r + h, ox : ox + w] += wt
-        self.valid[r : r + h, ox : ox + w] |= valid[:h, :w]
+        self.valid[r : r + h, ox : ox + w] |= valid[:h, :w] & (wt > 0)
 
     def flush(self, upto: int) -> None:
         """Emit rows ``[top, upto)``: no tile still to come touches them."""

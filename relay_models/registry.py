@@ -118,3 +118,8 @@ def build_model(
     decode_head: nn.Module = create_head(head, backbone.feature_info, num_classes)
     extra = {"relay_mode": relay_mode} if seg_cls is RelaySegmenter else {}
     return seg_cls(backbone, decode_head, factor=factor, **extra)
+
+
+def takes_global(name: str) -> bool:
+    """Whether the registered model ``name`` is called as ``model(local, global_)``."""
+    return VARIANTS[split_name(name)[1]][0].takes_global

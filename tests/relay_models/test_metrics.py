@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from flows.metrics import ConfusionMatrix
+from relay_models.metrics import ConfusionMatrix
 
 
 def test_iou_by_hand():

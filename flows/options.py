@@ -1,0 +1,35 @@
+"""Inference options, declared once: the CLI's flags, Prefect parameters and Ray job configs
+are all made from :class:`MapOptions` (a new option is one field here)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from relay_models.config import FrozenConfig
+
+
+class MapOptions(FrozenConfig):
+    """How a scene is mapped: the one place inference options are declared. The CLI's flags
+    (``relaymap infer --help``), Prefect parameters and Ray job configs are made from it."""
+
+    tile_px: int | None = Field(
+        default=None, ge=32, description="Tile side in pixels (default: the model's window)."
+    )
+    overlap_px: int | None = Field(
+        default=None, ge=0, description="Overlap of neighbouring tiles (default: a quarter tile)."
+    )
+    batch_size: int = Field(default=8, ge=1, description="Tiles per forward pass.")
+    workers: int = Field(
+        default=2, ge=1, description="Model actors (one GPU each on a GPU cluster, else 1 CPU)."
+    )
+    use_gpu: bool | None = Field(
+        default=None, description="Run the model on GPUs (default: when the cluster has any)."
+    )
+    probabilities: bool = Field(
+        default=False,
+        description="Also write the class probability COG (round(p * 254), 255 = nodata).",
+    )
+    quicklook: bool = Field(default=True, description="Write a PNG quicklook with a legend.")
+    compress: Literal["DEFLATE", "ZSTD"] = Field(default="DEFLATE", description="COG compression.")

@@ -1,0 +1,93 @@
+"""``create_model``: a registered model with its config and its data contract attached."""
+
+from __future__ import annotations
+
+import os
+
+from .config import ModelConfig
+from .registry import build_model, takes_global
+from .segmenter import Segmenter
+from .spec import DataSpec
+from .weights import load_pretrained
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    relays: int = 4,
+    relay_mode: str = "sequential",
+    pretrained: str | os.PathLike | None = None,
+    head: str = "convt",
+    separate_patch_embed: bool = True,
+    factor: int = 4,
+    drop_path_rate: float | None = None,
+    spec: DataSpec | None = None,
+) -> Segmenter:
+    """Build a registered segmentation model (timm-style).
+
+    Args:
+        name: a name from :func:`list_models`: ``{swinv2_{nano,tiny,small,base},
+            vit_{small,base}}`` (sliding window) with an optional suffix ``_relay``,
+            ``_registers``, ``_fusion`` (decision fusion) or ``_downsample``.
+        num_classes: output classes K.
+        in_chans: input bands (see :mod:`relay_models.weights` for pretrained adaptation).
+        relays: relay tokens R for ``_relay`` / ``_registers`` (ignored by the others).
+        relay_mode: ``sequential`` (global then local, default) or ``parallel`` (``_relay``).
+        pretrained: timm-format backbone checkpoint: path, URL or ``hf-hub:ORG/NAME``
+            (local cache only); loaded strictly, see :func:`load_pretrained`.
+        head: ``convt`` (the paper's transposed convolution) or ``fpn`` (Swin only).
+        separate_patch_embed: own patch projection for the global window (``_relay``).
+        factor: global/local side ratio (two-window models crop global logits with it).
+        drop_path_rate: stochastic depth; ``None`` keeps the backbone default.
+        spec: the model's data contract (bands, normalisation, classes, window); default
+            :meth:`DataSpec.default`. It must agree with ``in_chans``, ``num_classes`` and
+            ``factor``.
+
+    Returns:
+        The model, with ``model.config`` (a :class:`ModelConfig`, ``pretrained`` dropped)
+        and ``model.spec`` (its :class:`DataSpec`).
+
+    Raises:
+        ValueError: unknown name, head or relay mode (the message lists valid choices), a
+            spec that does not fit, or a checkpoint that does not fit.
+    """
+    model = build_model(
+        name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        relays=relays,
+        relay_mode=relay_mode,
+        head=head,
+        separate_patch_embed=separate_patch_embed,
+        factor=factor,
+        drop_path_rate=drop_path_rate,
+    )
+    config = ModelConfig(
+        name=name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        relays=relays,
+        relay_mode=relay_mode,
+        head=head,
+        separate_patch_embed=separate_patch_embed,
+        factor=factor,
+        drop_path_rate=drop_path_rate,
+    )
+    model_factor = factor if takes_global(name) else None
+    if spec is None:
+        spec = DataSpec.default(in_chans=in_chans, num_classes=num_classes, factor=model_factor)
+    if (spec.in_chans, spec.num_classes, spec.factor) != (in_chans, num_classes, model_factor):
+        raise ValueError(
+            f"the data spec of {name} (bands {list(spec.bands)}, {spec.num_classes} classes, "
+            f"factor {spec.factor}) does not fit the model (in_chans={in_chans}, "
+            f"num_classes={num_classes}, factor={model_factor})"
+        )
+    model.name = name
+    model.num_classes = num_classes
+    model.config = config
+    model.spec = spec
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model

@@ -1,0 +1,110 @@
+"""The import graph: layers run one way, no cycles, no private names across packages, no
+module importing its own package's ``__init__``, and ``bench/`` on public APIs only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("relay_models", "ingest", "catalog", "flows")
+#: What each package may import of ours: lower layers never import upper ones.
+LAYERS = {
+    "relay_models": set(),
+    "catalog": {"relay_models"},
+    "ingest": {"relay_models", "catalog"},
+    "flows": {"relay_models", "catalog", "ingest"},
+    "bench": {"relay_models", "catalog", "ingest", "flows"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for top in (*PACKAGES, "bench"):
+        for path in sorted((ROOT / top).glob("*.py")):
+            name = top if path.stem == "__init__" else f"{top}.{path.stem}"
+            mods[name] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, str | None, int]]:
+    """``(module, imported name or None, line)`` for every import in the file, relative
+    ones resolved, at any depth (lazy imports in functions count too)."""
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            out += [(base, a.name, node.lineno) for a in node.names]
+    return out
+
+
+def _ours(module: str) -> str | None:
+    top = module.split(".")[0]
+    return top if top in LAYERS or top == "tests" else None
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_layers_private_names_and_own_init(name):
+    path, top = MODULES[name], name.split(".")[0]
+    for module, imported, line in _imports(name, path):
+        where = f"{path.relative_to(ROOT)}:{line} imports {module}"
+        other = _ours(module)
+        if other is None:
+            continue
+        assert other == top or other in LAYERS[top], f"{where}: {top} may not import {other}"
+        if other != top:
+            private = [p for p in module.split(".")[1:] if p.startswith("_")]
+            assert not private, f"{where}: a private module of another package"
+            assert not (imported or "").startswith("_"), f"{where}.{imported}: a private name"
+        elif path.stem != "__init__" and module == top and top != "bench":
+            submodule = f"{top}.{imported}" in MODULES
+            assert submodule, f"{where}.{imported}: from its own package's __init__"
+
+
+def test_no_import_cycles():
+    graph = {
+        name: {
+            m
+            for mod, imported, _ in _imports(name, path)
+            for m in (mod, f"{mod}.{imported}")
+            if m in MODULES and m != name
+        }
+        for name, path in MODULES.items()
+    }
+    # a package's __init__ re-exports its modules: edges into it stand for its public names
+    for pkg in PACKAGES:
+        graph[pkg] = {m for m in graph[pkg] if not m.startswith(pkg + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The rules fire on code that breaks them (a test that can fail)."""
+    bad = tmp_path / "stats.py"
+    bad.write_text("from . import create_model\nfrom flows.infer import _plan\n")
+    found = _imports("relay_models.stats", bad)
+    assert ("relay_models", "create_model", 1) in found and ("flows.infer", "_plan", 2) in found
