@@ -38,7 +38,6 @@ from relay_models import (
     save_model,
     train_step,
 )
-from relay_models.registry import takes_global
 
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
 
@@ -344,12 +343,7 @@ def check_inputs(config: TrainConfig) -> DataSpec:
             f"cannot write to run.storage_url={config.run.storage_url}: {e}"
         ) from None
     remove(probe)
-    m = config.model
-    return data_spec(
-        stores,
-        window_px=config.data.window_px,
-        factor=m.factor if takes_global(m.name) else None,
-    )
+    return data_spec(stores, window_px=config.data.window_px, factor=config.model.global_factor)
 
 
 class ProgressLog(UserCallback):

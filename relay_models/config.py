@@ -47,6 +47,14 @@ class ModelConfig(FrozenConfig):
     #: timm-format checkpoint for the backbone: path, URL or ``hf-hub:ORG/NAME`` (cache only).
     pretrained: str | None = None
 
+    @property
+    def global_factor(self) -> int | None:
+        """The data spec's factor: ``factor`` for models that take a global window, else
+        None."""
+        from .registry import takes_global
+
+        return self.factor if takes_global(self.name) else None
+
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:

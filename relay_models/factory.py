@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .config import ModelConfig
-from .registry import build_model, takes_global
+from .registry import build_model
 from .segmenter import Segmenter
 from .spec import DataSpec
 from .weights import load_pretrained
@@ -75,7 +75,7 @@ def create_model(
         factor=factor,
         drop_path_rate=drop_path_rate,
     )
-    model_factor = factor if takes_global(name) else None
+    model_factor = config.global_factor
     if spec is None:
         spec = DataSpec.default(in_chans=in_chans, num_classes=num_classes, factor=model_factor)
     if (spec.in_chans, spec.num_classes, spec.factor) != (in_chans, num_classes, model_factor):
