@@ -4,7 +4,7 @@
                             [--feature-px 64] [--seed 0]
 
 Sample scenes hold classes that look alike up close and differ by their surroundings
-(forest vs park, lake vs river; see ``ingest.sample``). Each model trains from scratch with
+(forest vs park, lake vs river; see ``relaymap.ingest.sample``). Each model trains from scratch with
 the same steps, seed and data (Ray Train, 2 CPU workers), then is scored on held-out scenes
 (a fixed tile grid, each tile with its global window). Prints mIoU, the mean IoU of the
 context classes and per-class IoU. Expected: relays beat the sliding window clearly on the
@@ -26,7 +26,7 @@ MODELS = ("swinv2_nano", "swinv2_nano_registers", "swinv2_nano_fusion", "swinv2_
 
 
 def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: int) -> list[str]:
-    from ingest import ingest_items, make_sample_scenes
+    from relaymap.ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(
         str(root / "sample"),
@@ -42,9 +42,8 @@ def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: in
 
 def main() -> None:
     import ray
-
-    from flows.train import TrainConfig, train
-    from ingest.sample import CLASSES, CONTEXT_PAIRS
+    from relaymap.flows.train import TrainConfig, train
+    from relaymap.ingest.sample import CLASSES, CONTEXT_PAIRS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1200)

@@ -40,8 +40,7 @@ def make_store(url: str, size: int) -> str:
     from affine import Affine
     from odc.geo.geobox import GeoBox
     from odc.geo.xr import xr_coords
-
-    from ingest import open_scene, write_scene
+    from relaymap.ingest import open_scene, write_scene
 
     if Path(url, "zarr.json").exists():
         return open_scene(url).url
@@ -106,7 +105,7 @@ def _data_workers() -> list[int]:
 
 def _map(store: str, model: str, tile_px: int, overlap_px: int, batch: int, workers: int):
     """One full pipeline run (class COG + quicklook into a temporary folder)."""
-    from flows.infer import InferConfig, MapOptions, infer
+    from relaymap.flows.infer import InferConfig, MapOptions, infer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = InferConfig(
@@ -156,10 +155,10 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     """Model-only vs pipeline (2 and 1 workers) tiles/s on one store, one Ray session."""
     import ray
     from ray.data import ActorPoolStrategy
+    from relaymap.flows.infer import Predictor, configure_ray_data, read_stage
+    from relaymap.flows.trained import read_info
+    from relaymap.ingest import open_scene
 
-    from flows.infer import Predictor, configure_ray_data, read_stage
-    from flows.trained import read_info
-    from ingest import open_scene
     from relay_models.inference import plan_tiles
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -41,8 +41,7 @@ def make_scene(size: int, prefix: str) -> dict:
     from rasterio.shutil import copy as rio_copy
     from rasterio.transform import from_origin
     from rasterio.windows import Window
-
-    from catalog.storage import atomic_upload
+    from relaymap.catalog.storage import atomic_upload
 
     transform = from_origin(500000, 4900000, 10, 10)
     rng = np.random.default_rng(0)
@@ -100,8 +99,7 @@ def make_scene(size: int, prefix: str) -> dict:
 def run_read(item: dict) -> None:
     import numpy as np
     import rasterio
-
-    from catalog.storage import gdal_env
+    from relaymap.catalog.storage import gdal_env
 
     t0 = time.perf_counter()
     with rasterio.Env(**gdal_env()):
@@ -117,8 +115,7 @@ def run_read(item: dict) -> None:
 
 def run_ingest(item: dict, out_url: str, chunk_px: int) -> None:
     import pystac
-
-    from ingest import load_scene, write_scene
+    from relaymap.ingest import load_scene, write_scene
 
     t0 = time.perf_counter()
     image = load_scene([pystac.Item.from_dict(item)], BANDS)
@@ -156,7 +153,7 @@ def main() -> None:
     p.add_argument("--chunk-px", type=int, default=512, help="store chunk side")
     args = p.parse_args()
 
-    from catalog.local_s3 import seaweedfs
+    from relaymap.catalog.local_s3 import seaweedfs
 
     print(f"# {os.cpu_count()} CPUs; SeaweedFS S3 on loopback; chunk {args.chunk_px} px")
     print(f"{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}{'vs read':>9}")

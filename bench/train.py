@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_stores(root: Path) -> list[str]:
-    from ingest import ingest_items, make_sample_scenes
+    from relaymap.ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(str(root / "sample"), n_scenes=2, size_px=512, feature_px=64)
     bands = ["blue", "green", "red", "nir"]
@@ -72,9 +72,9 @@ def main() -> None:
 def measure(name: str, urls: list[str], args) -> tuple[float, float, float]:
     """Samples/s of the loader alone, the model step alone, and both, for one model."""
     import torch
+    from relaymap.flows.dataset import WindowPairDataset, data_spec
+    from relaymap.ingest import open_scene
 
-    from flows.dataset import WindowPairDataset, data_spec
-    from ingest import open_scene
     from relay_models import RelayLoss, create_model, train_step
     from relay_models.registry import takes_global
 

@@ -8,7 +8,7 @@ selected with ``AWS_ENDPOINT_URL`` (read by botocore, hence s3fs) or an explicit
 A user-visible object is never seen half-written: :func:`atomic_write` writes to a
 temporary key next to the target and moves it into place when complete (one PUT on S3,
 which is atomic; ``os.replace`` locally). Multi-object products (Zarr stores) commit by
-writing their completion marker last instead (see ``ingest.store``).
+writing their completion marker last instead (see ``relaymap.ingest.store``).
 
 This module is the one storage layer of relaymap (``ingest`` uses it too).
 """

@@ -11,8 +11,7 @@ from typing import Literal, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel
-
-from flows.options import MapOptions
+from relaymap.flows.options import MapOptions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,11 +71,10 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
     "the cluster RAY_ADDRESS names.",
 )
 def train(config: str, address: str | None) -> None:
-    """Train (or resume) the run described by CONFIG, a YAML file (see flows.train)."""
+    """Train (or resume) the run described by CONFIG, a YAML file (see relaymap.flows.train)."""
     from pydantic import ValidationError
-
-    from flows.train import TrainConfig
-    from flows.train import train as run_training
+    from relaymap.flows.train import TrainConfig
+    from relaymap.flows.train import train as run_training
 
     try:
         cfg = TrainConfig.from_yaml(config)
@@ -129,7 +127,7 @@ def options_of(config_cls: type[BaseModel]) -> Callable:
     "config_file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="An InferConfig YAML (flows.infer); flags given as well override its values.",
+    help="An InferConfig YAML (relaymap.flows.infer); flags given as well override its values.",
 )
 @click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
 @options_of(MapOptions)
@@ -142,9 +140,8 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
           --out maps --catalog catalog --overlap-px 32 --probabilities
     """
     from pydantic import ValidationError
-
-    from flows.infer import InferConfig
-    from flows.infer import infer as run_inference
+    from relaymap.flows.infer import InferConfig
+    from relaymap.flows.infer import infer as run_inference
 
     base = InferConfig.from_yaml(config_file).model_dump() if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -172,10 +169,9 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 def pipeline(config: str) -> None:
-    """Run mapping_pipeline with the parameters in CONFIG (YAML; see flows.pipeline)."""
+    """Run mapping_pipeline with the parameters in CONFIG (YAML; see relaymap.flows.pipeline)."""
     from pydantic import ValidationError
-
-    from flows.pipeline import PipelineParams, mapping_pipeline
+    from relaymap.flows.pipeline import PipelineParams, mapping_pipeline
 
     try:
         params = PipelineParams.from_yaml(config)
@@ -192,7 +188,7 @@ def demo(workdir: str, out: str | None, steps: int) -> None:
     """Sample scenes -> local STAC API -> ingest -> train -> map -> COGs + STAC, locally."""
     import time
 
-    from flows.demo import run_demo
+    from relaymap.flows.demo import run_demo
 
     t0 = time.perf_counter()
     res = run_demo(workdir, out_url=out, steps=steps)

@@ -18,10 +18,9 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from PIL import Image, ImageDraw
+from relaymap.catalog.storage import atomic_upload
 
-from catalog.storage import atomic_upload
-
-#: Class COG nodata (also ``ingest.labels.IGNORE``).
+#: Class COG nodata (also ``relaymap.ingest.labels.IGNORE``).
 NODATA = 255
 #: GDAL block cache for writing products (``rasterio.Env(GDAL_CACHEMAX=...)``): GDAL's
 #: default, 5% of RAM, would fill while building the overviews of a large raster.

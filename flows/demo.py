@@ -1,7 +1,7 @@
 """``relaymap demo``: the whole pipeline on sample scenes, on this machine, in minutes.
 
 Sample scenes (with context classes) are written to the workdir and served by a local STAC
-API (``rustac serve``); :func:`flows.pipeline.mapping_pipeline` then runs on Prefect's
+API (``rustac serve``); :func:`relaymap.flows.pipeline.mapping_pipeline` then runs on Prefect's
 ephemeral API and local Ray: ingest -> train ``swinv2_nano_relay`` (2 Ray workers) -> map
 the held-out scenes -> COGs, quicklooks and STAC items in a static catalog.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from catalog import StaticCatalog, serve_stac
-from catalog.storage import join, normalize_url
-from ingest import make_sample_scenes
+from relaymap.catalog import StaticCatalog, serve_stac
+from relaymap.catalog.storage import join, normalize_url
+from relaymap.ingest import make_sample_scenes
 
 #: Scenes: the first TRAIN are for training, the next for validation, the rest are mapped.
 SCENES, TRAIN = 5, 3

@@ -9,7 +9,7 @@ The tiled-inference engine of :mod:`relay_models.inference`, spread over a Ray c
    the cluster has GPUs, bf16 there): :func:`~relay_models.inference.run_tiles`;
 4. stitch (driver, tiles in order): :class:`~relay_models.stitch.RowStitcher` hands
    finished rows to scratch GeoTIFFs strip by strip;
-5. products (:mod:`flows.cog`): class COG, probability COG and a quicklook, each uploaded
+5. products (:mod:`relaymap.flows.cog`): class COG, probability COG and a quicklook, each uploaded
    atomically, then the map item upserted into the catalog (same id on a rerun).
 """
 
@@ -29,11 +29,11 @@ import numpy as np
 import pystac
 import rasterio
 import torch
+from relaymap.catalog import map_item, open_catalog
+from relaymap.catalog.storage import join, normalize_url
+from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 from tqdm.auto import tqdm
 
-from catalog import map_item, open_catalog
-from catalog.storage import join, normalize_url
-from ingest import SceneStore, StoreError, ingest_items, open_scene
 from relay_models import DataSpec, FrozenConfig
 from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles

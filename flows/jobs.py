@@ -2,24 +2,33 @@
 
 The flows call :func:`run_job` when a cluster address is set (``RAY_ADDRESS`` or the
 ``address`` parameter, the dashboard URL, e.g. ``http://head:8265``): the entrypoint is the
-relaymap CLI (``python -m flows.cli ...``), the runtime env carries relaymap's packages,
-the command's config files and the object-store credentials; logs are streamed to the
-caller while the job runs, and a failed job raises :class:`RayJobError` with its error.
+relaymap CLI (``python -m relaymap.flows.cli ...``), the runtime env carries relaymap's
+packages, the command's config files and the non-secret storage settings (endpoint, region,
+GDAL options); logs are streamed to the caller while the job runs, and a failed job raises
+:class:`RayJobError` with its error.
+
+Credentials never travel with a job: anyone who can reach the dashboard reads a job's
+runtime env (``ray job list``, ``GET /api/jobs/``) and the head logs it. The cluster's nodes
+get them from their own environment (an instance role, IRSA, a Kubernetes secret: see
+``infra/``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-#: relaymap's top-level packages, shipped to the cluster as ``py_modules``.
-PACKAGES = ("relay_models", "ingest", "catalog", "flows")
-#: Environment variables forwarded to the job (object storage, GDAL, relaymap settings).
-FORWARD = ("AWS_", "GDAL_", "RELAYMAP_")
+#: Environment variables forwarded to the job (object storage, GDAL, relaymap settings)...
+FORWARD = ("AWS_", "GDAL_", "CPL_", "RELAYMAP_")
+#: ...except any that may hold a secret.
+SECRET = re.compile(r"SECRET|TOKEN|PASSW|USERPWD|ACCESS_KEY|KEY_ID|CREDENTIAL|AUTH|PROFILE")
 
 
 class RayJobError(RuntimeError):
@@ -35,17 +44,30 @@ def cluster_address(address: str | None = None) -> str | None:
     return None
 
 
-def runtime_env(files: Mapping[str, str], working_dir: str) -> dict:
-    """The job's runtime env: ``files`` written into ``working_dir`` (uploaded as the job's
-    working directory), relaymap's packages as ``py_modules``, forwarded environment."""
-    root = Path(__file__).resolve().parents[1]
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings a job inherits from the submitter: storage endpoint, region, GDAL and
+    relaymap options; never a credential."""
+    return {k: v for k, v in environ.items() if k.startswith(FORWARD) and not SECRET.search(k)}
+
+
+def runtime_env(files: Mapping[str, str], tmp: str) -> dict:
+    """The job's runtime env: ``files`` in its working directory, relaymap's packages as
+    ``py_modules`` (``relay_models`` and a ``relaymap`` folder holding ``catalog``,
+    ``ingest``, ``flows``, assembled under ``tmp``), forwarded settings."""
+    import relay_models
+
+    work = Path(tmp, "work")
+    work.mkdir()
     for name, text in files.items():
-        Path(working_dir, name).write_text(text)
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD)}
+        Path(work, name).write_text(text)
+    package = Path(tmp, "modules", "relaymap")
+    for name in ("catalog", "ingest", "flows"):
+        src = importlib.import_module(f"relaymap.{name}").__path__[0]
+        shutil.copytree(src, package / name, ignore=shutil.ignore_patterns("__pycache__"))
     return {
-        "working_dir": working_dir,
-        "py_modules": [str(root / p) for p in PACKAGES],
-        "env_vars": env,
+        "working_dir": str(work),
+        "py_modules": [str(package), relay_models.__path__[0]],
+        "env_vars": forwarded_env(os.environ),
     }
 
 
@@ -76,7 +98,7 @@ def run_job(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    entrypoint = "python -m flows.cli " + shlex.join(args)
+    entrypoint = "python -m relaymap.flows.cli " + shlex.join(args)
     with tempfile.TemporaryDirectory(prefix="relaymap-job-") as wd:
         env = runtime_env(files or {}, wd)
         deadline = time.monotonic() + 120

@@ -1,15 +1,15 @@
 """Prefect flows: STAC -> scene stores -> model -> maps -> STAC, retried, idempotent.
 
 * :func:`ingest_flow`: search a STAC API, write one scene store per item;
-* :func:`train_flow`: a training run (:mod:`flows.train`);
-* :func:`infer_flow`: map scene stores, register the map items (:mod:`flows.infer`);
+* :func:`train_flow`: a training run (:mod:`relaymap.flows.train`);
+* :func:`infer_flow`: map scene stores, register the map items (:mod:`relaymap.flows.infer`);
 * :func:`mapping_pipeline`: AOI + dates -> the scenes not mapped yet -> maps -> STAC,
   training a model first when asked to.
 
 Tasks retry transient failures (network, S3, STAC API) with backoff and fail fast on bad
 input. Reruns are cheap: finished stores are kept (``write_scene`` is a no-op on them), map
 items are upserted by id, and the pipeline skips scenes whose map item exists. Heavy steps
-run on Ray: in-process on local Ray by default, or as Ray jobs (:mod:`flows.jobs`) when a
+run on Ray: in-process on local Ray by default, or as Ray jobs (:mod:`relaymap.flows.jobs`) when a
 cluster address (``RAY_ADDRESS`` or ``address``, the dashboard URL) is set.
 """
 
@@ -24,10 +24,10 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import Field, model_validator
+from relaymap.catalog import ItemNotFound, open_catalog
+from relaymap.catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url
+from relaymap.ingest import StacApiError, ingest_items, search
 
-from catalog import ItemNotFound, open_catalog
-from catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url
-from ingest import StacApiError, ingest_items, search
 from relay_models.config import FrozenConfig, ModelConfig
 
 from .infer import InferConfig, map_item_id
@@ -390,7 +390,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
 
 
 def _train_config(params: PipelineParams, spec: TrainSpec, stores: dict[str, str]) -> TrainConfig:
-    from ingest import open_scene
+    from relaymap.ingest import open_scene
 
     store = open_scene(stores[spec.train_items[0]])
     return TrainConfig(

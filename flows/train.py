@@ -2,7 +2,7 @@
 
 One laptop or a multi-node GPU cluster run the same code: only ``run.num_workers``,
 ``run.use_gpu`` and the storage URL change. The per-worker loop only wires: model from
-``create_model``, DDP from ``prepare_model``, batches from :mod:`flows.dataset`, the
+``create_model``, DDP from ``prepare_model``, batches from :mod:`relaymap.flows.dataset`, the
 paper's loss, AdamW with linear warm-up then ReduceLROnPlateau on validation mIoU. Rank 0
 writes checkpoints (model, optimiser, schedulers, step) to the run's storage; a rerun of
 the same run name resumes from the latest one, and a worker that dies is replaced and
@@ -24,10 +24,17 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 from ray.train import UserCallback
+from relaymap.catalog import StaticCatalog, model_item, open_catalog
+from relaymap.catalog.storage import (
+    StorageError,
+    atomic_upload,
+    atomic_write,
+    join,
+    normalize_url,
+    remove,
+)
+from relaymap.ingest import StoreError, open_scene
 
-from catalog import StaticCatalog, model_item, open_catalog
-from catalog.storage import StorageError, atomic_upload, atomic_write, join, normalize_url, remove
-from ingest import StoreError, open_scene
 from relay_models import (
     DataSpec,
     FrozenConfig,

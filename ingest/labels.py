@@ -24,9 +24,9 @@ from odc.geo.xr import xr_coords
 from pyproj import Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
+from relaymap.catalog.storage import normalize_url, read_bytes, redact
 from shapely.geometry import mapping, shape
 
-from catalog.storage import normalize_url, read_bytes, redact
 from relay_models.windows import IGNORE
 
 from .errors import CorruptRasterError, IngestError

@@ -24,8 +24,7 @@ import pystac
 import rasterio
 from pyproj import Transformer
 from rasterio.transform import from_origin
-
-from catalog.storage import atomic_upload, atomic_write, join, normalize_url
+from relaymap.catalog.storage import atomic_upload, atomic_write, join, normalize_url
 
 CRS = "EPSG:32633"
 RES_M = 10.0

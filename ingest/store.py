@@ -39,8 +39,8 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
 from rasterio.errors import RasterioError
+from relaymap.catalog.storage import exists, native, normalize_url, redact, remove
 
-from catalog.storage import exists, native, normalize_url, redact, remove
 from relay_models.windows import IGNORE, halve_mean, halve_mode
 
 from .errors import CorruptRasterError, StoreError

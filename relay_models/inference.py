@@ -1,7 +1,7 @@
 """The tiled-inference engine: tiles -> windows -> model -> blended class probabilities.
 
 One core for an in-memory scene (:func:`predict_array`) and for batch inference on Ray Data
-(``flows.infer``), which runs the same three steps on its workers:
+(``relaymap.flows.infer``), which runs the same three steps on its workers:
 
 1. :func:`plan_tiles`: overlapping local tiles over the scene (:func:`geometry.tile_grid`);
 2. :func:`read_tiles`: each tile's local window and centred global window, read and

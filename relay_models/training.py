@@ -1,6 +1,6 @@
 """One optimisation step and one evaluation pass: plain PyTorch, no Ray, no I/O.
 
-The Ray Train worker (``flows.train``) only wires data, model, checkpoints and reports
+The Ray Train worker (``relaymap.flows.train``) only wires data, model, checkpoints and reports
 around these; they run as they are on a laptop, in a notebook or in a unit test.
 """
 

@@ -42,7 +42,7 @@ def s3():
 @pytest.fixture(scope="session")
 def sample_local(tmp_path_factory):
     """Three 256 px sample scenes (COGs + STAC JSON) in a local folder."""
-    from ingest import make_sample_scenes
+    from relaymap.ingest import make_sample_scenes
 
     root = tmp_path_factory.mktemp("sample")
     return make_sample_scenes(str(root), n_scenes=3, size_px=256, feature_px=32, seed=1)
@@ -51,7 +51,7 @@ def sample_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_s3(s3):
     """The same sample scenes on the S3 server."""
-    from ingest import make_sample_scenes
+    from relaymap.ingest import make_sample_scenes
 
     return make_sample_scenes(
         "s3://relaymap-test/sample", n_scenes=3, size_px=256, feature_px=32, seed=1
@@ -61,7 +61,7 @@ def sample_s3(s3):
 @pytest.fixture(scope="session")
 def stac_api(sample_s3):
     """``rustac serve`` over the S3 sample collection; yields the API URL."""
-    from catalog import serve_stac
+    from relaymap.catalog import serve_stac
 
     with serve_stac([sample_s3]) as url:
         yield url

@@ -1,6 +1,6 @@
 """Real services for tests and benchmarks, started on loopback and killed afterwards.
 
-* :func:`seaweedfs` - an S3-compatible server (:mod:`catalog.local_s3`).
+* :func:`seaweedfs` - an S3-compatible server (:mod:`relaymap.catalog.local_s3`).
 * :func:`pgstac_api` - PostgreSQL/PostGIS with pgstac behind stac-fastapi-pgstac, with the
   Transactions extension, its tools installed on first use.
 * :func:`ray_head` - a Ray cluster from ``ray start --head`` with its dashboard (Jobs API).
@@ -20,12 +20,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.local_s3 import S3Server, seaweedfs
-from catalog.server import free_port, wait_for_http
+from relaymap.catalog.local_s3 import S3Server, seaweedfs
+from relaymap.catalog.server import free_port, wait_for_http
 
 __all__ = [
+    "RayHead",
     "S3Server",
     "TcpProxy",
     "environ",
@@ -167,10 +169,21 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+@dataclass(frozen=True)
+class RayHead:
+    #: The Jobs API (dashboard) URL.
+    url: str
+    #: The cluster's temp dir (its logs are under ``session_latest/logs``).
+    temp_dir: str
+    #: The GCS address (``host:port``), for ``ray.init``.
+    gcs_address: str
+
+
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[str]:
-    """``ray start --head --block`` on loopback, with the dashboard; yields the Jobs API URL.
-    Its processes are killed by process group at exit."""
+def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """``ray start --head --block`` on loopback, with the dashboard and ``env`` added to its
+    environment (what a node's own environment would hold); yields its addresses. Its
+    processes are killed by process group at exit."""
     port, dash = free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="rayh-")  # short: Ray's socket paths have a length limit
     cmd = [
@@ -200,15 +213,19 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
         ),
         "--disable-usage-stats",
     ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    node_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"}
+    node_env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        env=node_env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_for_http(f"{url}/api/version", timeout_s=90, proc=proc)
-        yield url
+        yield RayHead(url, tmp, f"127.0.0.1:{port}")
     finally:
         _stop(proc)
         # the cluster's daemons may have left the process group: kill each process whose

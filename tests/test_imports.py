@@ -1,5 +1,7 @@
 """The import graph: layers run one way, no cycles, no private names across packages, no
-module importing its own package's ``__init__``, and ``bench/`` on public APIs only."""
+module importing its own package's ``__init__``, ``bench/`` on public APIs only, and the
+folders ``catalog/``, ``ingest/``, ``flows/`` imported only as ``relaymap.*`` (a bare generic
+name would pick up whatever folder of that name is first on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -9,21 +11,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("relay_models", "ingest", "catalog", "flows")
+#: Import name of each top-level folder.
+PACKAGES = {
+    "relay_models": "relay_models",
+    "ingest": "relaymap.ingest",
+    "catalog": "relaymap.catalog",
+    "flows": "relaymap.flows",
+}
+GENERIC = {"catalog", "ingest", "flows"}
+MODELS, INGEST, CATALOG, FLOWS = PACKAGES.values()
 #: What each package may import of ours: lower layers never import upper ones.
 LAYERS = {
-    "relay_models": set(),
-    "catalog": {"relay_models"},
-    "ingest": {"relay_models", "catalog"},
-    "flows": {"relay_models", "catalog", "ingest"},
-    "bench": {"relay_models", "catalog", "ingest", "flows"},
+    MODELS: set(),
+    CATALOG: {MODELS},
+    INGEST: {MODELS, CATALOG},
+    FLOWS: {MODELS, CATALOG, INGEST},
+    "bench": {MODELS, CATALOG, INGEST, FLOWS},
 }
 
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for top in (*PACKAGES, "bench"):
-        for path in sorted((ROOT / top).glob("*.py")):
+    for folder, top in (*PACKAGES.items(), ("bench", "bench")):
+        for path in sorted((ROOT / folder).glob("*.py")):
             name = top if path.stem == "__init__" else f"{top}.{path.stem}"
             mods[name] = path
     return mods
@@ -50,21 +60,25 @@ def _imports(name: str, path: Path) -> list[tuple[str, str | None, int]]:
 
 
 def _ours(module: str) -> str | None:
-    top = module.split(".")[0]
-    return top if top in LAYERS or top == "tests" else None
+    """The package of ours ``module`` belongs to (``tests`` included), or None."""
+    for top in (*LAYERS, "tests"):
+        if module == top or module.startswith(top + "."):
+            return top
+    return None
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_layers_private_names_and_own_init(name):
-    path, top = MODULES[name], name.split(".")[0]
+    path, top = MODULES[name], _ours(name)
     for module, imported, line in _imports(name, path):
         where = f"{path.relative_to(ROOT)}:{line} imports {module}"
+        assert module.split(".")[0] not in GENERIC, f"{where}: import it as relaymap.*"
         other = _ours(module)
         if other is None:
             continue
         assert other == top or other in LAYERS[top], f"{where}: {top} may not import {other}"
         if other != top:
-            private = [p for p in module.split(".")[1:] if p.startswith("_")]
+            private = [p for p in module.split(".") if p.startswith("_")]
             assert not private, f"{where}: a private module of another package"
             assert not (imported or "").startswith("_"), f"{where}.{imported}: a private name"
         elif path.stem != "__init__" and module == top and top != "bench":
@@ -83,7 +97,7 @@ def test_no_import_cycles():
         for name, path in MODULES.items()
     }
     # a package's __init__ re-exports its modules: edges into it stand for its public names
-    for pkg in PACKAGES:
+    for pkg in PACKAGES.values():
         graph[pkg] = {m for m in graph[pkg] if not m.startswith(pkg + ".")}
     state: dict[str, int] = {}
 
@@ -105,6 +119,10 @@ def test_no_import_cycles():
 def test_the_checker_sees_a_violation(tmp_path):
     """The rules fire on code that breaks them (a test that can fail)."""
     bad = tmp_path / "stats.py"
-    bad.write_text("from . import create_model\nfrom flows.infer import _plan\n")
+    bad.write_text("from . import create_model\nfrom relaymap.flows.infer import _plan\n")
     found = _imports("relay_models.stats", bad)
-    assert ("relay_models", "create_model", 1) in found and ("flows.infer", "_plan", 2) in found
+    assert ("relay_models", "create_model", 1) in found and (
+        "relaymap.flows.infer",
+        "_plan",
+        2,
+    ) in found

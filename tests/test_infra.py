@@ -10,8 +10,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-
-from flows.cli import main as cli
+from relaymap.flows.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -98,7 +97,7 @@ def test_prefect_k8s_work_pool_template_points_flows_at_the_ray_jobs_api():
         0
     ]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["RAY_ADDRESS"] == "{{ ray_address }}"  # flows.jobs.cluster_address reads it
+    assert env["RAY_ADDRESS"] == "{{ ray_address }}"  # relaymap.flows.jobs.cluster_address reads it
     assert container["image"] == "{{ image }}"
 
 
@@ -119,7 +118,7 @@ def test_prefect_yaml_deploys_every_flow_from_the_package():
     scheduled = [d for d in doc["deployments"] if d.get("schedules")]
     assert scheduled and all(s["cron"] for d in scheduled for s in d["schedules"])
     for d in scheduled:  # the example parameters validate against the flow's model
-        from flows.pipeline import PipelineParams
+        from relaymap.flows.pipeline import PipelineParams
 
         PipelineParams.model_validate(d["parameters"]["params"])
 
@@ -132,8 +131,8 @@ def _readme_yaml(first_line: str) -> dict:
 
 
 def test_the_readme_configs_validate():
-    from flows.pipeline import PipelineParams
-    from flows.train import TrainConfig
+    from relaymap.flows.pipeline import PipelineParams
+    from relaymap.flows.train import TrainConfig
 
     PipelineParams.model_validate(_readme_yaml("# my-aoi.yaml"))
     TrainConfig.model_validate(_readme_yaml("# run.yaml"))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from catalog.storage import (
+from relaymap.catalog.storage import (
     StorageError,
     atomic_upload,
     atomic_write,
@@ -16,6 +15,7 @@ from catalog.storage import (
     read_bytes,
     redact,
 )
+
 from tests.services import environ
 
 
@@ -52,7 +52,7 @@ def test_upload_commits(tmp_path, s3):
 
 
 def test_unreachable_endpoint_is_a_storage_error_without_secrets():
-    from catalog.server import free_port
+    from relaymap.catalog.server import free_port
 
     secret = "very-secret-value-123"
     env = {
@@ -86,7 +86,7 @@ def test_gdal_env_follows_the_aws_endpoint():
 
 
 def test_storage_config_sets_the_standard_variables():
-    from catalog import StorageConfig
+    from relaymap.catalog import StorageConfig
 
     with environ({"AWS_ENDPOINT_URL": "http://old:1", "AWS_REGION": "x"}):
         StorageConfig(endpoint_url="http://127.0.0.1:9000", region="eu-west-1").apply()

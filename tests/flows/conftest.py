@@ -23,7 +23,7 @@ def ray_local():
 def scenes(tmp_path_factory):
     """Two 640 px sample scenes (one with a nodata corner) as stores, and a model trained for
     a few steps on the first."""
-    from ingest import ingest_items, make_sample_scenes
+    from relaymap.ingest import ingest_items, make_sample_scenes
 
     root = tmp_path_factory.mktemp("infer")
     col = make_sample_scenes(str(root / "sample"), n_scenes=2, size_px=640, feature_px=48, seed=3)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 
 import torch
+from relaymap.flows.dataset import WindowPairDataset, data_spec
+from relaymap.ingest import open_scene
 
-from flows.dataset import WindowPairDataset, data_spec
-from ingest import open_scene
 from relay_models import RelayLoss, create_model, save_model, train_step
 from relay_models.registry import takes_global
 

@@ -7,9 +7,8 @@ import xarray as xr
 from affine import Affine
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
-
-from ingest import write_scene
-from ingest.labels import LabelClass
+from relaymap.ingest import write_scene
+from relaymap.ingest.labels import LabelClass
 
 
 def array_store(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from click.testing import CliRunner
+from relaymap.flows.cli import main
 
-from flows.cli import main
 from relay_models import list_models
 
 

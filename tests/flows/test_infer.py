@@ -7,13 +7,13 @@ import pystac_client
 import pytest
 import rasterio
 import torch
+from relaymap.catalog import StaticCatalog, multihash_sha256
+from relaymap.catalog.storage import filesystem, gdal_env
+from relaymap.flows.infer import InferConfig, MapOptions, infer
+from relaymap.flows.trained import ModelError, load_trained
+from relaymap.ingest import StoreError, open_scene
+from relaymap.ingest.sample import CLASSES
 
-from catalog import StaticCatalog, multihash_sha256
-from catalog.storage import filesystem, gdal_env
-from flows.infer import InferConfig, MapOptions, infer
-from flows.trained import ModelError, load_trained
-from ingest import StoreError, open_scene
-from ingest.sample import CLASSES
 from relay_models.inference import plan_tiles, predict_array, predict_tiles, read_tiles
 from relay_models.windows import ArrayPyramid
 
@@ -134,7 +134,7 @@ def test_ray_mapping_and_predict_array_are_one_engine(ray_local, tmp_path, scene
 def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
     ray_local, tmp_path, scenes, monkeypatch
 ):
-    import flows.cog
+    import relaymap.flows.cog
 
     cfg = _config(scenes, tmp_path, tile_px=128, overlap_px=0, quicklook=False, probabilities=True)
     product = infer(cfg, progress=False)
@@ -145,7 +145,7 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
             f.write(b"II*\x00partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(flows.cog, "to_cog", crash)
+    monkeypatch.setattr(relaymap.flows.cog, "to_cog", crash)
     with pytest.raises(OSError, match="disk full"):
         infer(cfg, progress=False)
     np.testing.assert_array_equal(_read(product.classes_url)[0], before)
@@ -206,7 +206,7 @@ def test_a_scene_smaller_than_a_tile_is_padded_and_mapped(ray_local, tmp_path, s
 
 
 def test_a_model_loads_from_its_mlm_item(tmp_path, scenes):
-    from catalog import model_item
+    from relaymap.catalog import model_item
 
     info, model = load_trained(scenes["model"])
     item = model_item(
@@ -230,8 +230,7 @@ def test_a_model_loads_from_its_mlm_item(tmp_path, scenes):
 @pytest.mark.slow
 def test_cli_infer(ray_local, tmp_path, scenes):
     from click.testing import CliRunner
-
-    from flows.cli import main
+    from relaymap.flows.cli import main
 
     out = tmp_path / "cli"
     args = ["infer", "--model", scenes["model"], "--scene", scenes["stores"][1], "--out", str(out)]

@@ -3,18 +3,18 @@ idempotent reruns, parameter validation, and Ray jobs on a real ``ray start`` cl
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
-
-from catalog import StaticCatalog, serve_stac
-from catalog.server import free_port
-from catalog.storage import filesystem
-from flows.jobs import RayJobError, run_job
-from flows.options import MapOptions
-from flows.pipeline import (
+from relaymap.catalog import StaticCatalog, serve_stac
+from relaymap.catalog.server import free_port
+from relaymap.catalog.storage import filesystem
+from relaymap.flows.jobs import RayJobError, run_job
+from relaymap.flows.options import MapOptions
+from relaymap.flows.pipeline import (
     InferParams,
     IngestParams,
     SceneQuery,
@@ -23,8 +23,9 @@ from flows.pipeline import (
     ingest_flow,
     train_flow,
 )
-from flows.train import DataConfig, TrainConfig
-from ingest import StacApiError, make_sample_scenes
+from relaymap.flows.train import DataConfig, TrainConfig
+from relaymap.ingest import StacApiError, make_sample_scenes
+
 from relay_models.config import ModelConfig
 
 from .conftest import BANDS
@@ -104,13 +105,14 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
 ):
     """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
     behind a TCP proxy that is cut); the task retries once the endpoint is back."""
-    import flows.cog
+    import relaymap.flows.cog
+
     from tests.services import TcpProxy
 
     proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    real_to_cog, attempts = flows.cog.to_cog, []
+    real_to_cog, attempts = relaymap.flows.cog.to_cog, []
 
     def to_cog(*a, **kw):
         attempts.append(1)
@@ -120,7 +122,7 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
             proxy.restore()
         return real_to_cog(*a, **kw)
 
-    monkeypatch.setattr(flows.cog, "to_cog", to_cog)
+    monkeypatch.setattr(relaymap.flows.cog, "to_cog", to_cog)
     out, catalog = "s3://relaymap-test/flaky-maps", "s3://relaymap-test/flaky-catalog"
     params = InferParams(
         model=scenes["model"], stores=[scenes["stores"][1]], out_url=out, catalog_url=catalog
@@ -145,20 +147,72 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
 # ---------------------------------------------------------------- Ray jobs
 
 
+#: Credentials as a node's own environment holds them (instance role, Kubernetes secret).
+NODE_SECRETS = {"AWS_SECRET_ACCESS_KEY": "node-secret-4b1d", "AWS_ACCESS_KEY_ID": "node-id-77c2"}
+#: Credentials in the submitter's environment: they must never reach the cluster.
+SUBMITTER_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIASUBMITTER0000XYZ",
+    "AWS_SECRET_ACCESS_KEY": "submitter-secret-9f8e7d6c",
+    "AWS_SESSION_TOKEN": "submitter-session-token-5a4b",
+    "GDAL_HTTP_USERPWD": "user:submitter-password-31",
+}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     from tests.services import ray_head
 
-    with ray_head(num_cpus=2) as url:
-        yield url
+    with ray_head(num_cpus=2, env=NODE_SECRETS) as head:
+        yield head
 
 
 @pytest.mark.slow
 def test_a_ray_job_runs_relaymap_and_streams_its_logs(ray_cluster):
     lines: list[str] = []
-    job_id = run_job(ray_cluster, ["models", "swinv2_nano*"], log=lines.append)
+    job_id = run_job(ray_cluster.url, ["models", "swinv2_nano*"], log=lines.append)
     assert job_id.startswith("raysubmit_")
     assert any(line.startswith("swinv2_nano_relay") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_credentials_never_leave_the_submitting_process(ray_cluster, monkeypatch):
+    """A job submitted with credentials in the submitter's environment: its runtime env, the
+    Jobs API, ``ray job list`` and the head's logs hold none of them; non-secret settings are
+    forwarded; a job process gets credentials from its node's own environment."""
+    import subprocess
+    import urllib.request
+
+    from ray.job_submission import JobSubmissionClient
+
+    for k, v in SUBMITTER_SECRETS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")  # a setting, not a secret: forwarded
+    job_id = run_job(ray_cluster.url, ["models", "swinv2_nano"], log=lambda line: None)
+    client = JobSubmissionClient(ray_cluster.url)
+    env = client.get_job_info(job_id).runtime_env["env_vars"]
+    assert env.get("AWS_REGION") == "eu-central-1"
+    assert not set(env) & set(SUBMITTER_SECRETS)
+    api = urllib.request.urlopen(f"{ray_cluster.url}/api/jobs/").read().decode()
+    listed = subprocess.run(
+        ["ray", "job", "list", "--address", ray_cluster.url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert job_id in api and job_id in listed
+    logs = "".join(
+        p.read_text(errors="replace") for p in Path(ray_cluster.temp_dir).rglob("*") if p.is_file()
+    )
+    for secret in SUBMITTER_SECRETS.values():
+        for where, text in (("Jobs API", api), ("ray job list", listed), ("head logs", logs)):
+            assert secret not in text, f"{where} holds a submitter credential"
+    # what a job process sees: its node's credentials (raw Ray, no relaymap in between)
+    probe = client.submit_job(
+        entrypoint="python -c \"import os; print('key=' + os.environ['AWS_SECRET_ACCESS_KEY'])\""
+    )
+    while client.get_job_status(probe) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(0.5)
+    assert f"key={NODE_SECRETS['AWS_SECRET_ACCESS_KEY']}" in client.get_job_logs(probe)
 
 
 @pytest.mark.slow
@@ -167,7 +221,7 @@ def test_a_failed_ray_job_fails_the_prefect_task_with_the_jobs_error(ray_cluster
         model=ModelConfig(num_classes=2, in_chans=4),
         data=DataConfig(train=[str(tmp_path / "missing.zarr")]),
     )
-    state = train_flow(TrainParams(config=config, address=ray_cluster), return_state=True)
+    state = train_flow(TrainParams(config=config, address=ray_cluster.url), return_state=True)
     assert state.is_failed()
     with pytest.raises(RayJobError, match=r"no scene store at .*missing\.zarr"):
         state.result()
@@ -176,7 +230,7 @@ def test_a_failed_ray_job_fails_the_prefect_task_with_the_jobs_error(ray_cluster
 
 
 def test_cluster_address_picks_the_jobs_api_only(monkeypatch):
-    from flows.jobs import cluster_address
+    from relaymap.flows.jobs import cluster_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster_address(None) is None
@@ -211,8 +265,7 @@ def _the_worker_saw_every_option(catalog_url: str, item_id: str) -> None:
     """The map item records the options the mapping process ran with, and the products
     show the ones that change them."""
     import rasterio
-
-    from catalog.storage import gdal_env
+    from relaymap.catalog.storage import gdal_env
 
     item = StaticCatalog(catalog_url).get_item("relaymap-maps", item_id)
     assert item.properties["relaymap:options"] == NON_DEFAULT.model_dump(mode="json")
@@ -235,8 +288,7 @@ def _flags(options: MapOptions) -> list[str]:
 @pytest.mark.slow
 def test_every_option_reaches_the_worker_from_the_cli(ray_local, scenes, tmp_path):
     from click.testing import CliRunner
-
-    from flows.cli import main
+    from relaymap.flows.cli import main
 
     catalog = str(tmp_path / "catalog")
     args = ["infer", "--model", scenes["model"], "--scene", scenes["stores"][1]]
@@ -269,7 +321,7 @@ def test_every_option_reaches_the_worker_of_a_ray_job(ray_cluster, scenes, tmp_p
         out_url=str(tmp_path / "maps"),
         catalog_url=catalog,
         options=NON_DEFAULT,
-        address=ray_cluster,
+        address=ray_cluster.url,
     )
     result = infer_flow(params)
     assert result == {

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from relaymap.catalog.storage import StorageError
+from relaymap.flows.train import TrainConfig, check_inputs, train
+from relaymap.ingest import StoreError
 
-from catalog.storage import StorageError
-from flows.train import TrainConfig, check_inputs, train
-from ingest import StoreError
 from relay_models import RelayLoss, create_model
 from tests.flows.stores import array_store, stripes
 from tests.services import environ
@@ -71,7 +71,7 @@ class TestBadInput:
             check_inputs(_config([a.url, b.url], str(tmp_path / "runs")))
 
     def test_unwritable_storage(self, tmp_path):
-        from catalog.server import free_port
+        from relaymap.catalog.server import free_port
 
         store = array_store(str(tmp_path / "a.zarr"), *stripes(64, 64))
         dead = {
@@ -94,7 +94,7 @@ class TestBadInput:
 
 def _loss(weights: dict, store, steps_seed=0) -> float:
     """Local+global loss of a model with ``weights`` on fixed toy tiles."""
-    from flows.dataset import TileDataset, data_spec
+    from relaymap.flows.dataset import TileDataset, data_spec
 
     spec = data_spec([store], window_px=32, factor=4)
     model = create_model("swinv2_nano_relay", num_classes=2, in_chans=2, spec=spec).eval()
@@ -110,7 +110,7 @@ def _registered_steps(storage_url: str, run_name: str) -> int:
     """How many checkpoints Ray Train has registered for the run: its controller writes
     ``checkpoint_manager_snapshot.json`` after each one (a checkpoint folder appears before
     it is registered, and only registered ones are resumed from)."""
-    from catalog.storage import read_bytes
+    from relaymap.catalog.storage import read_bytes
 
     try:
         snapshot = read_bytes(f"{storage_url}/{run_name}/checkpoint_manager_snapshot.json")
@@ -122,10 +122,10 @@ def _registered_steps(storage_url: str, run_name: str) -> int:
 @contextlib.contextmanager
 def paused_at_step(tmp_path, step: int):
     """Make the last training rank stop at ``step`` (after reporting its checkpoint) and
-    wait there (``flows.train``'s fault point); yields a function that waits for the paused
+    wait there (``relaymap.flows.train``'s fault point); yields a function that waits for the paused
     worker and a registered checkpoint, and returns the worker's pid. Nothing is timed: the
     fault lands at that step, however busy the machine is."""
-    from flows.train import PAUSE_ENV
+    from relaymap.flows.train import PAUSE_ENV
 
     pid_file = tmp_path / f"paused-{step}.pid"
     with environ(dict(zip(PAUSE_ENV, (str(step), str(pid_file)), strict=True))):
@@ -168,9 +168,8 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
         assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
     finally:
         ray.shutdown()
+    from relaymap.catalog.storage import read_bytes
     from safetensors.torch import load_file
-
-    from catalog.storage import read_bytes
 
     (tmp_path / "w.safetensors").write_bytes(read_bytes(second.weights_url))
     trained = load_file(str(tmp_path / "w.safetensors"))
@@ -181,7 +180,7 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
     assert item.properties["mlm:name"] == "swinv2_nano_relay"
     assert item.properties["relaymap:metrics"]["step"] == 28
     # inference loads the exported file back, with its input contract (from S3)
-    from flows.trained import load_trained
+    from relaymap.flows.trained import load_trained
 
     info, model = load_trained(second.weights_url)
     assert info.spec.bands == store.bands and info.spec.window_px == 32

@@ -9,9 +9,8 @@ import pystac
 import pytest
 import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
-
-from catalog.storage import exists, filesystem, read_bytes
-from ingest import (
+from relaymap.catalog.storage import exists, filesystem, read_bytes
+from relaymap.ingest import (
     CorruptRasterError,
     GridError,
     MissingAssetError,
@@ -26,7 +25,7 @@ from ingest import (
     search,
     write_scene,
 )
-from ingest.sample import BANDS, CLASSES
+from relaymap.ingest.sample import BANDS, CLASSES
 
 CODES = {c.code: i for i, c in enumerate(CLASSES)}
 
@@ -51,7 +50,7 @@ class TestSearch:
             search(stac_api, collections=["relaymap-sample"], bbox=(0, 0, 1, 1))
 
     def test_unreachable_api(self):
-        from catalog.server import free_port
+        from relaymap.catalog.server import free_port
 
         url = f"http://127.0.0.1:{free_port()}"
         with pytest.raises(StacApiError, match=f"cannot reach the STAC API at {url}"):
@@ -171,7 +170,7 @@ class TestLabels:
         assert (got[60:, 60:] == 255).all()
 
     def test_unknown_values_are_ignored(self):
-        from ingest.labels import map_values
+        from relaymap.ingest.labels import map_values
 
         classes = classes_from_table({10: 0, 20: 1})
         out = map_values(np.array([[10, 20, 30, 0]]), classes, nodata=0)
@@ -193,7 +192,7 @@ class TestStore:
         url = str(tmp_path / "s.zarr")
         scene = self._write(sample_local, url)
         # simulate a crash after level 1: attributes say so, levels 2-3 are gone
-        from ingest.store import SceneAttrs, _replace
+        from relaymap.ingest.store import SceneAttrs, _replace
 
         _replace(scene.attrs, complete=False, levels_done=(0, 1)).write(url)
         fs, path = filesystem(url)
@@ -258,7 +257,7 @@ class TestStore:
 
 
 def test_ingest_items_in_one_call(sample_local, tmp_path):
-    from ingest import ingest_items
+    from relaymap.ingest import ingest_items
 
     item = _item(sample_local)
     store = ingest_items([item], str(tmp_path / "one.zarr"), BANDS, num_levels=1, chunk_px=64)
@@ -267,7 +266,7 @@ def test_ingest_items_in_one_call(sample_local, tmp_path):
 
 
 def test_ingest_items_without_the_label_asset(sample_local, tmp_path):
-    from ingest import ingest_items
+    from relaymap.ingest import ingest_items
 
     item = _item(sample_local)
     del item.assets["labels"]

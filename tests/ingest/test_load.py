@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pystac
 import pytest
-
-from ingest.load import band_encoding
+from relaymap.ingest.load import band_encoding
 
 
 def _item(baseline: str | None, raster: dict) -> pystac.Item:

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-
-from ingest import classes_from_stac, load_labels, load_scene, open_scene, search, write_scene
-from ingest.load import rio_env
-from ingest.sample import BANDS, CLASSES
+from relaymap.ingest import (
+    classes_from_stac,
+    load_labels,
+    load_scene,
+    open_scene,
+    search,
+    write_scene,
+)
+from relaymap.ingest.load import rio_env
+from relaymap.ingest.sample import BANDS, CLASSES
 
 pytestmark = pytest.mark.slow
 
