@@ -42,6 +42,7 @@ def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: in
 
 def main() -> None:
     import ray
+
     from relaymap.flows.train import TrainConfig, train
     from relaymap.ingest.sample import CLASSES, CONTEXT_PAIRS
 

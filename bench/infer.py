@@ -40,6 +40,7 @@ def make_store(url: str, size: int) -> str:
     from affine import Affine
     from odc.geo.geobox import GeoBox
     from odc.geo.xr import xr_coords
+
     from relaymap.ingest import open_scene, write_scene
 
     if Path(url, "zarr.json").exists():
@@ -155,11 +156,11 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
     """Model-only vs pipeline (2 and 1 workers) tiles/s on one store, one Ray session."""
     import ray
     from ray.data import ActorPoolStrategy
+
+    from relay_models.inference import plan_tiles
     from relaymap.flows.infer import Predictor, configure_ray_data, read_stage
     from relaymap.flows.trained import read_info
     from relaymap.ingest import open_scene
-
-    from relay_models.inference import plan_tiles
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     configure_ray_data()

@@ -41,6 +41,7 @@ def make_scene(size: int, prefix: str) -> dict:
     from rasterio.shutil import copy as rio_copy
     from rasterio.transform import from_origin
     from rasterio.windows import Window
+
     from relaymap.catalog.storage import atomic_upload
 
     transform = from_origin(500000, 4900000, 10, 10)
@@ -99,6 +100,7 @@ def make_scene(size: int, prefix: str) -> dict:
 def run_read(item: dict) -> None:
     import numpy as np
     import rasterio
+
     from relaymap.catalog.storage import gdal_env
 
     t0 = time.perf_counter()
@@ -115,6 +117,7 @@ def run_read(item: dict) -> None:
 
 def run_ingest(item: dict, out_url: str, chunk_px: int) -> None:
     import pystac
+
     from relaymap.ingest import load_scene, write_scene
 
     t0 = time.perf_counter()

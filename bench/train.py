@@ -72,11 +72,11 @@ def main() -> None:
 def measure(name: str, urls: list[str], args) -> tuple[float, float, float]:
     """Samples/s of the loader alone, the model step alone, and both, for one model."""
     import torch
-    from relaymap.flows.dataset import WindowPairDataset, data_spec
-    from relaymap.ingest import open_scene
 
     from relay_models import RelayLoss, create_model, train_step
     from relay_models.registry import takes_global
+    from relaymap.flows.dataset import WindowPairDataset, data_spec
+    from relaymap.ingest import open_scene
 
     torch.manual_seed(0)
     factor = 4 if takes_global(name) else None

@@ -11,12 +11,51 @@ from typing import Literal, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel
+
 from relaymap.flows.options import MapOptions
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _typed_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input or an unreachable service, not a bug."""
+    from pydantic import ValidationError
+
+    from relay_models.saved import SavedModelError
+    from relaymap.catalog import CatalogError, ItemNotFound, StorageError
+    from relaymap.flows.jobs import RayJobError
+    from relaymap.flows.trained import ModelError
+    from relaymap.ingest import IngestError
+
+    return (
+        IngestError,
+        CatalogError,
+        ItemNotFound,
+        StorageError,
+        ModelError,
+        SavedModelError,
+        RayJobError,
+        ValidationError,
+    )
+
+
+class _Main(click.Group):
+    """A typed error ends the command with one line (what failed, what to do) and exit code
+    2; ``-v`` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _typed_errors() as e:
+            if ctx.params.get("verbose"):
+                raise
+            lines = str(e).strip().splitlines() or [""]
+            more = " (-v for details)" if len(lines) > 1 else ""
+            click.echo(f"relaymap: {type(e).__name__}: {lines[0]}{more}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="relaymap")
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level; tracebacks on errors.")
 def main(verbose: bool) -> None:
     """relaymap: land-cover maps from Earth-observation imagery with relay-token transformers."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -73,6 +112,7 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
 def train(config: str, address: str | None) -> None:
     """Train (or resume) the run described by CONFIG, a YAML file (see relaymap.flows.train)."""
     from pydantic import ValidationError
+
     from relaymap.flows.train import TrainConfig
     from relaymap.flows.train import train as run_training
 
@@ -140,6 +180,7 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
           --out maps --catalog catalog --overlap-px 32 --probabilities
     """
     from pydantic import ValidationError
+
     from relaymap.flows.infer import InferConfig
     from relaymap.flows.infer import infer as run_inference
 
@@ -171,6 +212,7 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
 def pipeline(config: str) -> None:
     """Run mapping_pipeline with the parameters in CONFIG (YAML; see relaymap.flows.pipeline)."""
     from pydantic import ValidationError
+
     from relaymap.flows.pipeline import PipelineParams, mapping_pipeline
 
     try:

@@ -18,6 +18,7 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from PIL import Image, ImageDraw
+
 from relaymap.catalog.storage import atomic_upload
 
 #: Class COG nodata (also ``relaymap.ingest.labels.IGNORE``).

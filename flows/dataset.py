@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from relaymap.ingest import SceneStore, StoreError, open_scene
 from torch.utils.data import IterableDataset, get_worker_info
 
 from relay_models import ClassSpec, DataSpec
 from relay_models.geometry import WindowPair, tile_grid, window_pair
 from relay_models.windows import read_pair
+from relaymap.ingest import SceneStore, StoreError, open_scene
 
 
 @dataclass(frozen=True)

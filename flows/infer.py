@@ -29,17 +29,18 @@ import numpy as np
 import pystac
 import rasterio
 import torch
-from relaymap.catalog import map_item, open_catalog
-from relaymap.catalog.storage import join, normalize_url
-from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 from tqdm.auto import tqdm
 
 from relay_models import DataSpec, FrozenConfig
 from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles
 from relay_models.stitch import RowStitcher
+from relaymap.catalog import map_item, open_catalog
+from relaymap.catalog.storage import join, normalize_url
+from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
+from .jobs import connect_ray
 from .options import MapOptions
 from .trained import ModelError, ModelInfo, load_trained, read_info
 
@@ -228,8 +229,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     tile_px = opts.tile_px or spec.window_px
     overlap = tile_px // 4 if opts.overlap_px is None else opts.overlap_px
     tiles = _plan(store.shape(0), tile_px, overlap)  # raises on a bad overlap
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    connect_ray(address, log_to_driver=False)
     use_gpu = opts.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -44,6 +44,17 @@ def cluster_address(address: str | None = None) -> str | None:
     return None
 
 
+def connect_ray(address: str | None = None, **init_kw) -> None:
+    """Connect this process to Ray once: ``address``, else the cluster ``RAY_ADDRESS`` names,
+    else a private local cluster of our own (``"local"``), never a cluster that merely
+    happens to run on this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, ignore_reinit_error=True, **init_kw)
+
+
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The settings a job inherits from the submitter: storage endpoint, region, GDAL and
     relaymap options; never a credential."""

@@ -24,11 +24,11 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import Field, model_validator
+
+from relay_models.config import FrozenConfig, ModelConfig
 from relaymap.catalog import ItemNotFound, open_catalog
 from relaymap.catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url
 from relaymap.ingest import StacApiError, ingest_items, search
-
-from relay_models.config import FrozenConfig, ModelConfig
 
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job

@@ -24,16 +24,6 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 from ray.train import UserCallback
-from relaymap.catalog import StaticCatalog, model_item, open_catalog
-from relaymap.catalog.storage import (
-    StorageError,
-    atomic_upload,
-    atomic_write,
-    join,
-    normalize_url,
-    remove,
-)
-from relaymap.ingest import StoreError, open_scene
 
 from relay_models import (
     DataSpec,
@@ -45,8 +35,19 @@ from relay_models import (
     save_model,
     train_step,
 )
+from relaymap.catalog import StaticCatalog, model_item, open_catalog
+from relaymap.catalog.storage import (
+    StorageError,
+    atomic_upload,
+    atomic_write,
+    join,
+    normalize_url,
+    remove,
+)
+from relaymap.ingest import StoreError, open_scene
 
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
+from .jobs import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -385,14 +386,12 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
         address: an existing Ray cluster (``ray://`` or ``host:port``); default: local Ray
             (or the cluster ``RAY_ADDRESS`` names).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     spec = check_inputs(config)
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    connect_ray(address, log_to_driver=True)
     path, fs = _ray_storage(config.run.storage_url)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -9,11 +9,11 @@ import json
 from dataclasses import dataclass
 
 import pystac
-from relaymap.catalog.storage import filesystem, normalize_url, read_bytes
 from torch import nn
 
 from relay_models import DataSpec, ModelConfig, load_saved, read_saved
 from relay_models.saved import SavedModelError
+from relaymap.catalog.storage import filesystem, normalize_url, read_bytes
 
 
 class ModelError(ValueError):

@@ -24,10 +24,10 @@ from odc.geo.xr import xr_coords
 from pyproj import Transformer
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
-from relaymap.catalog.storage import normalize_url, read_bytes, redact
 from shapely.geometry import mapping, shape
 
 from relay_models.windows import IGNORE
+from relaymap.catalog.storage import normalize_url, read_bytes, redact
 
 from .errors import CorruptRasterError, IngestError
 from .load import configure_odc, rio_env

@@ -20,6 +20,7 @@ import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
 from rasterio.errors import RasterioIOError
+
 from relaymap.catalog.storage import gdal_env, redact
 
 from .errors import CorruptRasterError, GridError, MissingAssetError

@@ -24,6 +24,7 @@ import pystac
 import rasterio
 from pyproj import Transformer
 from rasterio.transform import from_origin
+
 from relaymap.catalog.storage import atomic_upload, atomic_write, join, normalize_url
 
 CRS = "EPSG:32633"

@@ -8,8 +8,9 @@ from typing import Any
 import pystac
 import pystac_client
 from pystac_client.exceptions import APIError
-from relaymap.catalog.storage import redact
 from requests.exceptions import RequestException
+
+from relaymap.catalog.storage import redact
 
 from .errors import MissingAssetError, NoItemsFound, StacApiError
 

@@ -39,9 +39,9 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
 from rasterio.errors import RasterioError
-from relaymap.catalog.storage import exists, native, normalize_url, redact, remove
 
 from relay_models.windows import IGNORE, halve_mean, halve_mode
+from relaymap.catalog.storage import exists, native, normalize_url, redact, remove
 
 from .errors import CorruptRasterError, StoreError
 from .labels import LabelClass

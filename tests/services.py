@@ -180,12 +180,15 @@ class RayHead:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+def ray_head(
+    num_cpus: int = 2, env: dict[str, str] | None = None, temp_dir: str | None = None
+) -> Iterator[RayHead]:
     """``ray start --head --block`` on loopback, with the dashboard and ``env`` added to its
     environment (what a node's own environment would hold); yields its addresses. Its
     processes are killed by process group at exit."""
     port, dash = free_port(), free_port()
-    tmp = tempfile.mkdtemp(prefix="rayh-")  # short: Ray's socket paths have a length limit
+    # short: Ray's socket paths have a length limit
+    tmp = temp_dir or tempfile.mkdtemp(prefix="rayh-")
     cmd = [
         shutil.which("ray") or "ray",
         "start",

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+
 from relaymap.flows.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ import pytest
 import rasterio
 import torch
 from rasterio.transform import from_origin
-from relaymap.catalog import ItemNotFound, StacApiCatalog, StaticCatalog, map_item, model_item
-from relaymap.catalog.storage import atomic_upload, read_bytes
-from relaymap.ingest.load import rio_env
 from safetensors.torch import save_file
 
 from relay_models import ClassSpec, DataSpec
+from relaymap.catalog import ItemNotFound, StacApiCatalog, StaticCatalog, map_item, model_item
+from relaymap.catalog.storage import atomic_upload, read_bytes
+from relaymap.ingest.load import rio_env
 
 CLASSES = [
     {"index": i, "name": n, "color_hint": c}

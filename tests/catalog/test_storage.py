@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from relaymap.catalog.storage import (
     StorageError,
     atomic_upload,
@@ -15,7 +16,6 @@ from relaymap.catalog.storage import (
     read_bytes,
     redact,
 )
-
 from tests.services import environ
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 
 import torch
-from relaymap.flows.dataset import WindowPairDataset, data_spec
-from relaymap.ingest import open_scene
 
 from relay_models import RelayLoss, create_model, save_model, train_step
 from relay_models.registry import takes_global
+from relaymap.flows.dataset import WindowPairDataset, data_spec
+from relaymap.ingest import open_scene
 
 
 def quick_model(

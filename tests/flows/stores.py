@@ -7,6 +7,7 @@ import xarray as xr
 from affine import Affine
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
+
 from relaymap.ingest import write_scene
 from relaymap.ingest.labels import LabelClass
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 from click.testing import CliRunner
-from relaymap.flows.cli import main
 
 from relay_models import list_models
+from relaymap.flows.cli import main
 
 
 def test_console_script_is_installed():
@@ -56,3 +56,21 @@ def test_pipeline_rejects_a_bad_config_before_starting(tmp_path):
     result = CliRunner().invoke(main, ["pipeline", str(path)])
     assert result.exit_code == 2
     assert "give exactly one of 'model' (a trained model) or 'train'" in result.output
+
+
+def test_a_typed_error_is_one_line_and_exit_code_2(tmp_path):
+    """As a user sees it: the real console script, a missing scene store."""
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"not a model")
+    args = ["relaymap", "infer", "--model", str(model), "--scene", str(tmp_path / "gone.zarr")]
+    args += ["--out", str(tmp_path / "maps")]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr == (
+        f"relaymap: ModelError: file://{model} is not a readable safetensors file: "
+        "bad header length\n"
+    )
+    verbose = subprocess.run(["relaymap", "-v", *args[1:]], capture_output=True, text=True)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    assert not (tmp_path / "maps").exists()

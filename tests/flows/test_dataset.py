@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from relaymap.flows.dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
-from relaymap.ingest import StoreError, open_scene
 
 from relay_models.geometry import window_pair
 from relay_models.windows import read_pair as read_windows
+from relaymap.flows.dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
+from relaymap.ingest import StoreError, open_scene
 from tests.flows.stores import array_store, stripes
 
 

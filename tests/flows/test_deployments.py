@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import rasterio
+
 from relaymap.catalog import StaticCatalog, serve_stac
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,15 +7,15 @@ import pystac_client
 import pytest
 import rasterio
 import torch
+
+from relay_models.inference import plan_tiles, predict_array, predict_tiles, read_tiles
+from relay_models.windows import ArrayPyramid
 from relaymap.catalog import StaticCatalog, multihash_sha256
 from relaymap.catalog.storage import filesystem, gdal_env
 from relaymap.flows.infer import InferConfig, MapOptions, infer
 from relaymap.flows.trained import ModelError, load_trained
 from relaymap.ingest import StoreError, open_scene
 from relaymap.ingest.sample import CLASSES
-
-from relay_models.inference import plan_tiles, predict_array, predict_tiles, read_tiles
-from relay_models.windows import ArrayPyramid
 
 from .stores import array_store
 
@@ -230,6 +230,7 @@ def test_a_model_loads_from_its_mlm_item(tmp_path, scenes):
 @pytest.mark.slow
 def test_cli_infer(ray_local, tmp_path, scenes):
     from click.testing import CliRunner
+
     from relaymap.flows.cli import main
 
     out = tmp_path / "cli"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
+
+from relay_models.config import ModelConfig
 from relaymap.catalog import StaticCatalog, serve_stac
 from relaymap.catalog.server import free_port
 from relaymap.catalog.storage import filesystem
@@ -25,8 +27,6 @@ from relaymap.flows.pipeline import (
 )
 from relaymap.flows.train import DataConfig, TrainConfig
 from relaymap.ingest import StacApiError, make_sample_scenes
-
-from relay_models.config import ModelConfig
 
 from .conftest import BANDS
 
@@ -106,7 +106,6 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
     """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
     behind a TCP proxy that is cut); the task retries once the endpoint is back."""
     import relaymap.flows.cog
-
     from tests.services import TcpProxy
 
     proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
@@ -265,6 +264,7 @@ def _the_worker_saw_every_option(catalog_url: str, item_id: str) -> None:
     """The map item records the options the mapping process ran with, and the products
     show the ones that change them."""
     import rasterio
+
     from relaymap.catalog.storage import gdal_env
 
     item = StaticCatalog(catalog_url).get_item("relaymap-maps", item_id)
@@ -288,6 +288,7 @@ def _flags(options: MapOptions) -> list[str]:
 @pytest.mark.slow
 def test_every_option_reaches_the_worker_from_the_cli(ray_local, scenes, tmp_path):
     from click.testing import CliRunner
+
     from relaymap.flows.cli import main
 
     catalog = str(tmp_path / "catalog")

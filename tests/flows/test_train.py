@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from relay_models import RelayLoss, create_model
 from relaymap.catalog.storage import StorageError
 from relaymap.flows.train import TrainConfig, check_inputs, train
 from relaymap.ingest import StoreError
-
-from relay_models import RelayLoss, create_model
 from tests.flows.stores import array_store, stripes
 from tests.services import environ
 
@@ -168,8 +168,9 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
         assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
     finally:
         ray.shutdown()
-    from relaymap.catalog.storage import read_bytes
     from safetensors.torch import load_file
+
+    from relaymap.catalog.storage import read_bytes
 
     (tmp_path / "w.safetensors").write_bytes(read_bytes(second.weights_url))
     trained = load_file(str(tmp_path / "w.safetensors"))

@@ -9,6 +9,7 @@ import pystac
 import pytest
 import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
+
 from relaymap.catalog.storage import exists, filesystem, read_bytes
 from relaymap.ingest import (
     CorruptRasterError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pystac
 import pytest
+
 from relaymap.ingest.load import band_encoding
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
+
 from relaymap.ingest import (
     classes_from_stac,
     load_labels,

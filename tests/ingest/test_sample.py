@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import rasterio
+
 from relaymap.ingest.sample import BANDS, CLASSES, CONTEXT_PAIRS, make_layout, make_sample_scenes
 
 
