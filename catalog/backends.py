@@ -18,7 +18,16 @@ import requests
 from pystac.utils import str_to_datetime
 
 from .server import serve_stac
-from .storage import atomic_write, exists, filesystem, join, normalize_url, read_bytes, redact
+from .storage import (
+    atomic_write,
+    check_id,
+    exists,
+    filesystem,
+    join,
+    normalize_url,
+    read_bytes,
+    redact,
+)
 
 
 class CatalogError(RuntimeError):
@@ -112,10 +121,15 @@ class StaticCatalog:
         return f"StaticCatalog({self.root!r})"
 
     def _item_url(self, collection: str, item_id: str) -> str:
-        return join(self.root, collection, "items", f"{item_id}.json")
+        return join(
+            self._collection_dir(collection), "items", f"{check_id(item_id, 'item id')}.json"
+        )
+
+    def _collection_dir(self, collection: str) -> str:
+        return join(self.root, check_id(collection, "collection id"))
 
     def _collection_url(self, collection: str) -> str:
-        return join(self.root, collection, "collection.json")
+        return join(self._collection_dir(collection), "collection.json")
 
     def collection_ids(self) -> list[str]:
         fs, path = filesystem(self.root)
@@ -177,7 +191,7 @@ class StaticCatalog:
         atomic_write(join(self.root, "catalog.json"), json.dumps(root, indent=1).encode())
 
     def _item_ids(self, collection: str) -> list[str]:
-        fs, path = filesystem(join(self.root, collection, "items"))
+        fs, path = filesystem(join(self._collection_dir(collection), "items"))
         if not fs.exists(path):
             return []
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -297,7 +311,7 @@ class StacApiCatalog:
 
     def ensure_collection(self, collection: pystac.Collection) -> None:
         """Create the collection if the API does not have it."""
-        resp = self._request("GET", f"/collections/{collection.id}")
+        resp = self._request("GET", f"/collections/{check_id(collection.id, 'collection id')}")
         if resp.status_code == 404:
             body = collection.to_dict(include_self_link=False, transform_hrefs=False)
             body["links"] = []
@@ -318,14 +332,19 @@ class StacApiCatalog:
             if not item.collection_id:
                 raise CatalogError(f"item {item.id} has no collection; set item.collection_id")
             body = _item_body(item)
-            cid = item.collection_id
+            cid = check_id(item.collection_id, "collection id")
+            item_id = check_id(item.id, "item id")
             resp = self._request("POST", f"/collections/{cid}/items", json=body)
             if resp.status_code == 409:  # exists: replace it
-                resp = self._request("PUT", f"/collections/{cid}/items/{item.id}", json=body)
+                resp = self._request("PUT", f"/collections/{cid}/items/{item_id}", json=body)
             self._check(resp, f"writing item {cid}/{item.id}")
 
     def get_item(self, collection: str, item_id: str) -> pystac.Item:
-        resp = self._request("GET", f"/collections/{collection}/items/{item_id}")
+        resp = self._request(
+            "GET",
+            f"/collections/{check_id(collection, 'collection id')}/items/"
+            f"{check_id(item_id, 'item id')}",
+        )
         if resp.status_code == 404:
             raise ItemNotFound(f"no item {collection}/{item_id} in {self.url}")
         self._check(resp, f"reading item {collection}/{item_id}")

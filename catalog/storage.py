@@ -73,6 +73,26 @@ _SECRET = re.compile(
 )
 
 
+#: What an id must look like before it becomes part of a path or URL: no separators, no
+#: ``..``, no percent-escapes, ASCII only, at most 128 characters.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """``value`` if it is safe as one path segment or URL segment (:data:`ID_PATTERN`,
+    without ``..``); ids come from STAC APIs and configs, untrusted.
+
+    Raises:
+        ValueError: naming the bad id and what it was for.
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not a safe id: use 1-128 ASCII letters, digits, '.', '_' "
+            f"or '-', starting with a letter or digit, without '..'"
+        )
+    return value
+
+
 def redact(text: str) -> str:
     """Remove credential values (and this process's AWS secrets) from a message."""
     text = _SECRET.sub(r"\1\2***", text)

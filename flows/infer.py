@@ -36,12 +36,12 @@ from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
-from relaymap.catalog.storage import join, normalize_url
+from relaymap.catalog.storage import check_id, join, normalize_url
 from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
 from .jobs import connect_ray
-from .options import MapOptions
+from .options import MapOptions, SafeId
 from .trained import ModelError, ModelInfo, load_trained, read_info
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class InferConfig(FrozenConfig):
     out: str
     #: Static catalog URL or STAC API for the map item; none: not registered.
     catalog: str | None = None
-    collection: str = "relaymap-maps"
+    collection: SafeId = "relaymap-maps"
     #: Map item id; default ``<scene name>-<model name>`` (stable, so reruns replace).
-    item_id: str | None = None
+    item_id: SafeId | None = None
     options: MapOptions = MapOptions()
 
 
@@ -206,10 +206,14 @@ def predict_scene(
 
 
 def map_item_id(scene: str, model_name: str) -> str:
-    """The map item id of a scene (store URL or item id) and a model: stable, so a rerun
-    replaces the map and never duplicates it."""
+    """The map item id of a scene (store URL or item id) and a model's identity
+    (:attr:`ModelInfo.name`): stable, so a rerun replaces the map and never duplicates it.
+
+    Raises:
+        ValueError: an id unsafe as a path or URL segment.
+    """
     stem = scene.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    return f"{stem}-{model_name}"
+    return check_id(f"{stem}-{model_name}", "map item id")
 
 
 def infer(config: InferConfig, *, address: str | None = None, progress: bool = True) -> MapProduct:
@@ -233,7 +237,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     use_gpu = opts.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    item_id = config.item_id or map_item_id(store.url, info.name)
+    item_id = check_id(config.item_id or map_item_id(store.url, info.name), "map item id")
     prefix = join(normalize_url(config.out), item_id)
     urls = {
         "classes": join(prefix, "classes.tif"),

@@ -3,11 +3,16 @@ are all made from :class:`MapOptions` (a new option is one field here)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from relay_models.config import FrozenConfig
+from relaymap.catalog.storage import check_id
+
+#: An id that becomes part of a path or URL (run names, collections, item ids): validated
+#: where the config is read, with :func:`relaymap.catalog.storage.check_id`.
+SafeId = Annotated[str, AfterValidator(check_id)]
 
 
 class MapOptions(FrozenConfig):

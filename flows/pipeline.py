@@ -27,12 +27,18 @@ from pydantic import Field, model_validator
 
 from relay_models.config import FrozenConfig, ModelConfig
 from relaymap.catalog import ItemNotFound, open_catalog
-from relaymap.catalog.storage import TRANSPORT_ERRORS, StorageError, join, normalize_url
+from relaymap.catalog.storage import (
+    TRANSPORT_ERRORS,
+    StorageError,
+    check_id,
+    join,
+    normalize_url,
+)
 from relaymap.ingest import StacApiError, ingest_items, search
 
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
-from .options import MapOptions
+from .options import MapOptions, SafeId
 from .train import DataConfig, OptimConfig, OutputConfig, RunConfig, TrainConfig
 from .trained import read_info
 
@@ -126,7 +132,7 @@ class TrainSpec(FrozenConfig):
     #: From-scratch models want more than the paper's fine-tuning 1e-4.
     lr: float = Field(default=1e-3, gt=0)
     workers: int = Field(default=2, ge=1)
-    run_name: str = "relaymap-pipeline"
+    run_name: SafeId = "relaymap-pipeline"
 
 
 class PipelineParams(FrozenConfig):
@@ -143,7 +149,7 @@ class PipelineParams(FrozenConfig):
     model: str | None = None
     train: TrainSpec | None = None
     infer: MapOptions = MapOptions()
-    collection: str = "relaymap-maps"
+    collection: SafeId = "relaymap-maps"
     address: str | None = None
 
     @model_validator(mode="after")
@@ -175,7 +181,7 @@ def search_scenes(query: SceneQuery) -> list[dict]:
 def ingest_scene(item: dict, stores_url: str, bands: list[str], label_asset: str | None) -> str:
     """One item to its scene store (a no-op when the store is complete); the store URL."""
     it = pystac.Item.from_dict(item)
-    url = join(normalize_url(stores_url), f"{it.id}.zarr")
+    url = join(normalize_url(stores_url), f"{check_id(it.id, 'STAC item id')}.zarr")
     store = ingest_items([it], url, bands, label_asset=label_asset)
     get_run_logger().info("scene %s -> %s", it.id, store.url)
     return store.url

@@ -48,6 +48,7 @@ from relaymap.ingest import StoreError, open_scene
 
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
 from .jobs import connect_ray
+from .options import SafeId
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class OptimConfig(FrozenConfig):
 class RunConfig(FrozenConfig):
     """Where and how the run executes."""
 
-    name: str = "relaymap-run"
+    name: SafeId = "relaymap-run"
     #: Checkpoints and results go to ``storage_url/name`` (file:// or s3://).
     storage_url: str = "relaymap-runs"
     num_workers: int = Field(default=2, ge=1)
@@ -105,7 +106,7 @@ class OutputConfig(FrozenConfig):
     weights_url: str | None = None
     #: Catalog (static catalog URL or STAC API) for the MLM model item; none: not registered.
     catalog_url: str | None = None
-    collection: str = "relaymap-models"
+    collection: SafeId = "relaymap-models"
 
 
 class TrainConfig(FrozenConfig):

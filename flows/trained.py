@@ -27,12 +27,18 @@ class ModelInfo:
     config: ModelConfig
     spec: DataSpec
     weights_url: str
+    #: SHA-256 of the weights, from the header.
+    digest: str
     item: pystac.Item | None = None
 
     @property
     def name(self) -> str:
-        """The model's identity in product names: its MLM item id, else its architecture."""
-        return self.item.id if self.item is not None else self.config.name
+        """The model's identity in product names: its MLM item id (the training run), else
+        its architecture and weights digest; never the architecture alone, which two
+        different models share."""
+        if self.item is not None:
+            return self.item.id
+        return f"{self.config.name}-{self.digest[:8]}" if self.digest else self.config.name
 
 
 def _weights_href(item: pystac.Item) -> str:
@@ -63,7 +69,7 @@ def read_info(url: str) -> ModelInfo:
         raise ModelError(f"no model file at {url}") from None
     except SavedModelError as e:
         raise ModelError(str(e)) from None
-    return ModelInfo(saved.config, saved.spec, url, item)
+    return ModelInfo(saved.config, saved.spec, url, saved.digest, item)
 
 
 def load_trained(url: str) -> tuple[ModelInfo, nn.Module]:

@@ -234,6 +234,11 @@ def write_scene(
             )
         attrs = None
     if attrs is None and exists(url):
+        if SceneAttrs.read(url) is None:  # not ours: never delete what we did not write
+            raise StoreError(
+                f"{url} exists and is not a relaymap scene store (no '{ATTR}' marker); "
+                f"remove it yourself or choose another URL"
+            )
         log.info("%s: removing an unfinished or replaced store", url)
         remove(url, recursive=True)
     done = set(attrs.levels_done) if attrs else set()
@@ -270,6 +275,7 @@ def write_scene(
                 ds = _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=False)
                 if level == 0:
                     level0 = ds["image"].data
+                    new_attrs.write(url)  # the marker: from here on this folder is ours
                 group = zarr.open_group(native(url), path=_level_group(level) or "", mode="r+")
                 for name in ds.data_vars:
                     sources.append(ds[name].data)

@@ -9,12 +9,14 @@ binary files or bytes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
@@ -23,7 +25,7 @@ from .factory import create_model
 from .segmenter import Segmenter
 from .spec import DataSpec
 
-CONFIG_KEY, SPEC_KEY = "relaymap_config", "relaymap_spec"
+CONFIG_KEY, SPEC_KEY, DIGEST_KEY = "relaymap_config", "relaymap_spec", "weights_sha256"
 #: The safetensors format caps its JSON header at 100 MB.
 MAX_HEADER = 100_000_000
 
@@ -38,18 +40,32 @@ class SavedModel:
 
     config: ModelConfig
     spec: DataSpec
+    #: SHA-256 of the weights (tensor names, shapes, dtypes and bytes): the model's identity.
+    digest: str = ""
     #: Other header metadata (strings), e.g. ``{"step": "300"}``.
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, shapes, dtypes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(model: Segmenter, path: str | os.PathLike, **extra: str) -> None:
-    """Write ``model``'s weights with its ``config`` and ``spec`` (from ``create_model``)."""
+    """Write ``model``'s weights with its ``config``, ``spec`` (from ``create_model``) and
+    the weights' digest."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {
         CONFIG_KEY: model.config.model_dump_json(),
         SPEC_KEY: model.spec.model_dump_json(),
+        DIGEST_KEY: weights_digest(state),
         **{k: str(v) for k, v in extra.items()},
     }
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 
 
@@ -74,7 +90,7 @@ def read_saved(f: BinaryIO, name: str = "model") -> SavedModel:
         )
     config = ModelConfig.model_validate_json(meta.pop(CONFIG_KEY))
     spec = DataSpec.model_validate_json(meta.pop(SPEC_KEY))
-    return SavedModel(config, spec, meta)
+    return SavedModel(config, spec, meta.pop(DIGEST_KEY, ""), meta)
 
 
 def load_saved(data: bytes, name: str = "model") -> Segmenter:

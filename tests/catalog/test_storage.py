@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from relaymap.catalog.storage import (
     StorageError,
     atomic_upload,
     atomic_write,
+    check_id,
     exists,
     filesystem,
     gdal_env,
@@ -93,3 +95,44 @@ def test_storage_config_sets_the_standard_variables():
         assert os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
         assert os.environ["AWS_REGION"] == "eu-west-1"
         assert gdal_env()["AWS_S3_ENDPOINT"] == "127.0.0.1:9000"
+
+
+BAD_IDS = ["../x", "a/b", "/etc/passwd", "..", "a..b", "%2e%2e", "x%2Fy", "é", "naïve", ""]
+BAD_IDS += ["-x", ".hidden", "a b", "a\\b", "x" * 129]
+
+
+class TestUntrustedIds:
+    @pytest.mark.parametrize("bad", BAD_IDS)
+    def test_unsafe_ids_are_refused(self, bad):
+        with pytest.raises(ValueError, match="not a safe id"):
+            check_id(bad, "item id")
+
+    @pytest.mark.parametrize(
+        "good", ["S2B_33TWN_20240601_0_L2A", "sample-03", "a.b_c-1", "x" * 128]
+    )
+    def test_real_ids_pass(self, good):
+        assert check_id(good) == good
+
+    def test_a_static_catalog_writes_nothing_outside_its_root(self, tmp_path):
+        import pystac
+
+        from relaymap.catalog import StaticCatalog
+
+        root = tmp_path / "cat"
+        catalog = StaticCatalog(str(root))
+        for cid, iid in (("maps", "../../evil"), ("../maps", "ok"), ("maps", "a/b")):
+            item = pystac.Item(iid, None, None, dt.datetime(2024, 1, 1), {}, collection=cid)
+            with pytest.raises(ValueError, match="not a safe id"):
+                catalog.add_items([item])
+            with pytest.raises(ValueError, match="not a safe id"):
+                catalog.get_item(cid, iid)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing, anywhere
+
+    def test_a_stac_api_request_never_leaves_its_collection(self):
+        from relaymap.catalog.backends import StacApiCatalog
+
+        api = StacApiCatalog("http://127.0.0.1:9")  # nothing listens: no request is made
+        with pytest.raises(ValueError, match="collection id 'other/items/x' is not a safe id"):
+            api.get_item("other/items/x", "y")
+        with pytest.raises(ValueError, match=r"item id '\.\./\.\./collections/x' is not a safe id"):
+            api.get_item("maps", "../../collections/x")

@@ -241,3 +241,19 @@ def test_cli_infer(ray_local, tmp_path, scenes):
     assert (tmp_path / "cat" / "relaymap-maps" / "items").is_dir()
     bad = CliRunner().invoke(main, [*args, "--batch-size", "0"])
     assert bad.exit_code == 2 and "batch_size" in bad.output
+
+
+def test_two_models_of_one_architecture_make_different_map_ids(tmp_path, scenes):
+    """The map id carries the model's identity (weights digest, or its MLM item id), so a
+    second model never skips or overwrites the first one's map."""
+    from relaymap.flows.infer import map_item_id
+    from relaymap.flows.trained import read_info
+
+    from .models import quick_model
+
+    other = quick_model(scenes["stores"][0], str(tmp_path / "other.safetensors"), steps=1, seed=5)
+    a, b = read_info(scenes["model"]), read_info(other)
+    assert a.config.name == b.config.name and a.digest != b.digest
+    store = scenes["stores"][1]
+    assert map_item_id(store, a.name) != map_item_id(store, b.name)
+    assert map_item_id(store, a.name) == map_item_id(store, read_info(scenes["model"]).name)

@@ -26,6 +26,7 @@ from relaymap.flows.pipeline import (
     train_flow,
 )
 from relaymap.flows.train import DataConfig, TrainConfig
+from relaymap.flows.trained import read_info
 from relaymap.ingest import StacApiError, make_sample_scenes
 
 from .conftest import BANDS
@@ -75,6 +76,25 @@ def test_ingest_flow_keeps_going_past_a_corrupt_scene_and_reruns_idempotently(tm
         again = ingest_flow(params)  # rerun: finished stores are kept as they are
     assert again["stores"] == result["stores"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "stores").rglob("zarr.json")} == mtimes
+
+
+@pytest.mark.slow
+def test_an_item_id_from_the_api_never_becomes_a_path_outside_the_stores(tmp_path):
+    col = make_sample_scenes(str(tmp_path / "sample"), n_scenes=2, size_px=128, feature_px=32)
+    evil = sorted(col.get_items(), key=lambda i: i.id)[0]
+    evil.id = "../../evil"
+    stores = tmp_path / "work" / "stores"
+    with serve_stac([col]) as api:
+        params = IngestParams(
+            query=SceneQuery(stac_api=api, collections=[col.id], bands=BANDS),
+            stores_url=str(stores),
+        )
+        result = ingest_flow(params)
+    assert list(result["failed"]) == ["../../evil"]
+    assert "not a safe id" in result["failed"]["../../evil"]
+    assert len(result["stores"]) == 1
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["stores"]
+    assert not list(tmp_path.glob("evil*"))
 
 
 def test_stac_api_down_is_retried_then_fails_with_a_clear_error(tmp_path):
@@ -131,16 +151,14 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
     assert state.is_completed(), state.message
     result = state.result()
-    assert list(result["items"].values()) == ["sample-01-swinv2_nano_relay"]
+    assert list(result["items"].values()) == [_map_id(scenes)]
     runs = _task_runs(state.state_details.flow_run_id)
     assert [r.run_count for r in runs] == [2]
     fs, path = filesystem(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
     assert names == ["classes.tif", "quicklook.png"]  # no temporary or partial objects
-    assert [i.id for i in StaticCatalog(catalog).items("relaymap-maps")] == [
-        "sample-01-swinv2_nano_relay"
-    ]
+    assert [i.id for i in StaticCatalog(catalog).items("relaymap-maps")] == [_map_id(scenes)]
 
 
 # ---------------------------------------------------------------- Ray jobs
@@ -240,6 +258,14 @@ def test_cluster_address_picks_the_jobs_api_only(monkeypatch):
     assert cluster_address(None) == "https://ray.example.org"
 
 
+def _map_id(scenes) -> str:
+    """The map item id of the second sample scene with the test model: scene + the model's
+    identity (architecture and weights digest)."""
+    name = read_info(scenes["model"]).name
+    assert name.startswith("swinv2_nano_relay-") and len(name) == len("swinv2_nano_relay-") + 8
+    return f"sample-01-{name}"
+
+
 # ---------------------------------------------------------------- inference options, every path
 
 #: Every inference option at a value other than its default.
@@ -326,7 +352,7 @@ def test_every_option_reaches_the_worker_of_a_ray_job(ray_cluster, scenes, tmp_p
     )
     result = infer_flow(params)
     assert result == {
-        "items": {scenes["stores"][1]: "sample-01-swinv2_nano_relay"},
+        "items": {scenes["stores"][1]: _map_id(scenes)},
         "failed": {},
     }
-    _the_worker_saw_every_option(catalog, "sample-01-swinv2_nano_relay")
+    _the_worker_saw_every_option(catalog, _map_id(scenes))

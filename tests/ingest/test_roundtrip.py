@@ -134,3 +134,17 @@ def test_a_store_and_an_array_pyramid_hold_the_same_levels(store):
         ds = scene.level(level)
         np.testing.assert_array_equal(ds["image"].values, pyr.levels[level][0])
         np.testing.assert_array_equal(ds["label"].values, pyr.levels[level][1])
+
+
+def test_ingest_never_deletes_a_folder_it_did_not_write(store, tmp_path):
+    """A folder at the store URL without relaymap's marker is refused, left as it was."""
+    from relaymap.ingest import StoreError, write_scene
+
+    _, scene = store
+    image = scene.level(0)["image"]
+    folder = tmp_path / "precious.zarr"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("five years of work")
+    with pytest.raises(StoreError, match="is not a relaymap scene store"):
+        write_scene(str(folder), image)
+    assert (folder / "thesis.txt").read_text() == "five years of work"
