@@ -34,7 +34,7 @@ from relaymap.catalog.storage import (
     join,
     normalize_url,
 )
-from relaymap.ingest import StacApiError, ingest_items, search
+from relaymap.ingest import NoItemsFound, StacApiError, ingest_items, search
 
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
@@ -164,15 +164,20 @@ class PipelineParams(FrozenConfig):
 
 @task(**retrying, persist_result=True)
 def search_scenes(query: SceneQuery) -> list[dict]:
-    """The query's items (as dicts: small, persistable)."""
-    items = search(
-        query.stac_api,
-        collections=query.collections,
-        bbox=query.bbox,
-        datetime=query.interval(),
-        max_cloud_cover=query.max_cloud_cover,
-        require_assets=query.bands,
-    )
+    """The query's items (as dicts: small, persistable); none is a normal outcome for a
+    scheduled run (nothing new), not an error."""
+    try:
+        items = search(
+            query.stac_api,
+            collections=query.collections,
+            bbox=query.bbox,
+            datetime=query.interval(),
+            max_cloud_cover=query.max_cloud_cover,
+            require_assets=query.bands,
+        )
+    except NoItemsFound as e:
+        get_run_logger().info("nothing to do: %s", e)
+        return []
     get_run_logger().info("%d scenes match on %s", len(items), query.stac_api)
     return [it.to_dict() for it in items]
 
@@ -282,7 +287,7 @@ def ingest_flow(params: IngestParams) -> dict:
     logger = get_run_logger()
     for item_id, err in failed.items():
         logger.error("scene %s failed to ingest: %s", item_id, err)
-    if not stores:
+    if failed and not stores:
         raise RuntimeError(f"no scene could be ingested: {json.dumps(failed)}")
     return {"stores": stores, "failed": failed}
 

@@ -257,3 +257,27 @@ def test_two_models_of_one_architecture_make_different_map_ids(tmp_path, scenes)
     store = scenes["stores"][1]
     assert map_item_id(store, a.name) != map_item_id(store, b.name)
     assert map_item_id(store, a.name) == map_item_id(store, read_info(scenes["model"]).name)
+
+
+@pytest.mark.slow
+def test_validation_and_mapping_of_one_scene_give_the_same_classes(ray_local, tmp_path, scenes):
+    """One normalisation rule (the model's spec) for validation and for maps: the classes
+    validation scores on a scene are the classes its map holds (tiles on the same grid)."""
+    from relaymap.flows.dataset import TileDataset
+
+    info, model = load_trained(scenes["model"])
+    store = scenes["stores"][1]
+    tiles = TileDataset([store], info.spec)
+    shape = open_scene(store).shape(0)
+    expected = np.full(shape, 255, dtype=np.uint8)
+    with torch.no_grad():
+        for i in range(len(tiles)):
+            sample, (_, pair) = tiles[i], tiles.tiles[i]
+            out = model(sample["local"][None], sample["global"][None]).local[0]
+            y0, x0, y1, x1 = pair.local.pixel_bounds()
+            h, w = min(y1, shape[0]) - y0, min(x1, shape[1]) - x0
+            expected[y0 : y0 + h, x0 : x0 + w] = out.argmax(0).numpy()[:h, :w]
+    product = infer(_config(scenes, tmp_path, tile_px=64, overlap_px=0), progress=False)
+    mapped = _read(product.classes_url)[0][0]
+    valid = open_scene(store).valid(0).values
+    assert (mapped[valid] == expected[valid]).mean() > 0.999  # up to bf16/threading ties

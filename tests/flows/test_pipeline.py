@@ -19,10 +19,12 @@ from relaymap.flows.options import MapOptions
 from relaymap.flows.pipeline import (
     InferParams,
     IngestParams,
+    PipelineParams,
     SceneQuery,
     TrainParams,
     infer_flow,
     ingest_flow,
+    mapping_pipeline,
     train_flow,
 )
 from relaymap.flows.train import DataConfig, TrainConfig
@@ -95,6 +97,28 @@ def test_an_item_id_from_the_api_never_becomes_a_path_outside_the_stores(tmp_pat
     assert len(result["stores"]) == 1
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["stores"]
     assert not list(tmp_path.glob("evil*"))
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_with_nothing_new_completes_with_nothing_to_do(tmp_path, scenes):
+    col = make_sample_scenes(str(tmp_path / "sample"), n_scenes=1, size_px=128, feature_px=32)
+    with serve_stac([col]) as api:
+        query = SceneQuery(stac_api=api, collections=[col.id], datetime="1990-01-01/1990-02-01")
+        ingest = ingest_flow(
+            IngestParams(query=query, stores_url=str(tmp_path / "stores")), return_state=True
+        )
+        assert ingest.is_completed(), ingest.message
+        assert ingest.result() == {"stores": {}, "failed": {}}
+        params = PipelineParams(
+            query=query,
+            work_url=str(tmp_path / "work"),
+            out_url=str(tmp_path / "maps"),
+            catalog_url=str(tmp_path / "catalog"),
+            model=scenes["model"],
+        )
+        state = mapping_pipeline(params, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["mapped"] == {} and not (tmp_path / "maps").exists()
 
 
 def test_stac_api_down_is_retried_then_fails_with_a_clear_error(tmp_path):
