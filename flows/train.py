@@ -11,6 +11,7 @@ continues from it (``run.max_failures``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ from relaymap.catalog.storage import (
     atomic_write,
     join,
     normalize_url,
+    read_bytes,
     remove,
 )
 from relaymap.ingest import StoreError, open_scene
@@ -379,6 +381,49 @@ class ProgressLog(UserCallback):
         print(line + (" (checkpoint)" if checkpoint else ""), flush=True)
 
 
+#: ``run`` settings a resumed run may change (with ``optim.steps``): how it executes.
+OPERATIONAL = {
+    "num_workers",
+    "use_gpu",
+    "max_failures",
+    "checkpoint_every",
+    "val_every",
+    "log_every",
+    "keep_checkpoints",
+}
+
+
+def claim_run(config: TrainConfig, spec: DataSpec) -> None:
+    """Record what a run is (its settings and the data it reads: store fingerprints and the
+    data spec) in ``<storage_url>/<name>/relaymap-run.json``, or check that a rerun of the
+    same name is the same run. Only the step count and execution settings may change on a
+    resume: anything else would export old weights under new metadata.
+
+    Raises:
+        ValueError: the run name is taken by a run of other settings or data (the message
+            lists them).
+    """
+    doc = config.model_dump(mode="json", exclude={"output": True, "optim": {"steps"}})
+    doc["run"] = {k: v for k, v in doc["run"].items() if k not in OPERATIONAL}
+    doc["stores"] = {
+        u: open_scene(u).attrs.fingerprint for u in config.data.train + config.data.val
+    }
+    doc["spec"] = spec.model_dump(mode="json")
+    url = join(config.run.storage_url, config.run.name, "relaymap-run.json")
+    try:
+        before = json.loads(read_bytes(url))
+    except FileNotFoundError:
+        atomic_write(url, json.dumps(doc, indent=1, sort_keys=True).encode())
+        return
+    if before != doc:
+        changed = sorted(k for k in doc.keys() | before.keys() if doc.get(k) != before.get(k))
+        raise ValueError(
+            f"run {config.run.name!r} in {config.run.storage_url} was started with other "
+            f"{', '.join(changed)}; resume it with its own settings (only optim.steps and "
+            f"execution settings may change), or give the new run another run.name"
+        )
+
+
 def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
     """Run (or resume) a training run on Ray; export weights and the MLM model item.
 
@@ -392,6 +437,7 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     spec = check_inputs(config)
+    claim_run(config, spec)
     connect_ray(address, log_to_driver=True)
     path, fs = _ray_storage(config.run.storage_url)
     trainer = TorchTrainer(

@@ -230,3 +230,22 @@ def test_two_node_cluster_losing_a_node(tmp_path):
     result = out["result"]
     assert result.metrics["num_nodes"] == 2, "workers were not spread over two nodes"
     assert result.metrics["step"] == 24 and result.metrics["start_step"] > 0
+
+
+def test_a_rerun_with_other_settings_or_data_is_refused(tmp_path):
+    """A run name is claimed by its settings and data; a resume may only go on longer."""
+    from relaymap.flows.train import claim_run
+
+    store = _toy(tmp_path)
+    runs = str(tmp_path / "runs")
+    config = _config([store.url], runs)
+    spec = check_inputs(config)
+    claim_run(config, spec)
+    claim_run(_config([store.url], runs, optim={"steps": 40}), spec)  # longer: the same run
+    claim_run(_config([store.url], runs, run={"num_workers": 1}), spec)  # executes elsewhere
+    with pytest.raises(ValueError, match=r"run 'toy' .* was started with other optim"):
+        claim_run(_config([store.url], runs, optim={"lr": 1e-3}), spec)
+    other = _toy(tmp_path, name="other")
+    other_config = _config([other.url], runs)
+    with pytest.raises(ValueError, match="other data, stores"):
+        claim_run(other_config, check_inputs(other_config))
