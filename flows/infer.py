@@ -9,8 +9,11 @@ The tiled-inference engine of :mod:`relay_models.inference`, spread over a Ray c
    the cluster has GPUs, bf16 there): :func:`~relay_models.inference.run_tiles`;
 4. stitch (driver, tiles in order): :class:`~relay_models.stitch.RowStitcher` hands
    finished rows to scratch GeoTIFFs strip by strip;
-5. products (:mod:`relaymap.flows.cog`): class COG, probability COG and a quicklook, each uploaded
-   atomically, then the map item upserted into the catalog (same id on a rerun).
+5. products (:mod:`relaymap.flows.cog`): class COG, probability COG and a quicklook, each
+   uploaded atomically into a new generation folder ``<out>/<item id>/<generation>/``;
+   then the map item (same id on a rerun) is upserted to point at them, and only then are
+   older generations removed. A crash at any point leaves the item and the files it points
+   at consistent; what a crashed run left is removed by the next one.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import datetime as dt
 import functools
 import logging
 import math
+import re
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,7 @@ from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
-from relaymap.catalog.storage import check_id, join, normalize_url
+from relaymap.catalog.storage import check_id, filesystem, join, normalize_url
 from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
@@ -239,10 +244,11 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     item_id = check_id(config.item_id or map_item_id(store.url, info.name), "map item id")
     prefix = join(normalize_url(config.out), item_id)
+    generation = join(prefix, new_generation())
     urls = {
-        "classes": join(prefix, "classes.tif"),
-        "probabilities": join(prefix, "probabilities.tif") if opts.probabilities else None,
-        "quicklook": join(prefix, "quicklook.png") if opts.quicklook else None,
+        "classes": join(generation, "classes.tif"),
+        "probabilities": join(generation, "probabilities.tif") if opts.probabilities else None,
+        "quicklook": join(generation, "quicklook.png") if opts.quicklook else None,
     }
     skipped = 0
     with (
@@ -286,7 +292,8 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     )
     item.properties["relaymap:options"] = opts.model_dump(mode="json")
     if config.catalog:
-        open_catalog(config.catalog).add_items([item])
+        open_catalog(config.catalog).add_items([item])  # the flip: readers see the new files
+    remove_generations(prefix, keep=generation)
     return MapProduct(
         item,
         urls["classes"],
@@ -296,6 +303,29 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
         skipped,
         time.perf_counter() - t0,
     )
+
+
+#: A product generation folder: ``<UTC time>-<random>``, sortable, never reused.
+GENERATION = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+
+
+def new_generation() -> str:
+    """A fresh generation name: a rerun writes new keys, never over the files an item
+    points at."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_generations(prefix: str, *, keep: str) -> None:
+    """Remove the product generations under ``prefix`` other than ``keep`` (after the item
+    points at ``keep``; leftovers of a crashed run go the same way). Only folders named
+    like a generation are touched."""
+    fs, path = filesystem(prefix)
+    fs.invalidate_cache(path)
+    keep_name = keep.rstrip("/").rsplit("/", 1)[-1]
+    for child in fs.ls(path, detail=False) if fs.exists(path) else []:
+        name = child.rstrip("/").rsplit("/", 1)[-1]
+        if GENERATION.fullmatch(name) and name != keep_name:
+            fs.rm(child, recursive=True)
 
 
 def _when(store: SceneStore) -> dt.datetime | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pystac_client
 import pytest
@@ -151,6 +153,49 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
     np.testing.assert_array_equal(_read(product.classes_url)[0], before)
     leftovers = [p for p in (tmp_path / "maps").rglob("*") if p.is_file()]
     assert sorted(p.name for p in leftovers) == ["classes.tif", "probabilities.tif"]
+
+
+@pytest.mark.slow
+def test_a_crash_before_the_item_flips_keeps_item_and_files_consistent(
+    ray_local, tmp_path, scenes, monkeypatch
+):
+    """New products go to new keys; the item flips to them last; older generations go only
+    after the flip. A crash between upload and flip leaves the old item, its files and their
+    checksum intact; the next run cleans up what the crashed one left."""
+    from relaymap.catalog import StaticCatalog, multihash_sha256
+    from relaymap.catalog.backends import StaticCatalog as Backend
+
+    catalog = str(tmp_path / "catalog")
+    cfg = InferConfig(
+        model=scenes["model"],
+        scene=scenes["stores"][1],
+        out=str(tmp_path / "maps"),
+        catalog=catalog,
+        options=MapOptions(tile_px=128, overlap_px=0, quicklook=False),
+    )
+    first = infer(cfg, progress=False)
+
+    def crash(self, items):
+        raise OSError("killed before the catalog update")
+
+    with monkeypatch.context() as m:
+        m.setattr(Backend, "add_items", crash)
+        with pytest.raises(OSError, match="killed before"):
+            infer(cfg, progress=False)
+    item = StaticCatalog(catalog).get_item("relaymap-maps", first.item.id)
+    href = item.assets["classes"].href
+    assert href == first.classes_url
+    assert item.assets["classes"].extra_fields["file:checksum"] == multihash_sha256(href)[1]
+    generations = sorted(p.parent.name for p in (tmp_path / "maps").rglob("classes.tif"))
+    assert len(generations) == 2  # the crashed run's files: written, never pointed at
+    third = infer(cfg, progress=False)
+    assert [p.parent for p in (tmp_path / "maps").rglob("classes.tif")] == [
+        Path(third.classes_url.removeprefix("file://")).parent
+    ]
+    assert (
+        StaticCatalog(catalog).get_item("relaymap-maps", first.item.id).assets["classes"].href
+        == third.classes_url
+    )
 
 
 def test_bad_models_and_scenes_fail_before_any_compute(tmp_path, scenes):
