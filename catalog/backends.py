@@ -29,6 +29,9 @@ from .storage import (
     redact,
 )
 
+#: Rewrites of a collection or root document before giving up converging with other writers.
+MAX_REWRITES = 50
+
 
 class CatalogError(RuntimeError):
     """A catalog cannot be read or written (the message names the catalog, no secrets)."""
@@ -133,6 +136,7 @@ class StaticCatalog:
 
     def collection_ids(self) -> list[str]:
         fs, path = filesystem(self.root)
+        fs.invalidate_cache(path)  # other writers: never a cached listing
         if not fs.exists(path):
             return []
         return sorted(
@@ -152,46 +156,59 @@ class StaticCatalog:
         """Create or replace a collection's description (its items are kept)."""
         self._write_collection(collection)
 
-    def _write_collection(self, collection: pystac.Collection) -> None:
-        d = collection.to_dict(include_self_link=False, transform_hrefs=False)
-        d["links"] = [
-            ln for ln in d["links"] if ln["rel"] not in ("self", "root", "parent", "item")
-        ]
-        url = self._collection_url(collection.id)
-        d["links"] += [
-            {"rel": "self", "href": url, "type": "application/json"},
-            {"rel": "root", "href": join(self.root, "catalog.json"), "type": "application/json"},
-        ]
-        d["links"] += [
-            {
-                "rel": "item",
-                "href": self._item_url(collection.id, i),
-                "type": "application/geo+json",
-            }
-            for i in self._item_ids(collection.id)
-        ]
-        atomic_write(url, json.dumps(d, indent=1).encode())
+    def _write_collection(self, collection: pystac.Collection, *, extent: bool = False) -> None:
+        """Write the collection with an ``item`` link per item file (and, with ``extent``,
+        its extent over them), then the root catalog. Concurrent writers converge: the
+        document is rebuilt from a fresh listing until no item is missing from what was
+        written (the last writer always re-lists after its write)."""
+        cid = collection.id
+        url = self._collection_url(cid)
+        for _ in range(MAX_REWRITES):
+            ids = self._item_ids(cid)
+            if extent:
+                collection.extent = _extent(list(self.items(cid)))
+            d = collection.to_dict(include_self_link=False, transform_hrefs=False)
+            d["links"] = [
+                ln for ln in d["links"] if ln["rel"] not in ("self", "root", "parent", "item")
+            ]
+            root = join(self.root, "catalog.json")
+            d["links"] += [
+                {"rel": "self", "href": url, "type": "application/json"},
+                {"rel": "root", "href": root, "type": "application/json"},
+            ]
+            d["links"] += [
+                {"rel": "item", "href": self._item_url(cid, i), "type": "application/geo+json"}
+                for i in ids
+            ]
+            atomic_write(url, json.dumps(d, indent=1).encode())
+            if set(self._item_ids(cid)) <= set(ids):
+                break
         self._write_root()
 
     def _write_root(self) -> None:
-        root = {
-            "type": "Catalog",
-            "stac_version": pystac.get_stac_version(),
-            "id": "relaymap",
-            "description": "relaymap products",
-            "links": [
-                {"rel": "self", "href": join(self.root, "catalog.json")},
-                {"rel": "root", "href": join(self.root, "catalog.json")},
-            ]
-            + [
-                {"rel": "child", "href": self._collection_url(c), "type": "application/json"}
-                for c in self.collection_ids()
-            ],
-        }
-        atomic_write(join(self.root, "catalog.json"), json.dumps(root, indent=1).encode())
+        """Write the root catalog with a ``child`` link per collection (converging as
+        :meth:`_write_collection` does)."""
+        url = join(self.root, "catalog.json")
+        for _ in range(MAX_REWRITES):
+            cids = self.collection_ids()
+            root = {
+                "type": "Catalog",
+                "stac_version": pystac.get_stac_version(),
+                "id": "relaymap",
+                "description": "relaymap products",
+                "links": [{"rel": "self", "href": url}, {"rel": "root", "href": url}]
+                + [
+                    {"rel": "child", "href": self._collection_url(c), "type": "application/json"}
+                    for c in cids
+                ],
+            }
+            atomic_write(url, json.dumps(root, indent=1).encode())
+            if set(self.collection_ids()) <= set(cids):
+                break
 
     def _item_ids(self, collection: str) -> list[str]:
         fs, path = filesystem(join(self._collection_dir(collection), "items"))
+        fs.invalidate_cache(path)  # other writers: never a cached listing
         if not fs.exists(path):
             return []
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -235,8 +252,7 @@ class StaticCatalog:
                 if exists(self._collection_url(cid))
                 else _default_collection(cid, group)
             )
-            existing.extent = _extent([*group, *self.items(cid, skip=[i.id for i in group])])
-            self._write_collection(existing)
+            self._write_collection(existing, extent=True)
 
     def get_item(self, collection: str, item_id: str) -> pystac.Item:
         url = self._item_url(collection, item_id)
