@@ -17,6 +17,7 @@ import pystac
 import requests
 from pystac.utils import str_to_datetime
 
+from .faults import fault_point
 from .server import serve_stac
 from .storage import (
     atomic_write,
@@ -27,6 +28,7 @@ from .storage import (
     normalize_url,
     read_bytes,
     redact,
+    remove_stale_temporaries,
 )
 
 #: Rewrites of a collection or root document before giving up converging with other writers.
@@ -183,6 +185,8 @@ class StaticCatalog:
             atomic_write(url, json.dumps(d, indent=1).encode())
             if set(self._item_ids(cid)) <= set(ids):
                 break
+        for folder in (self._collection_dir(cid), join(self._collection_dir(cid), "items")):
+            remove_stale_temporaries(folder)  # what killed writers left
         self._write_root()
 
     def _write_root(self) -> None:
@@ -247,6 +251,7 @@ class StaticCatalog:
                 ]
                 atomic_write(url, json.dumps(d, indent=1).encode())
                 item.set_self_href(url)
+            fault_point("catalog:items-written")  # crash tests: items in, links not yet
             existing = (
                 self.get_collection(cid)
                 if exists(self._collection_url(cid))

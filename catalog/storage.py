@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -173,6 +174,34 @@ def read_bytes(url: str) -> bytes:
 def _tmp_sibling(path: str) -> str:
     head, _, name = path.rpartition("/")
     return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+#: Temporary siblings of :func:`atomic_write` / :func:`atomic_upload`.
+TMP_SIBLING = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
+#: A temporary sibling older than this was left by a process that died (a write in flight
+#: takes seconds, not an hour).
+STALE_TMP_S = 3600.0
+
+
+def remove_stale_temporaries(folder_url: str, older_than_s: float = STALE_TMP_S) -> list[str]:
+    """Remove temporary siblings in ``folder_url`` left by killed writers (only names of
+    our own pattern, only old ones: a live writer's are young); the paths removed."""
+    fs, path = filesystem(folder_url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    now, gone = time.time(), []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "file" or not TMP_SIBLING.fullmatch(name):
+            continue
+        modified = entry.get("mtime") or entry.get("LastModified") or entry.get("created")
+        if hasattr(modified, "timestamp"):
+            modified = modified.timestamp()
+        if modified is not None and now - float(modified) > older_than_s:
+            fs.rm(entry["name"])
+            gone.append(entry["name"])
+    return gone
 
 
 def atomic_write(url: str, data: bytes) -> None:

@@ -18,15 +18,18 @@ The tiled-inference engine of :mod:`relay_models.inference`, spread over a Ray c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
+from relaymap.catalog.faults import fault_point
 from relaymap.catalog.storage import check_id, filesystem, join, normalize_url
 from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
 
@@ -252,7 +256,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     }
     skipped = 0
     with (
-        tempfile.TemporaryDirectory(prefix="relaymap-infer-") as tmp,
+        scratch_dir() as tmp,
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
     ):
         writer = MapWriter(
@@ -292,6 +296,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     )
     item.properties["relaymap:options"] = opts.model_dump(mode="json")
     if config.catalog:
+        fault_point("infer:products-written")  # crash tests: uploaded, not yet pointed at
         open_catalog(config.catalog).add_items([item])  # the flip: readers see the new files
     remove_generations(prefix, keep=generation)
     return MapProduct(
@@ -303,6 +308,33 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
         skipped,
         time.perf_counter() - t0,
     )
+
+
+#: Scratch folders of mapping runs: ``relaymap-infer-<pid>-<random>`` in the temp dir.
+SCRATCH = re.compile(r"relaymap-infer-(\d+)-\w+")
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    """A scratch folder for this run, named by our pid; first removes the folders of runs
+    whose process is gone (a ``kill -9`` skips ``TemporaryDirectory``'s clean-up)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob("relaymap-infer-*"):
+        m = SCRATCH.fullmatch(old.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"relaymap-infer-{os.getpid()}-") as tmp:
+        yield tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 #: A product generation folder: ``<UTC time>-<random>``, sortable, never reused.

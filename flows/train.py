@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -37,10 +38,12 @@ from relay_models import (
     train_step,
 )
 from relaymap.catalog import StaticCatalog, model_item, open_catalog
+from relaymap.catalog.faults import fault_point
 from relaymap.catalog.storage import (
     StorageError,
     atomic_upload,
     atomic_write,
+    filesystem,
     join,
     normalize_url,
     read_bytes,
@@ -183,23 +186,6 @@ def _num_nodes(world: int) -> int:
     return len(set(nodes)) if nodes[0] is not None else 1
 
 
-#: Fault injection for the recovery tests: at step ``PAUSE_AT_STEP`` the last rank writes its
-#: pid to ``PAUSE_FILE`` (if that file does not exist yet) and waits there, to be killed by
-#: the test at that defined point; unset in production, where it costs one dict lookup.
-PAUSE_ENV = ("RELAYMAP_TEST_PAUSE_AT_STEP", "RELAYMAP_TEST_PAUSE_FILE")
-
-
-def _fault_point(step: int, rank: int, world: int) -> None:
-    at, path = (os.environ.get(k) for k in PAUSE_ENV)
-    if not (at and path) or int(at) != step or rank != world - 1 or os.path.exists(path):
-        return
-    tmp = f"{path}.{os.getpid()}"
-    Path(tmp).write_text(str(os.getpid()))
-    os.replace(tmp, path)
-    while True:
-        time.sleep(1)
-
-
 def train_loop_per_worker(raw: dict) -> None:
     """Ray Train's per-worker function: it only wires data, model, :func:`train_step`,
     validation, checkpoints and reports together."""
@@ -298,7 +284,8 @@ def train_loop_per_worker(raw: dict) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        _fault_point(done, rank, world)
+        if rank == world - 1:
+            fault_point(f"train:step-{done}")  # crash tests: a worker lost after a checkpoint
 
 
 # ---------------------------------------------------------------- the driver
@@ -500,5 +487,25 @@ def export(config: TrainConfig, spec: DataSpec, result) -> TrainResult:
         catalog.add_items([item])
         if isinstance(catalog, StaticCatalog):
             item = catalog.get_item(config.output.collection, item.id)
+    remove_unregistered_checkpoints(join(config.run.storage_url, config.run.name))
     path = getattr(result.checkpoint, "path", None)
     return TrainResult(metrics, url, item, path)
+
+
+def remove_unregistered_checkpoints(run_url: str) -> list[str]:
+    """Remove checkpoint folders Ray Train never registered (a worker killed while
+    uploading one leaves it behind: resume never uses it); the folders removed."""
+    fs, path = filesystem(run_url)
+    fs.invalidate_cache(path)
+    try:
+        snapshot = read_bytes(join(run_url, "checkpoint_manager_snapshot.json")).decode()
+    except FileNotFoundError:
+        return []
+    registered = set(re.findall(r'"checkpoint_dir_name":\s*"([^"]+)"', snapshot))
+    gone = []
+    for child in fs.ls(path, detail=False):
+        name = child.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint_") and fs.isdir(child) and name not in registered:
+            fs.rm(child, recursive=True)
+            gone.append(name)
+    return gone

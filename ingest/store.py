@@ -41,6 +41,7 @@ from odc.geo.xr import xr_coords
 from rasterio.errors import RasterioError
 
 from relay_models.windows import IGNORE, halve_mean, halve_mode
+from relaymap.catalog.faults import fault_point
 from relaymap.catalog.storage import exists, native, normalize_url, redact, remove
 
 from .errors import CorruptRasterError, StoreError
@@ -287,6 +288,7 @@ def write_scene(
             )
             store = da.store(sources, targets, lock=False, compute=False)
             _, s1, s2, n = dask.compute(store, *stats)
+            fault_point("ingest:pixels-written")  # crash tests: pixels in, levels not marked
             n = np.maximum(n, 1)
             mean = s1 / n
             std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))

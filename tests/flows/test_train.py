@@ -121,14 +121,14 @@ def _registered_steps(storage_url: str, run_name: str) -> int:
 
 @contextlib.contextmanager
 def paused_at_step(tmp_path, step: int):
-    """Make the last training rank stop at ``step`` (after reporting its checkpoint) and
-    wait there (``relaymap.flows.train``'s fault point); yields a function that waits for the paused
-    worker and a registered checkpoint, and returns the worker's pid. Nothing is timed: the
-    fault lands at that step, however busy the machine is."""
-    from relaymap.flows.train import PAUSE_ENV
+    """Make the last training rank stop at ``step`` (after reporting its checkpoint) and wait
+    there (a fault point in ``relaymap.flows.train``); yields a function that waits for the
+    paused worker and a registered checkpoint, and returns the worker's pid. Nothing is
+    timed: the fault lands at that step, however busy the machine is."""
+    from relaymap.catalog.faults import ENV, ONCE_FILE
 
     pid_file = tmp_path / f"paused-{step}.pid"
-    with environ(dict(zip(PAUSE_ENV, (str(step), str(pid_file)), strict=True))):
+    with environ({ENV: f"train:step-{step}=pause", ONCE_FILE: str(pid_file)}):
 
         def wait_for_pause(storage_url: str, run_name: str) -> int:
             while not pid_file.exists() or _registered_steps(storage_url, run_name) < 1:
@@ -163,8 +163,14 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
         assert first.metrics["step"] == 24
         assert first.metrics["start_step"] > 0  # the restarted workers resumed a checkpoint
         assert _registered_steps(storage, "toy") >= 1
+        # what a worker killed mid-upload leaves: a checkpoint Ray never registered
+        from relaymap.catalog.storage import atomic_write, exists
+
+        orphan = f"{storage}/toy/checkpoint_2000-01-01_00-00-00.000000"
+        atomic_write(f"{orphan}/state.pt", b"half a checkpoint")
         # a second run of the same name with more steps resumes where the first ended
         second = train(_config([store.url], storage, optim={"steps": 28}))
+        assert not exists(orphan)  # cleaned by the run that came next
         assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
     finally:
         ray.shutdown()
