@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
@@ -31,6 +32,8 @@ from .storage import (
     remove_stale_temporaries,
 )
 
+#: Waits between tries of a STAC API request that failed transiently.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 #: Rewrites of a collection or root document before giving up converging with other writers.
 MAX_REWRITES = 50
 
@@ -317,12 +320,22 @@ class StacApiCatalog:
         return f"StacApiCatalog({self.url!r})"
 
     def _request(self, method: str, path: str, **kw) -> requests.Response:
-        try:
-            return self.session.request(method, self.url + path, timeout=self.timeout_s, **kw)
-        except requests.RequestException as e:
-            raise CatalogError(
-                f"cannot reach the STAC API at {self.url}: {redact(str(e))}"
-            ) from None
+        """One request, retried with backoff on what is transient (connection errors,
+        timeouts, HTTP 5xx and 429); a 4xx answer is returned at once."""
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                resp = self.session.request(method, self.url + path, timeout=self.timeout_s, **kw)
+            except requests.RequestException as e:
+                if delay is None:
+                    raise CatalogError(
+                        f"cannot reach the STAC API at {self.url} ({attempt + 1} tries): "
+                        f"{redact(str(e))}"
+                    ) from None
+            else:
+                if delay is None or not (resp.status_code >= 500 or resp.status_code == 429):
+                    return resp
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _check(self, resp: requests.Response, what: str) -> None:
         if not resp.ok:

@@ -69,6 +69,7 @@ def data_spec(stores: Sequence[SceneStore], *, window_px: int, factor: int | Non
         classes=tuple(ClassSpec(**c) for c in stores[0].attrs.classes),
         window_px=window_px,
         factor=factor,
+        pixel_size=abs(stores[0].geobox(0).resolution.x),
     )
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from relay_models import DataSpec, FrozenConfig
 from relay_models.geometry import Tile
 from relay_models.inference import plan_tiles, read_tiles, run_tiles
+from relay_models.spec import PIXEL_SIZE_TOLERANCE
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
 from relaymap.catalog.faults import fault_point
@@ -90,7 +91,7 @@ def check_scene(store: SceneStore, info: ModelInfo) -> None:
     """Fail before any compute when the model cannot map this scene.
 
     Raises:
-        ModelError: bands or classes differ from the model's.
+        ModelError: bands, classes or pixel size differ from the model's.
         StoreError: the scene has no valid pixel.
     """
     spec = info.spec
@@ -106,6 +107,12 @@ def check_scene(store: SceneStore, info: ModelInfo) -> None:
                 f"scene {store.url} is labelled with classes {names} but the model predicts "
                 f"{spec.class_names}"
             )
+    size = abs(store.geobox(0).resolution.x)
+    if spec.pixel_size and abs(size / spec.pixel_size - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ModelError(
+            f"scene {store.url} has {size:g} m pixels but model {info.weights_url} was trained "
+            f"on {spec.pixel_size:g} m pixels; ingest the scene at {spec.pixel_size:g} m"
+        )
     if not bool(store.valid(store.num_levels).any()):
         raise StoreError(f"scene {store.url} is empty: every pixel is nodata")
 

@@ -15,6 +15,9 @@ from pydantic import Field, model_validator
 
 from .config import FrozenConfig
 
+#: Relative pixel-size difference a scene may have from the model's training data.
+PIXEL_SIZE_TOLERANCE = 0.1
+
 
 class ClassSpec(FrozenConfig):
     """One output class; its index is its position in :attr:`DataSpec.classes`."""
@@ -40,6 +43,9 @@ class DataSpec(FrozenConfig):
             resolution); inference tiles default to it.
         factor: global window side / local window side, or ``None`` when the model takes
             no global window (the one way to say so).
+        pixel_size: ground size of a pixel the model was trained on (CRS units, e.g. 10.0
+            m for Sentinel-2), or ``None`` when unknown; maps at another pixel size are
+            refused (:data:`PIXEL_SIZE_TOLERANCE`).
     """
 
     bands: tuple[str, ...] = Field(min_length=1)
@@ -48,6 +54,7 @@ class DataSpec(FrozenConfig):
     classes: tuple[ClassSpec, ...] = Field(min_length=1)
     window_px: int = Field(default=256, ge=16)
     factor: int | None = Field(default=None, ge=1)
+    pixel_size: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -254,3 +254,69 @@ def test_concurrent_writers_lose_no_link(tmp_path, where, request, monkeypatch):
             linked = {ln["href"].rsplit("/", 1)[-1] for ln in doc["links"] if ln["rel"] == "item"}
             assert linked == {f"{i}.json" for i in catalog._item_ids(cid)}, f"trial {trial}"
         assert sum(len(catalog._item_ids(c)) for c in cols) == 2
+
+
+class _FlakyGateway:
+    """A loopback HTTP gateway in front of a real STAC API that answers the first
+    ``failures`` requests with 503 (as an overloaded load balancer does), then forwards.
+    The fault injector: a real STAC API cannot be told to fail on demand."""
+
+    def __init__(self, upstream: str, failures: int, status: int = 503) -> None:
+        import http.server
+        import threading
+
+        import requests
+
+        gateway = self
+        self.seen: list[int] = []  # the status of every answer
+        self.failed = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if gateway.failed < failures:
+                    gateway.failed += 1
+                    gateway.seen.append(status)
+                    self.send_response(status)
+                    self.end_headers()
+                    return
+                up = requests.get(upstream + self.path, timeout=30)
+                gateway.seen.append(up.status_code)
+                self.send_response(up.status_code)
+                self.send_header("Content-Type", up.headers.get("Content-Type", "text/plain"))
+                self.end_headers()
+                self.wfile.write(up.content)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_transient_stac_api_errors_are_retried_permanent_ones_not(stac_api, monkeypatch):
+    import relaymap.catalog.backends as backends
+
+    monkeypatch.setattr(backends, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    flaky = _FlakyGateway(stac_api, failures=2)
+    try:
+        item = StacApiCatalog(flaky.url).get_item("relaymap-sample", "sample-01")
+        assert item.id == "sample-01" and flaky.seen == [503, 503, 200]
+        flaky.seen.clear()
+        with pytest.raises(ItemNotFound):
+            StacApiCatalog(flaky.url).get_item("relaymap-sample", "no-such-item")
+        assert flaky.seen == [404]  # a permanent answer: asked once
+    finally:
+        flaky.close()
+    down = _FlakyGateway(stac_api, failures=10)
+    try:
+        with pytest.raises(backends.CatalogError, match="HTTP 503"):
+            backends.StacApiCatalog(down.url)._check(
+                StacApiCatalog(down.url)._request("GET", "/collections/relaymap-sample"), "read"
+            )
+        assert down.seen == [503] * 4  # the first try and three retries
+    finally:
+        down.close()

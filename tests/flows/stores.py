@@ -21,11 +21,12 @@ def array_store(
     num_levels: int = 2,
     chunk_px: int = 64,
     bands: list[str] | None = None,
+    res: float = 10.0,
 ):
     """Write ``image`` ``(C, H, W)`` float32 and ``labels`` ``(H, W)`` uint8 as a store on a
-    10 m UTM grid."""
+    UTM grid of ``res`` m pixels."""
     c, h, w = image.shape
-    gbox = GeoBox((h, w), Affine(10, 0, 500000, 0, -10, 4800000), "EPSG:32633")
+    gbox = GeoBox((h, w), Affine(res, 0, 500000, 0, -res, 4800000), "EPSG:32633")
     coords = xr_coords(gbox, crs_coord_name="spatial_ref")
     img = xr.DataArray(
         image.astype(np.float32),
