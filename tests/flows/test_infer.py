@@ -214,7 +214,7 @@ def test_bad_models_and_scenes_fail_before_any_compute(tmp_path, scenes):
     with pytest.raises(ModelError, match="classes"):
         run(other.url)
     coarse = array_store(str(tmp_path / "coarse.zarr"), image, None, bands=BANDS, res=20.0)
-    with pytest.raises(ModelError, match="has 20 m pixels but model .* was trained on 10 m"):
+    with pytest.raises(ModelError, match=r"has 20 m pixels but model .* was trained on 10 m"):
         run(coarse.url)
     empty = array_store(
         str(tmp_path / "empty.zarr"), np.full_like(image, np.nan), None, bands=BANDS
