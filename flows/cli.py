@@ -13,6 +13,7 @@ import click
 from pydantic import BaseModel
 
 from relaymap.flows.options import MapOptions
+from relaymap.flows.serve import serve
 
 
 def _typed_errors() -> tuple[type[Exception], ...]:
@@ -59,10 +60,17 @@ class _Main(click.Group):
 def main(verbose: bool) -> None:
     """relaymap: land-cover maps from Earth-observation imagery with relay-token transformers."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:  # a quiet console: stages and progress bars, no orchestration chatter
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker notices
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for name in ("ray", "ray.data", "ray.train", "prefect", "distributed"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("relaymap").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @main.command()
@@ -250,7 +258,241 @@ def demo(workdir: str, out: str | None, steps: int) -> None:
         click.echo(
             f"  map {m['id']}:\n    COG       {m['classes']}\n    quicklook {m['quicklook']}"
         )
+    catalog = res.catalog_url.removeprefix("file://")
+    click.echo(f"\nsee the maps in a browser:\n  relaymap serve {catalog} --port 8000")
 
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a fixed-width table: ``(key, heading, format)`` per column."""
+    widths = [max([len(h)] + [len(format(r[k], f)) for r in rows]) for k, h, f in columns]
+    click.echo("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
+    for r in rows:
+        cells = [format(r[k], f).ljust(w) for (k, _, f), w in zip(columns, widths, strict=True)]
+        click.echo("  ".join(cells).rstrip())
+
+
+@main.command()
+@click.argument("stac_api")
+@click.option("--collection", "collections", multiple=True, required=True, help="Repeatable.")
+@click.option("--bbox", type=(float, float, float, float), default=None, help="W S E N, lon/lat.")
+@click.option("--datetime", "when", default=None, help="RFC 3339 interval: 2024-06-01/2024-06-30")
+@click.option("--max-cloud", type=float, default=None, help="Most eo:cloud_cover, percent.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def search(
+    stac_api: str,
+    collections: tuple[str, ...],
+    bbox: tuple[float, float, float, float] | None,
+    when: str | None,
+    max_cloud: float | None,
+    as_json: bool,
+) -> None:
+    """Search a STAC API: one row per item (id, datetime, cloud cover, footprint area).
+
+    \b
+    Example:
+      relaymap search https://earth-search.aws.element84.com/v1 \\
+          --collection sentinel-2-l2a --bbox 15.0 43.3 15.2 43.4 \\
+          --datetime 2024-06-01/2024-06-30 --max-cloud 20
+    """
+    from pyproj import Geod
+    from shapely.geometry import shape
+
+    from relaymap.ingest import search as stac_search
+
+    items = stac_search(
+        stac_api, collections=collections, bbox=bbox, datetime=when, max_cloud_cover=max_cloud
+    )
+    geod = Geod(ellps="WGS84")
+    rows = [
+        {
+            "id": it.id,
+            "datetime": it.datetime.isoformat() if it.datetime else "",
+            "cloud_cover": it.properties.get("eo:cloud_cover"),
+            "footprint_km2": abs(geod.geometry_area_perimeter(shape(it.geometry))[0]) / 1e6
+            if it.geometry
+            else None,
+        }
+        for it in items
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        r["cloud"] = "-" if r["cloud_cover"] is None else f"{r['cloud_cover']:.0f}%"
+        r["km2"] = "-" if r["footprint_km2"] is None else f"{r['footprint_km2']:,.1f}"
+    _table(
+        rows,
+        [
+            ("id", "id", ""),
+            ("datetime", "datetime", ""),
+            ("cloud", "cloud", ""),
+            ("km2", "footprint km2", ""),
+        ],
+    )
+
+
+@main.command()
+@click.argument("stac_api")
+@click.option("--collection", "collections", multiple=True, required=True, help="Repeatable.")
+@click.option("--out", required=True, help="Stores go to OUT/<item id>.zarr (a path or URL).")
+@click.option("--ids", default=None, help="Only these item ids, comma-separated.")
+@click.option("--bbox", type=(float, float, float, float), default=None, help="W S E N, lon/lat.")
+@click.option("--datetime", "when", default=None, help="RFC 3339 interval.")
+@click.option("--bands", default="blue,green,red,nir", show_default=True, help="In this order.")
+@click.option("--label-asset", default=None, help="Asset with labels (default: none).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ingest(
+    stac_api: str,
+    collections: tuple[str, ...],
+    out: str,
+    ids: str | None,
+    bbox: tuple[float, float, float, float] | None,
+    when: str | None,
+    bands: str,
+    label_asset: str | None,
+    as_json: bool,
+) -> None:
+    """STAC items -> one scene store each (levels, statistics; resumable, idempotent).
+
+    \b
+    Example:
+      relaymap ingest http://localhost:8080 --collection relaymap-sample \\
+          --ids sample-03,sample-04 --out scenes --label-asset labels
+    """
+    from tqdm.auto import tqdm
+
+    from relaymap.catalog.storage import check_id, join, normalize_url
+    from relaymap.ingest import ingest_items
+    from relaymap.ingest import search as stac_search
+
+    items = stac_search(stac_api, collections=collections, bbox=bbox, datetime=when)
+    if ids:
+        wanted = ids.split(",")
+        items = [it for it in items if it.id in wanted]
+        missing = sorted(set(wanted) - {it.id for it in items})
+        if missing:
+            raise click.BadParameter(
+                f"not found on {stac_api}: {', '.join(missing)}", param_hint="--ids"
+            )
+    rows = []
+    for it in tqdm(items, desc="ingest", unit="scene"):
+        url = join(normalize_url(out), f"{check_id(it.id, 'STAC item id')}.zarr")
+        store = ingest_items([it], url, bands.split(","), label_asset=label_asset)
+        rows.append({"id": it.id, "store": store.url, "shape": list(store.shape(0))})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        r["size"] = "x".join(map(str, r["shape"]))
+    _table(rows, [("id", "id", ""), ("size", "pixels", ""), ("store", "store", "")])
+
+
+@main.command()
+@click.argument("catalog", default="relaymap-demo/catalog")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def maps(catalog: str, as_json: bool) -> None:
+    """List the maps in CATALOG: id, model, period and the area of each class.
+
+    \b
+    Example:
+      relaymap maps relaymap-demo/catalog
+    """
+    from relaymap.catalog import open_catalog
+
+    rows = []
+    for item in open_catalog(catalog).search(collections=["relaymap-maps"]):
+        model = next(
+            (
+                ln.title.removeprefix("model ")
+                for ln in item.links
+                if ln.rel == "derived_from" and (ln.title or "").startswith("model ")
+            ),
+            "-",
+        )
+        p = item.properties
+        period = (
+            f"{p['start_datetime'][:10]}/{p['end_datetime'][:10]}"
+            if p.get("start_datetime")
+            else (item.datetime.date().isoformat() if item.datetime else "-")
+        )
+        rows.append(
+            {
+                "id": item.id,
+                "model": model,
+                "period": period,
+                "classes_km2": p.get("relaymap:class_areas_km2", {}),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        r["areas"] = ", ".join(f"{k} {v:.2f}" for k, v in r["classes_km2"].items() if v) or "-"
+    _table(
+        rows,
+        [
+            ("id", "map", ""),
+            ("model", "model", ""),
+            ("period", "period", ""),
+            ("areas", "class areas (km2)", ""),
+        ],
+    )
+
+
+@main.command()
+@click.argument("map_ref", metavar="MAP")
+@click.argument("labels", metavar="LABELS")
+@click.option("--out", default="evaluation", show_default=True, help="Folder for the PNGs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full scores as JSON.")
+def evaluate(map_ref: str, labels: str, out: str, as_json: bool) -> None:
+    """Score MAP (a map item .json or a class COG) against LABELS (a labelled scene store
+    on the map's grid, or a raster of the map's class values): confusion matrix, per-class
+    IoU and F1, overall accuracy; writes OUT/scores.json, OUT/confusion.png, OUT/iou.png.
+
+    \b
+    Example:
+      relaymap evaluate catalog/relaymap-maps/items/sample-03-run.json scenes/sample-03.zarr
+    """
+    from pathlib import Path
+
+    from relaymap.flows.evaluate import confusion
+    from relaymap.flows.report import plot_confusion, plot_iou, scores
+
+    cm, names = confusion(map_ref, labels)
+    result = scores(cm, names)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scores.json").write_text(json.dumps(result, indent=1))
+    plot_confusion(cm, names, folder / "confusion.png")
+    plot_iou(result["classes"], folder / "iou.png")
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    rows = [
+        {
+            "class": n,
+            "iou": "-" if c["iou"] is None else f"{c['iou']:.3f}",
+            "f1": "-" if c["f1"] is None else f"{c['f1']:.3f}",
+            "support": f"{c['support']:,}",
+        }
+        for n, c in result["classes"].items()
+    ]
+    _table(
+        rows,
+        [
+            ("class", "class", ""),
+            ("iou", "IoU", ""),
+            ("f1", "F1", ""),
+            ("support", "label pixels", ""),
+        ],
+    )
+    click.echo(
+        f"overall accuracy {result['overall_accuracy']:.3f}, mIoU {result['miou']:.3f} "
+        f"on {result['pixels']:,} pixels; plots and scores.json in {folder}/"
+    )
+
+
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

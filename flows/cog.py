@@ -107,11 +107,14 @@ class MapWriter:
             if probabilities
             else None
         )
+        #: Mapped pixels per class, counted as rows go by (the map's class areas).
+        self.counts = np.zeros(len(classes), dtype=np.int64)
 
     def sink(self, y0: int, probs: np.ndarray, valid: np.ndarray) -> None:
         """Rows ``y0..`` of ``(K, h, W)`` probabilities and their ``(h, W)`` data mask."""
         classes = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
         self.classes.write(y0, classes[None])
+        self.counts += np.bincount(classes[valid], minlength=len(self.counts))
         if self.probs is not None:
             scaled = np.rint(probs * PROB_SCALE).astype(np.uint8)
             self.probs.write(y0, np.where(valid, scaled, NODATA))

@@ -170,6 +170,8 @@ def configure_ray_data() -> None:
     """Ray Data settings of the mapping job: results in tile order, our own progress bar."""
     from ray.data import DataContext
 
+    if not logging.getLogger("relaymap").isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # set up by Ray Data's import
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the stitcher needs tile_grid order
     ctx.enable_progress_bars = False  # our tqdm bar shows tiles/s and ETA
@@ -249,7 +251,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     tile_px = opts.tile_px or spec.window_px
     overlap = tile_px // 4 if opts.overlap_px is None else opts.overlap_px
     tiles = _plan(store.shape(0), tile_px, overlap)  # raises on a bad overlap
-    connect_ray(address, log_to_driver=False)
+    connect_ray(address)
     use_gpu = opts.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -302,6 +304,11 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
         quicklook_url=urls["quicklook"],
     )
     item.properties["relaymap:options"] = opts.model_dump(mode="json")
+    pixel_km2 = abs(store.geobox(0).transform.determinant) / 1e6  # metres: projected grids
+    item.properties["relaymap:class_areas_km2"] = {
+        name: round(float(n) * pixel_km2, 6)
+        for name, n in zip(spec.class_names, writer.counts, strict=True)
+    }
     if config.catalog:
         fault_point("infer:products-written")  # crash tests: uploaded, not yet pointed at
         open_catalog(config.catalog).add_items([item])  # the flip: readers see the new files

@@ -16,6 +16,7 @@ get them from their own environment (an instance role, IRSA, a Kubernetes secret
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import shlex
@@ -44,15 +45,22 @@ def cluster_address(address: str | None = None) -> str | None:
     return None
 
 
-def connect_ray(address: str | None = None, **init_kw) -> None:
+def connect_ray(address: str | None = None) -> None:
     """Connect this process to Ray once: ``address``, else the cluster ``RAY_ADDRESS`` names,
     else a private local cluster of our own (``"local"``), never a cluster that merely
-    happens to run on this machine."""
+    happens to run on this machine. Workers' output and Ray's INFO logs reach this console
+    only when the ``relaymap`` logger is at INFO (``relaymap -v``)."""
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, ignore_reinit_error=True, **init_kw)
+        verbose = logging.getLogger("relaymap").isEnabledFor(logging.INFO)
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or "local",
+            ignore_reinit_error=True,
+            log_to_driver=verbose,
+            # the driver's Ray loggers too: quiet means errors only
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+        )
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from typing import Any
 
 import pystac
@@ -24,6 +25,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from relay_models.config import FrozenConfig, ModelConfig
 from relaymap.catalog import ItemNotFound, open_catalog
@@ -179,6 +181,7 @@ def search_scenes(query: SceneQuery) -> list[dict]:
         get_run_logger().info("nothing to do: %s", e)
         return []
     get_run_logger().info("%d scenes match on %s", len(items), query.stac_api)
+    stage(f"search: {len(items)} scenes on {query.stac_api}")
     return [it.to_dict() for it in items]
 
 
@@ -242,10 +245,19 @@ def infer_task(config: InferConfig, address: str | None = None) -> str:
     return product.item.id
 
 
-def _gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Results by key, and the error of each key whose task failed (others go on)."""
+def stage(message: str) -> None:
+    """One line on the console for a pipeline stage (not a log record: the console stays
+    readable with Prefect's logging at WARNING)."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _gather(
+    futures: dict[str, Any], desc: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Results by key, and the error of each key whose task failed (others go on); with
+    ``desc``, a progress bar while they finish."""
     done, failed = {}, {}
-    for key, fut in futures.items():
+    for key, fut in tqdm(futures.items(), desc=desc, unit="scene", disable=desc is None):
         fut.wait()
         state = fut.state
         if state.is_completed():
@@ -283,7 +295,7 @@ def ingest_flow(params: IngestParams) -> dict:
         it["id"]: ingest_scene.submit(it, params.stores_url, params.query.bands, params.label_asset)
         for it in items
     }
-    stores, failed = _gather(futures)
+    stores, failed = _gather(futures, desc="ingest")
     logger = get_run_logger()
     for item_id, err in failed.items():
         logger.error("scene %s failed to ingest: %s", item_id, err)
@@ -368,6 +380,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
         except ItemNotFound:
             todo.append(it)
     logger.info("%d scenes to map, %d already mapped", len(todo), len(skipped))
+    stage(f"map: {len(todo)} scenes to map, {len(skipped)} already mapped")
     result["skipped"] = skipped
     result["mapped"] = {}
     if not todo:
@@ -377,7 +390,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
         for it in todo
         if it["id"] not in stores
     }
-    ingested, failed = _gather(futures)
+    ingested, failed = _gather(futures, desc="ingest")
     result["failed"].update(failed)
     to_map = {it["id"]: stores[it["id"]] for it in todo if it["id"] in stores}
     to_map.update(ingested)

@@ -11,23 +11,29 @@ continues from it (``run.max_failures``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pystac
 import torch
 from pydantic import Field, model_validator
 from ray.train import UserCallback
+from tqdm.auto import tqdm
 
 from relay_models import (
+    ConfusionMatrix,
     DataSpec,
     FrozenConfig,
     ModelConfig,
@@ -54,6 +60,7 @@ from relaymap.ingest import StoreError, open_scene
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
 from .jobs import connect_ray
 from .options import SafeId
+from .report import plot_confusion, plot_iou, plot_learning_curve, scores
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +262,11 @@ def train_loop_per_worker(raw: dict) -> None:
                 device=device,
             )
             cm.all_reduce()
-            metrics |= {"val_miou": cm.miou(), "val_iou": cm.iou().nan_to_num(-1).tolist()}
+            metrics |= {
+                "val_miou": cm.miou(),
+                "val_iou": cm.iou().nan_to_num(-1).tolist(),
+                "val_confusion": cm.counts.tolist(),
+            }
             if lr is None:
                 plateau.step(metrics["val_miou"])
         save = done % run.checkpoint_every == 0 or last
@@ -344,28 +355,50 @@ def check_inputs(config: TrainConfig) -> DataSpec:
     return data_spec(stores, window_px=config.data.window_px, factor=config.model.global_factor)
 
 
-class ProgressLog(UserCallback):
-    """One line per report, printed by the Ray Train controller (forwarded to the driver):
-    step, loss, throughput, validation mIoU and ETA."""
+class ReportQueue(UserCallback):
+    """Ray Train callback (it runs in the train controller): hands every report's metrics
+    (rank 0's) to a ``ray.util.queue.Queue`` the driver reads for its progress bar and the
+    run's history."""
 
-    def __init__(self, total_steps: int) -> None:
-        self.total = total_steps
-        self.first: tuple[int, float] | None = None
+    def __init__(self, queue) -> None:
+        self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        m = metrics[0]
-        step, now = int(m.get("step", 0)), time.monotonic()
-        self.first = self.first or (step, now)
-        done, elapsed = step - self.first[0], now - self.first[1]
-        eta = (self.total - step) * elapsed / done if done else float("nan")
-        line = (
-            f"[relaymap train] step {step}/{self.total} loss {m.get('loss', 0):.4f} "
-            f"{m.get('samples_per_s', 0.0):.1f} samples/s"
-        )
-        if "val_miou" in m:
-            line += f" val mIoU {m['val_miou']:.3f}"
-        line += f" ETA {eta:.0f} s" if eta == eta else ""
-        print(line + (" (checkpoint)" if checkpoint else ""), flush=True)
+        m = {k: v for k, v in metrics[0].items() if isinstance(v, int | float | list)}
+        self.queue.put({**m, "checkpoint": checkpoint is not None})
+
+
+@contextlib.contextmanager
+def progress(config: TrainConfig, history: list[dict]) -> Iterator[ReportQueue]:
+    """A tqdm bar over the run's steps (loss, samples/s, validation mIoU, ETA), fed from the
+    reports while ``trainer.fit()`` runs in this thread; every report lands in ``history``."""
+    from ray.util.queue import Empty, Queue
+
+    queue, done = Queue(), threading.Event()
+    bar = tqdm(total=config.optim.steps, unit="step", desc=f"training {config.run.name}")
+
+    def consume() -> None:
+        while not (done.is_set() and queue.empty()):
+            try:
+                m = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            history.append(m)
+            bar.update(int(m.get("step", 0)) - bar.n)
+            shown = {"loss": f"{m.get('loss', float('nan')):.3f}"}
+            if "val_miou" in m:
+                shown["val mIoU"] = f"{m['val_miou']:.3f}"
+            bar.set_postfix(shown, refresh=True)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        yield ReportQueue(queue)
+    finally:
+        done.set()
+        reader.join()
+        bar.close()
+        queue.shutdown()
 
 
 #: ``run`` settings a resumed run may change (with ``optim.steps``): how it executes.
@@ -425,33 +458,42 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
 
     spec = check_inputs(config)
     claim_run(config, spec)
-    connect_ray(address, log_to_driver=True)
-    path, fs = _ray_storage(config.run.storage_url)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "spec": spec.model_dump(mode="json"),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.run.num_workers,
-            use_gpu=config.run.use_gpu,
-            resources_per_worker={"CPU": 1},
-        ),
-        run_config=RayRunConfig(
-            name=config.run.name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            callbacks=[ProgressLog(config.optim.steps)],
-        ),
-    )
-    result = trainer.fit()
-    return export(config, spec, result)
+    connect_ray(address)
+    history_url = join(config.run.storage_url, config.run.name, "history.json")
+    try:
+        history = json.loads(read_bytes(history_url))
+    except FileNotFoundError:
+        history = []
+    with progress(config, history) as reports:
+        path, fs = _ray_storage(config.run.storage_url)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "spec": spec.model_dump(mode="json"),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.run.num_workers,
+                use_gpu=config.run.use_gpu,
+                resources_per_worker={"CPU": 1},
+            ),
+            run_config=RayRunConfig(
+                name=config.run.name,
+                storage_path=path,
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=config.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+                callbacks=[reports],
+            ),
+        )
+        result = trainer.fit()
+    atomic_write(history_url, json.dumps(history).encode())
+    return export(config, spec, result, history)
 
 
-def export(config: TrainConfig, spec: DataSpec, result) -> TrainResult:
+def export(
+    config: TrainConfig, spec: DataSpec, result, history: list[dict] | None = None
+) -> TrainResult:
     """Write the final weights (safetensors, with the model config and data spec in its
     header) and the MLM model item (added to ``output.catalog_url`` when set)."""
     if result.checkpoint is None:
@@ -482,6 +524,7 @@ def export(config: TrainConfig, spec: DataSpec, result) -> TrainResult:
         },
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
     )
+    add_training_report(item, spec, history or [], join(config.run.storage_url, config.run.name))
     if config.output.catalog_url:
         catalog = open_catalog(config.output.catalog_url)
         catalog.add_items([item])
@@ -490,6 +533,36 @@ def export(config: TrainConfig, spec: DataSpec, result) -> TrainResult:
     remove_unregistered_checkpoints(join(config.run.storage_url, config.run.name))
     path = getattr(result.checkpoint, "path", None)
     return TrainResult(metrics, url, item, path)
+
+
+def add_training_report(item, spec: DataSpec, history: list[dict], run_url: str) -> None:
+    """The run's report on its model item: the validation scores of the exported model
+    (``relaymap:validation``: overall accuracy, mIoU, per-class IoU and F1) and PNG assets:
+    the learning curve, per-class IoU bars and the validation confusion matrix."""
+    checks = [h for h in history if "val_confusion" in h]
+    plots = {"learning_curve": plot_learning_curve} if history else {}
+    if checks:
+        cm = ConfusionMatrix(spec.num_classes)
+        cm.counts = torch.tensor(checks[-1]["val_confusion"], dtype=torch.int64)
+        validation = scores(cm, spec.class_names)
+        item.properties["relaymap:validation"] = validation
+        plots |= {
+            "validation_iou": lambda h, path: plot_iou(validation["classes"], path),
+            "validation_confusion": lambda h, path: plot_confusion(cm, spec.class_names, path),
+        }
+    titles = {
+        "learning_curve": "training loss and validation mIoU per step",
+        "validation_iou": "per-class IoU on the validation scenes",
+        "validation_confusion": "confusion matrix on the validation scenes",
+    }
+    for key, plot in plots.items():
+        url = join(run_url, "report", f"{key}.png")
+        with atomic_upload(url, suffix=".png") as tmp:
+            plot(history, tmp)
+        roles = ["overview", "metadata"] if key == "learning_curve" else ["metadata"]
+        item.add_asset(
+            key, pystac.Asset(url, title=titles[key], media_type="image/png", roles=roles)
+        )
 
 
 def remove_unregistered_checkpoints(run_url: str) -> list[str]:

@@ -344,3 +344,19 @@ class TcpProxy:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> Path:
+    """Debian's Chromium (for the browser tests, driven by Playwright with
+    ``executable_path``: Playwright's own browser download cannot run here), installed
+    with apt on first use (needs root, as on CI)."""
+    if not CHROMIUM.exists():
+        cmd = ["apt-get", "install", "-y", "-qq", "chromium"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(cmd, capture_output=True, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return CHROMIUM

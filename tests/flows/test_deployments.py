@@ -95,11 +95,20 @@ def test_demo_end_to_end(tmp_path):
         ["relaymap", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "20"],
         env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")},
         capture_output=True,
-        text=True,
         timeout=600,
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert "relaymap demo done" in res.stdout and "validation mIoU" in res.stdout
+    stdout, stderr = res.stdout.decode(), res.stderr.decode()
+    assert res.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert "relaymap demo done" in stdout and "validation mIoU" in stdout
+    # a quiet console: a line per stage, progress bars (redrawn in place with \r), the
+    # results; no Ray or Prefect internals
+    console = stdout + stderr
+    assert console.count("\n") <= 40, console
+    for internal in ("Reporting training result", "core_worker", "dashboard", "Token auth"):
+        assert internal not in console, internal
+    assert stdout.rstrip().splitlines()[-1].strip().startswith(
+        f"relaymap serve {tmp_path / 'demo' / 'catalog'}"
+    )
     catalog = StaticCatalog(str(tmp_path / "demo" / "catalog"))
     maps = catalog.search(collections=["relaymap-maps"])
     assert len(maps) == 2  # the two held-out scenes
@@ -110,5 +119,30 @@ def test_demo_end_to_end(tmp_path):
         png = Path(item.assets["overview"].href.removeprefix("file://"))
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert any(ln.rel == "derived_from" and "model" in (ln.title or "") for ln in item.links)
-    assert catalog.search(collections=["relaymap-models"])
+    (model,) = catalog.search(collections=["relaymap-models"])
+    # the training report on the model item: scores and pictures
+    assert 0 <= model.properties["relaymap:validation"]["miou"] <= 1
+    for key in ("learning_curve", "validation_iou", "validation_confusion"):
+        png = Path(model.assets[key].href.removeprefix("file://"))
+        assert png.read_bytes()[:4] == b"\x89PNG", key
+    # the printed command serves the demo's maps on a web map
+    import requests
+
+    from relaymap.catalog.server import free_port, wait_for_http
+
+    port = free_port()
+    serve = subprocess.Popen(
+        ["relaymap", "serve", str(tmp_path / "demo" / "catalog"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/maps.json", timeout_s=60, proc=serve)
+        listed = requests.get(f"http://127.0.0.1:{port}/maps.json", timeout=30).json()
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=30).text
+    finally:
+        serve.kill()
+        serve.wait()
+    assert sorted(m["id"] for m in listed["maps"]) == sorted(i.id for i in maps)
+    assert "maplibre-gl.js" in page
     print(f"demo took {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,270 @@
+"""A local web map of a relaymap catalog: map tiles from the class COGs (titiler), a
+MapLibre GL JS page with layer toggles, opacity, legend, period selector and class query.
+
+Only COGs registered in the catalog are read: every raster endpoint takes a map id (the map
+item's id in the ``relaymap-maps`` collection) and reads that item's ``classes`` asset; no
+request names a file. Colours come from each map's ``classification:classes``
+(``color_hint``), then the COG's palette, then evenly spaced hues; nodata is transparent.
+
+Endpoints:
+
+* ``GET /`` - the page (files in ``webmap_static/``, served under ``/static``).
+* ``GET /maps.json`` - the maps: id, model, datetime, period, lon/lat bounds, classes, tiles.
+* ``GET /maps/{map_id}/tiles/WebMercatorQuad/{z}/{x}/{y}.png`` - a tile (titiler's
+  ``TilerFactory``; ``/info``, ``/point/{lon},{lat}``, ``/WebMercatorQuad/tilejson.json``
+  and ``/statistics`` too).
+* ``GET /maps/{map_id}/class?lon=..&lat=..`` - the class at a point (rio-tiler ``point``).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pystac
+import rasterio
+from fastapi import FastAPI, HTTPException, Query
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from rio_tiler.errors import PointOutsideBounds
+from rio_tiler.io import Reader
+from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
+from titiler.core.factory import TilerFactory
+
+from .backends import open_catalog
+from .storage import gdal_env
+
+#: The collection whose items are maps.
+MAP_COLLECTION = "relaymap-maps"
+#: The asset of a map item that holds the class COG.
+CLASSES_ASSET = "classes"
+#: Class COG nodata (as written by ``relaymap.flows.cog``).
+NODATA = 255
+#: The page, its script and style, and the vendored MapLibre GL JS.
+STATIC_DIR = Path(__file__).with_name("webmap_static")
+#: The tile matrix set the page uses.
+TMS = "WebMercatorQuad"
+
+RGBA = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MapClass:
+    """One class of a map: its value in the COG, name and display colour (``#rrggbb``)."""
+
+    value: int
+    name: str
+    color: str
+
+
+@dataclass(frozen=True)
+class MapLayer:
+    """A map item as the web map shows it."""
+
+    id: str
+    #: The model item's id (from the ``derived_from`` link titled ``model <id>``).
+    model: str
+    #: ISO 8601 datetime of the map.
+    datetime: str | None
+    #: ``YYYY-MM-DD``, or ``start/end`` dates for an item with a time range.
+    period: str
+    #: ``(west, south, east, north)`` in degrees.
+    bounds: tuple[float, float, float, float]
+    classes: tuple[MapClass, ...]
+    minzoom: int
+    maxzoom: int
+    #: The class COG (never sent to the page).
+    href: str
+
+    def colormap(self) -> dict[int, RGBA]:
+        """The tile palette: each class's colour, nodata transparent."""
+        cmap: dict[int, RGBA] = {
+            c.value: (*bytes.fromhex(c.color[1:]), 255)  # type: ignore[misc]
+            for c in self.classes
+        }
+        cmap[NODATA] = (0, 0, 0, 0)
+        return cmap
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``/maps.json`` lists (no href: the page asks for tiles by map id)."""
+        d = asdict(self)
+        d.pop("href")
+        d["bounds"] = list(self.bounds)
+        d["tiles"] = f"maps/{self.id}/tiles/{TMS}/{{z}}/{{x}}/{{y}}.png"
+        return d
+
+
+def _model_of(item: pystac.Item) -> str:
+    for link in item.links:
+        if link.rel == "derived_from" and (link.title or "").startswith("model "):
+            return link.title.removeprefix("model ")
+    return "unknown model"
+
+
+def _period_of(item: pystac.Item) -> str:
+    p = item.properties
+    if p.get("start_datetime") and p.get("end_datetime"):
+        return f"{p['start_datetime'][:10]}/{p['end_datetime'][:10]}"
+    return item.datetime.date().isoformat() if item.datetime else "undated"
+
+
+def _hue(i: int, n: int) -> str:
+    r, g, b = colorsys.hsv_to_rgb(i / max(n, 1), 0.65, 0.9)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
+def _classes_of(
+    asset: pystac.Asset, cog_palette: Mapping[int, tuple[int, ...]]
+) -> tuple[MapClass, ...]:
+    """Classes with colours: ``color_hint``, else the COG's palette, else a hue."""
+    table = asset.extra_fields.get("classification:classes") or []
+    out = []
+    for i, c in enumerate(table):
+        value = int(c["value"])
+        hint = (c.get("color_hint") or "").lstrip("#")
+        if len(hint) == 6:
+            color = f"#{hint.lower()}"
+        elif value in cog_palette:
+            color = "#" + bytes(cog_palette[value][:3]).hex()
+        else:
+            color = _hue(i, len(table))
+        out.append(MapClass(value, str(c.get("name") or c.get("description") or value), color))
+    return tuple(out)
+
+
+def _layer(item: pystac.Item) -> MapLayer:
+    """Read a map item and its COG's header (palette, zoom range)."""
+    asset = item.assets[CLASSES_ASSET]
+    href = asset.get_absolute_href() or asset.href
+    with rasterio.Env(**gdal_env()):
+        with rasterio.open(href) as src:
+            try:
+                cog_palette = src.colormap(1)
+            except ValueError:  # no palette
+                cog_palette = {}
+        with Reader(href) as reader:
+            minzoom, maxzoom = reader.minzoom, reader.maxzoom
+    west, south, east, north = item.bbox
+    return MapLayer(
+        id=item.id,
+        model=_model_of(item),
+        datetime=item.datetime.isoformat() if item.datetime else None,
+        period=_period_of(item),
+        bounds=(west, south, east, north),
+        classes=_classes_of(asset, cog_palette),
+        minzoom=int(minzoom),
+        maxzoom=int(maxzoom),
+        href=href,
+    )
+
+
+class MapIndex:
+    """The catalog's maps by id, re-read on :meth:`refresh` (a COG's header is read once per
+    href and checksum). Thread-safe: FastAPI runs endpoints in a thread pool."""
+
+    def __init__(self, catalog_url: str, *, collection: str = MAP_COLLECTION) -> None:
+        self.catalog = open_catalog(catalog_url)
+        self.collection = collection
+        self._layers: dict[str, MapLayer] = {}
+        self._cache: dict[tuple[str, str, str | None], MapLayer] = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def refresh(self) -> list[MapLayer]:
+        """Re-read the catalog's map items; return the maps by model, period and id."""
+        with self._lock:
+            layers, cache = {}, {}
+            for item in self.catalog.search(collections=[self.collection]):
+                if CLASSES_ASSET not in item.assets:
+                    continue
+                asset = item.assets[CLASSES_ASSET]
+                key = (item.id, asset.href, asset.extra_fields.get("file:checksum"))
+                layer = self._cache.get(key) or _layer(item)
+                layers[item.id], cache[key] = layer, layer
+            self._layers, self._cache, self._loaded = layers, cache, True
+            return sorted(layers.values(), key=lambda m: (m.model, m.period, m.id))
+
+    def get(self, map_id: str) -> MapLayer:
+        """The map with this id (the catalog is re-read once for an unknown id).
+
+        Raises:
+            HTTPException: 404, no such map in the catalog.
+        """
+        if map_id not in self._layers or not self._loaded:
+            self.refresh()
+        try:
+            return self._layers[map_id]
+        except KeyError:
+            raise HTTPException(404, f"no map {map_id!r} in the catalog") from None
+
+
+def create_app(catalog_url: str) -> FastAPI:
+    """The web map of the catalog at ``catalog_url`` (a static catalog folder or URL, or a
+    STAC API); its maps are the items of the ``relaymap-maps`` collection."""
+    index = MapIndex(catalog_url)
+    app = FastAPI(title="relaymap web map", docs_url=None, redoc_url=None)
+
+    def map_path(map_id: Annotated[str, PathParam(description="Map item id")]) -> str:
+        """The COG of a catalog map: the only way a raster endpoint gets a file."""
+        return index.get(map_id).href
+
+    def map_colormap(map_id: Annotated[str, PathParam(description="Map item id")]) -> dict:
+        return index.get(map_id).colormap()
+
+    tiler = TilerFactory(
+        router_prefix="/maps/{map_id}",
+        path_dependency=map_path,
+        colormap_dependency=map_colormap,
+        environment_dependency=gdal_env,
+        add_preview=False,
+        add_part=False,
+        add_viewer=False,
+    )
+    app.include_router(tiler.router, prefix="/maps/{map_id}", tags=["maps"])
+    add_exception_handlers(app, DEFAULT_STATUS_CODES)
+
+    @app.get("/maps.json")
+    def maps() -> dict[str, Any]:
+        """The catalog's maps (re-read on every call: new maps appear on reload)."""
+        return {"maps": [m.to_json() for m in index.refresh()]}
+
+    @app.get("/maps/{map_id}/class")
+    def class_at(
+        map_id: str,
+        lon: Annotated[float, Query(ge=-180, le=180)],
+        lat: Annotated[float, Query(ge=-90, le=90)],
+    ) -> dict[str, Any]:
+        """The class at ``lon``/``lat`` (degrees); ``value`` null outside the map or on
+        nodata."""
+        layer = index.get(map_id)
+        value = None
+        with rasterio.Env(**gdal_env()), Reader(layer.href) as reader:
+            try:
+                point = reader.point(lon, lat)
+            except PointOutsideBounds:
+                point = None
+        if point is not None and not np.ma.getmaskarray(point.array)[0]:
+            value = int(point.array.data[0])
+        value = None if value == NODATA else value
+        cls = next((c for c in layer.classes if c.value == value), None)
+        return {
+            "map": layer.id,
+            "lon": lon,
+            "lat": lat,
+            "value": value,
+            "name": cls.name if cls else None,
+            "color": cls.color if cls else None,
+        }
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
