@@ -106,8 +106,11 @@ def test_demo_end_to_end(tmp_path):
     assert console.count("\n") <= 40, console
     for internal in ("Reporting training result", "core_worker", "dashboard", "Token auth"):
         assert internal not in console, internal
-    assert stdout.rstrip().splitlines()[-1].strip().startswith(
-        f"relaymap serve {tmp_path / 'demo' / 'catalog'}"
+    assert (
+        stdout.rstrip()
+        .splitlines()[-1]
+        .strip()
+        .startswith(f"relaymap serve {tmp_path / 'demo' / 'catalog'}")
     )
     catalog = StaticCatalog(str(tmp_path / "demo" / "catalog"))
     maps = catalog.search(collections=["relaymap-maps"])
