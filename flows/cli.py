@@ -83,6 +83,10 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
 
     Relay-token variants show their overhead over the sliding-window baseline; with
     --flops, GFLOPs are per forward pass on one window (pair) of SIDE_PX pixels.
+
+    \b
+    Example:
+      relaymap models 'swinv2_*_relay' --flops
     """
     from relay_models import list_models, model_stats, split_name
     from relay_models.stats import ModelStats
@@ -118,7 +122,12 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
     "the cluster RAY_ADDRESS names.",
 )
 def train(config: str, address: str | None) -> None:
-    """Train (or resume) the run described by CONFIG, a YAML file (see relaymap.flows.train)."""
+    """Train (or resume) the run described by CONFIG, a YAML file (see relaymap.flows.train).
+
+    \b
+    Example:
+      relaymap train run.yaml --address head:6379
+    """
     from pydantic import ValidationError
 
     from relaymap.flows.train import TrainConfig
@@ -218,7 +227,12 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 def pipeline(config: str) -> None:
-    """Run mapping_pipeline with the parameters in CONFIG (YAML; see relaymap.flows.pipeline)."""
+    """Run mapping_pipeline with the parameters in CONFIG (YAML; see relaymap.flows.pipeline).
+
+    \b
+    Example:
+      relaymap pipeline my-aoi.yaml
+    """
     from pydantic import ValidationError
 
     from relaymap.flows.pipeline import PipelineParams, mapping_pipeline
@@ -235,7 +249,12 @@ def pipeline(config: str) -> None:
 @click.option("--out", default=None, help="Where maps go (default: WORKDIR/maps; s3://...).")
 @click.option("--steps", default=300, show_default=True, help="Training steps.")
 def demo(workdir: str, out: str | None, steps: int) -> None:
-    """Sample scenes -> local STAC API -> ingest -> train -> map -> COGs + STAC, locally."""
+    """Sample scenes -> local STAC API -> ingest -> train -> map -> COGs + STAC, locally.
+
+    \b
+    Example:
+      relaymap demo --workdir relaymap-demo --steps 300 && relaymap serve
+    """
     import time
 
     from relaymap.flows.demo import run_demo
