@@ -365,16 +365,24 @@ class ReportQueue(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         m = {k: v for k, v in metrics[0].items() if isinstance(v, int | float | list)}
-        self.queue.put({**m, "checkpoint": checkpoint is not None})
+        try:  # progress is best-effort: it must never stop the training it reports on
+            self.queue.put({**m, "checkpoint": checkpoint is not None}, timeout=10)
+        except Exception as e:
+            log.warning("progress report lost: %s", e)
 
 
 @contextlib.contextmanager
 def progress(config: TrainConfig, history: list[dict]) -> Iterator[ReportQueue]:
     """A tqdm bar over the run's steps (loss, samples/s, validation mIoU, ETA), fed from the
     reports while ``trainer.fit()`` runs in this thread; every report lands in ``history``."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue, done = Queue(), threading.Event()
+    # on this (the driver's) node: a worker node may die mid-run, the driver's may not
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    done = threading.Event()
     bar = tqdm(total=config.optim.steps, unit="step", desc=f"training {config.run.name}")
 
     def consume() -> None:

@@ -53,8 +53,7 @@ def create_model(
         ValueError: unknown name, head or relay mode (the message lists valid choices), a
             spec that does not fit, or a checkpoint that does not fit.
     """
-    model = build_model(
-        name,
+    arch = dict(
         num_classes=num_classes,
         in_chans=in_chans,
         relays=relays,
@@ -64,17 +63,8 @@ def create_model(
         factor=factor,
         drop_path_rate=drop_path_rate,
     )
-    config = ModelConfig(
-        name=name,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        relays=relays,
-        relay_mode=relay_mode,
-        head=head,
-        separate_patch_embed=separate_patch_embed,
-        factor=factor,
-        drop_path_rate=drop_path_rate,
-    )
+    model = build_model(name, **arch)  # first: its errors name the valid choices
+    config = ModelConfig(name=name, **arch)
     model_factor = config.global_factor
     if spec is None:
         spec = DataSpec.default(in_chans=in_chans, num_classes=num_classes, factor=model_factor)

@@ -149,3 +149,78 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(m["id"] for m in listed["maps"]) == sorted(i.id for i in maps)
     assert "maplibre-gl.js" in page
     print(f"demo took {time.perf_counter() - t0:.0f} s")
+    _look_at_the_demo_maps(str(tmp_path / "demo" / "catalog"), maps, tmp_path)
+
+
+def _look_at_the_demo_maps(catalog: str, maps, tmp_path: Path) -> None:
+    """The demo's maps in headless Chromium, as a user sees them after `relaymap serve`:
+    the pixel under each map's centre has its class colour; the legend names the classes.
+    The screenshot is kept at ``tmp_path / "demo-webmap.png"``."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+    from pyproj import Transformer
+
+    from relaymap.catalog.server import free_port, wait_for_http
+    from tests.catalog.test_webmap import CHROMIUM_ARGS
+    from tests.services import ensure_chromium
+
+    port = free_port()
+    serve = subprocess.Popen(
+        ["relaymap", "serve", catalog, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/maps.json", timeout_s=60, proc=serve)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(ensure_chromium()), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 700})
+                page.goto(url + "/")
+                page.wait_for_function("window.relaymapReady === true", timeout=180_000)
+                shot_path = tmp_path / "demo-webmap.png"
+                page.screenshot(path=str(shot_path))
+                shot = Image.open(shot_path).convert("RGB")
+                legend = [t.strip() for t in page.locator("#legend li").all_inner_texts()]
+                for item in maps:
+                    classes = item.assets["classes"].extra_fields["classification:classes"]
+                    assert sorted(legend) == sorted(c["name"] for c in classes)
+                    with rasterio.open(item.assets["classes"].href) as src:
+                        data = src.read(1)
+                        # a pixel inside a uniform 9 x 9 patch, so resampling cannot blur it
+                        h, w = data.shape
+                        rows, cols = np.mgrid[8 : h - 8 : 16, 8 : w - 8 : 16]
+                        ok = [
+                            (r, c)
+                            for r, c in zip(rows.ravel(), cols.ravel(), strict=True)
+                            if data[r, c] != 255
+                            and (data[r - 4 : r + 5, c - 4 : c + 5] == data[r, c]).all()
+                        ]
+                        r, c = ok[len(ok) // 2]
+                        x, y = src.xy(r, c)
+                        lon, lat = Transformer.from_crs(
+                            src.crs, "EPSG:4326", always_xy=True
+                        ).transform(x, y)
+                    hint = next(k["color_hint"] for k in classes if k["value"] == data[r, c])
+                    sx, sy = page.evaluate(
+                        """([lon, lat]) => {
+                            const m = window.relaymapMap;
+                            const b = m.getContainer().getBoundingClientRect();
+                            const p = m.project([lon, lat]);
+                            return [Math.round(b.left + p.x), Math.round(b.top + p.y)];
+                        }""",
+                        [lon, lat],
+                    )
+                    got, want = shot.getpixel((sx, sy)), tuple(bytes.fromhex(hint))
+                    assert all(abs(g - v) <= 6 for g, v in zip(got, want, strict=True)), (
+                        item.id,
+                        got,
+                        want,
+                    )
+            finally:
+                browser.close()
+    finally:
+        serve.kill()
+        serve.wait()
