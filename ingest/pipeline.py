@@ -25,7 +25,6 @@ def ingest_items(
 
     ``write_kw`` go to :func:`write_scene` (``num_levels``, ``chunk_px``, ``overwrite``).
     """
-    image = load_scene(items, bands)
     labels, classes = None, None
     if label_asset is not None:
         if label_asset not in items[0].assets:
@@ -33,8 +32,15 @@ def ingest_items(
                 f"item {items[0].id} has no label asset {label_asset!r}; it has "
                 f"{', '.join(sorted(items[0].assets))} (pass label_asset=None for no labels)"
             )
-        classes = classes_from_stac(
-            items[0].assets[label_asset].extra_fields["classification:classes"]
-        )
+        table = items[0].assets[label_asset].extra_fields.get("classification:classes")
+        if not table:  # before any pixel is read: nothing is written
+            raise MissingAssetError(
+                f"item {items[0].id}: label asset {label_asset!r} has no "
+                f"'classification:classes' (value and name per class); add them to the asset "
+                f"or ingest without labels (label_asset=None)"
+            )
+        classes = classes_from_stac(table)
+    image = load_scene(items, bands)
+    if classes is not None:
         labels = load_labels(items, image.odc.geobox, classes, asset=label_asset)
     return write_scene(url, image, labels, classes=classes, **write_kw)

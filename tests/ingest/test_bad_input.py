@@ -266,6 +266,21 @@ def test_ingest_items_in_one_call(sample_local, tmp_path):
     assert store.attrs.source_items == (item.id,) and store.attrs.num_levels == 1
 
 
+def test_a_label_asset_without_classes_is_named_in_one_line(sample_local, tmp_path):
+    from relaymap.ingest import ingest_items
+
+    item = _item(sample_local)
+    del item.assets["labels"].extra_fields["classification:classes"]
+    url = str(tmp_path / "noclasses.zarr")
+    with pytest.raises(MissingAssetError) as err:
+        ingest_items([item], url, BANDS)
+    assert str(err.value) == (
+        f"item {item.id}: label asset 'labels' has no 'classification:classes' (value and "
+        "name per class); add them to the asset or ingest without labels (label_asset=None)"
+    )
+    assert not exists(url)
+
+
 def test_ingest_items_without_the_label_asset(sample_local, tmp_path):
     from relaymap.ingest import ingest_items
 
