@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from relay_models import DataSpec, FrozenConfig
 from relay_models.geometry import Tile
-from relay_models.inference import plan_tiles, read_tiles, run_tiles
+from relay_models.inference import plan_tiles, read_tiles, run_tiles, tile_overlap
 from relay_models.spec import PIXEL_SIZE_TOLERANCE
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
@@ -249,13 +249,13 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     check_scene(store, info)
     opts, spec = config.options, info.spec
     tile_px = opts.tile_px or spec.window_px
-    overlap = tile_px // 4 if opts.overlap_px is None else opts.overlap_px
+    overlap = tile_overlap(tile_px, opts.overlap_px)
     tiles = _plan(store.shape(0), tile_px, overlap)  # raises on a bad overlap
     connect_ray(address)
     use_gpu = opts.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    item_id = check_id(config.item_id or map_item_id(store.url, info.name), "map item id")
+    item_id = config.item_id or map_item_id(store.url, info.name)  # both checked ids
     prefix = join(normalize_url(config.out), item_id)
     generation = join(prefix, new_generation())
     urls = {

@@ -29,12 +29,17 @@ from .stitch import Blend, RowStitcher
 from .windows import ArrayPyramid, Pyramid, Region, read_window
 
 
+def tile_overlap(tile_px: int, overlap_px: int | None = None) -> int:
+    """The overlap of neighbouring tiles: ``overlap_px``, by default a quarter tile."""
+    return tile_px // 4 if overlap_px is None else overlap_px
+
+
 def plan_tiles(
     shape_yx: tuple[int, int], tile_px: int, overlap_px: int | None = None
 ) -> list[Tile]:
-    """Tiles of ``tile_px`` over a scene, overlapping by ``overlap_px`` (default a quarter
-    tile), in row-major order (what :class:`RowStitcher` needs)."""
-    overlap_px = tile_px // 4 if overlap_px is None else overlap_px
+    """Tiles of ``tile_px`` over a scene, overlapping by :func:`tile_overlap`, in row-major
+    order (what :class:`RowStitcher` needs)."""
+    overlap_px = tile_overlap(tile_px, overlap_px)
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"overlap_px={overlap_px} must be in [0, tile_px={tile_px})")
     return tile_grid(shape_yx, tile_px, overlap_px=overlap_px)
@@ -139,8 +144,8 @@ def predict_array(
     tile_px = tile_px or spec.window_px
     levels = int(math.log2(spec.factor)) if spec.takes_global else 0
     source = ArrayPyramid(image, num_levels=levels)
-    tiles = plan_tiles((h, w), tile_px, overlap_px)
-    overlap = tile_px // 4 if overlap_px is None else overlap_px
+    overlap = tile_overlap(tile_px, overlap_px)
+    tiles = plan_tiles((h, w), tile_px, overlap)
     out = torch.zeros(spec.num_classes, h, w)
 
     def sink(y0: int, probs: np.ndarray, _valid: np.ndarray) -> None:
