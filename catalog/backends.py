@@ -53,6 +53,10 @@ class Catalog(Protocol):
 
     def get_item(self, collection: str, item_id: str) -> pystac.Item: ...
 
+    def get_collection(self, collection: str) -> pystac.Collection: ...
+
+    def add_collection(self, collection: pystac.Collection) -> None: ...
+
     def search(
         self,
         *,
@@ -355,6 +359,23 @@ class StacApiCatalog:
             )
         else:
             self._check(resp, f"reading collection {collection.id}")
+
+    def get_collection(self, collection: str) -> pystac.Collection:
+        resp = self._request("GET", f"/collections/{check_id(collection, 'collection id')}")
+        if resp.status_code == 404:
+            raise ItemNotFound(f"no collection {collection!r} in {self.url}")
+        self._check(resp, f"reading collection {collection}")
+        return pystac.Collection.from_dict(resp.json())
+
+    def add_collection(self, collection: pystac.Collection) -> None:
+        """Create or replace a collection's description (its items are kept)."""
+        body = collection.to_dict(include_self_link=False, transform_hrefs=False)
+        body["links"] = []
+        resp = self._request("POST", "/collections", json=body)
+        if resp.status_code == 409:
+            cid = check_id(collection.id, "collection id")
+            resp = self._request("PUT", f"/collections/{cid}", json=body)
+        self._check(resp, f"writing collection {collection.id}")
 
     def add_items(self, items: Sequence[pystac.Item]) -> None:
         """Upsert: create each item, or update it when it exists."""

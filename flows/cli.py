@@ -224,6 +224,126 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
     )
 
 
+@main.command(name="map")
+@click.option("--area", default=None, help="GeoJSON polygon file/URL, or W,S,E,N in lon/lat.")
+@click.option("--period", default=None, help="START/END (2026-01/2026-06), one period, or last.")
+@click.option(
+    "--every", type=click.Choice(["month", "week", "day"]), default=None, help="[default: month]"
+)
+@click.option("--model", default=None, help="Weights (.safetensors) or MLM item (.json).")
+@click.option("--source", default=None, help="STAC API with the imagery.")
+@click.option("--collection", "collections", multiple=True, help="Source collection; repeatable.")
+@click.option("--max-cloud", type=float, default=None, help="Skip items above this cloud cover %.")
+@click.option(
+    "--composite", type=click.Choice(["best", "median"]), default=None, help="[default: best]"
+)
+@click.option("--out", default=None, help="Products go to OUT/<map collection>/<period>/.")
+@click.option("--catalog", default=None, help="Static catalog or STAC API [default: OUT/catalog].")
+@click.option("--map-collection", default=None, help="Collection of the maps [relaymap-area].")
+@click.option("--resolution", type=float, default=None, help="Metres [default: the model's].")
+@click.option("--cell-px", type=int, default=None, help="Grid cell side in pixels [1536].")
+@click.option("--crs", default=None, help="Grid CRS [default: UTM zone of the area].")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="An AreaConfig YAML (relaymap.flows.area); flags given as well override its values.",
+)
+@click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@options_of(MapOptions)
+def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -> None:
+    """Map an area every period: cloud-free composites on a fixed grid, one seamless map
+    per period (cell COGs + a VRT mosaic), class areas over time, all in STAC.
+
+    \b
+    Example:
+      relaymap map --area aoi.geojson --period 2026-01/2026-06 --every month \\
+          --model catalog/relaymap-models/items/landcover-v1.json \\
+          --source https://earth-search.aws.element84.com/v1 --collection sentinel-2-l2a \\
+          --out s3://bucket/maps
+    """
+    from pydantic import ValidationError
+
+    from relaymap.flows.area import AreaConfig, map_area
+
+    base = AreaConfig.from_yaml(config_file).model_dump(exclude_unset=True) if config_file else {}
+    f = {k: v for k, v in flags.items() if v is not None and v != ()}
+    options = {k: f.pop(k) for k in list(f) if k in MapOptions.model_fields}
+    source = {
+        k: v
+        for k, v in {
+            "stac_api": f.pop("source", None),
+            "collections": list(f.pop("collections", [])) or None,
+            "max_cloud_cover": f.pop("max_cloud", None),
+        }.items()
+        if v is not None
+    }
+    if "composite" in f:
+        source["composite"] = {
+            **base.get("source", {}).get("composite", {}),
+            "method": f.pop("composite"),
+        }
+    grid = {k: f.pop(k) for k in ("resolution", "cell_px", "crs") if k in f}
+    if "map_collection" in f:
+        f["collection"] = f.pop("map_collection")
+    try:
+        cfg = AreaConfig.model_validate(
+            {
+                **base,
+                **f,
+                "source": {**base.get("source", {}), **source},
+                "grid": {**base.get("grid", {}), **grid},
+                "options": {**base.get("options", {}), **options},
+            }
+        )
+    except ValidationError as e:
+        raise click.BadParameter(str(e)) from None
+    result = map_area(cfg, address=address, progress=not as_json)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "collection": result.collection.get_self_href() if result.collection else None,
+                    "mapped": result.mapped,
+                    "skipped": result.skipped,
+                    "nodata": result.nodata,
+                    "failed": result.failed,
+                    "mosaics": result.mosaics,
+                    "class_areas": result.rows,
+                },
+                indent=1,
+            )
+        )
+        return
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(
+        f"{result.cells} cells x {len(result.periods)} periods: {len(result.mapped)} mapped, "
+        f"{len(result.skipped)} unchanged, {len(result.nodata)} without clear pixels, "
+        f"{len(result.failed)} failed ({result.seconds:.0f} s)"
+    )
+    for item_id, err in result.failed.items():
+        click.echo(f"FAILED {item_id}: {err}")
+    for pid, url in result.mosaics.items():
+        click.echo(f"mosaic {pid}: {url}")
+    if result.collection is not None:
+        click.echo(f"collection: {result.collection.get_self_href() or result.collection.id}")
+    click.echo("")
+    _table(
+        result.rows,
+        [
+            ("period", "period", ""),
+            ("class", "class", ""),
+            ("area_km2", "area km2", ".2f"),
+            ("observable_km2", "observable km2", ".2f"),
+        ],
+    )
+    if result.failed:
+        raise SystemExit(1)
+
+
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 def pipeline(config: str) -> None:

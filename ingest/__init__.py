@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 from .errors import (
+    AreaError,
     CorruptRasterError,
     GridError,
     IngestError,
     MissingAssetError,
     NoItemsFound,
+    PeriodError,
     StacApiError,
     StoreError,
 )
@@ -26,12 +28,14 @@ from .search import search
 from .store import SceneStore, open_scene, write_scene
 
 __all__ = [
+    "AreaError",
     "CorruptRasterError",
     "GridError",
     "IngestError",
     "LabelClass",
     "MissingAssetError",
     "NoItemsFound",
+    "PeriodError",
     "SceneStore",
     "StacApiError",
     "StoreError",

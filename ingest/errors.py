@@ -29,3 +29,11 @@ class GridError(IngestError):
 
 class StoreError(IngestError):
     """A scene store is missing, incomplete, or not a relaymap store."""
+
+
+class AreaError(IngestError):
+    """An area of interest that cannot be mapped: not a polygon, empty, or too large."""
+
+
+class PeriodError(IngestError):
+    """A period range that cannot be parsed or is empty."""

@@ -25,7 +25,9 @@ from relaymap.catalog.storage import gdal_env, redact
 
 from .errors import CorruptRasterError, GridError, MissingAssetError
 
-Composite = Literal["first", "median"]
+#: ``first`` valid value in item order; ``best``: the same, least cloudy item first
+#: (``eo:cloud_cover``); ``median`` of the valid values.
+Composite = Literal["first", "best", "median"]
 
 
 @contextlib.contextmanager
@@ -116,6 +118,8 @@ def load_scene(
     composite: Composite = "first",
     chunk_px: int = 1024,
     resampling: str = "bilinear",
+    mask_asset: str | None = None,
+    mask_values: Sequence[int] = (),
 ) -> xr.DataArray:
     """Lazy ``(band, y, x)`` float32 physical values (NaN = no data) on one grid.
 
@@ -124,9 +128,14 @@ def load_scene(
         bands: asset keys to load, in the store's band order.
         crs, resolution, bounds, geobox: the target grid (see :func:`target_geobox`);
             resolution in CRS units, bounds ``(minx, miny, maxx, maxy)`` in the CRS.
-        composite: ``first`` valid value in item order (a mosaic) or the ``median``.
+        composite: ``first`` valid value in item order (a mosaic), ``best`` (the same, least
+            cloudy item first) or the ``median``.
         chunk_px: dask chunk side (larger than the store's chunks: fewer, longer reads).
         resampling: for items not on the target grid (``bilinear``, ``nearest``, ...).
+        mask_asset: a per-pixel class asset (Sentinel-2 ``scl``); pixels whose class is in
+            ``mask_values`` (clouds, shadows, ...) count as no data. Items without the
+            asset are loaded unmasked.
+        mask_values: the masked classes of ``mask_asset``.
 
     Raises:
         MissingAssetError, CorruptRasterError: an item's band is absent or unreadable.
@@ -134,8 +143,10 @@ def load_scene(
     """
     if not items:
         raise GridError("no items to load")
-    if composite not in ("first", "median"):
-        raise ValueError(f"composite must be 'first' or 'median', got {composite!r}")
+    if composite not in ("first", "best", "median"):
+        raise ValueError(f"composite must be 'first', 'best' or 'median', got {composite!r}")
+    if composite == "best":
+        items = sorted(items, key=lambda it: it.properties.get("eo:cloud_cover", 100.0))
     check_assets(items, bands)
     gbox = target_geobox(
         items, bands[0], crs=crs, resolution=resolution, bounds=bounds, geobox=geobox
@@ -145,21 +156,23 @@ def load_scene(
     configure_odc()
     layers = []
     for item in items:
+        masked = mask_asset is not None and mask_asset in item.assets
         ds = odc.stac.load(
             [item],
-            bands=list(bands),
+            bands=[*bands, mask_asset] if masked else list(bands),
             geobox=gbox,
-            resampling=resampling,
+            resampling={"*": resampling, **({mask_asset: "nearest"} if masked else {})},
             chunks={"x": chunk_px, "y": chunk_px},
             groupby="id",
         )
+        clear = ~ds[mask_asset].isel(time=0, drop=True).isin(list(mask_values)) if masked else True
         per_band = []
         for band in bands:
             nodata, scale, offset = band_encoding(item, band)
             raw = ds[band].isel(time=0, drop=True)
             value = raw.astype("float32") * np.float32(scale) + np.float32(offset)
             invalid = raw == nodata if nodata is not None and not np.isnan(nodata) else False
-            per_band.append(value.where(~invalid & raw.notnull()))
+            per_band.append(value.where(~invalid & raw.notnull() & clear))
         layers.append(xr.concat(per_band, dim="band"))
     if composite == "median" and len(layers) > 1:
         stack = xr.concat(layers, dim="time").chunk({"time": -1})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,3 +282,142 @@ def save_collection(collection: pystac.Collection, out_url: str) -> None:
         item.set_self_href(join(out_url, "items", f"{item.id}.json"))
         atomic_write(item.self_href, json.dumps(item.to_dict(transform_hrefs=False)).encode())
     atomic_write(col_href, json.dumps(collection.to_dict(transform_hrefs=False)).encode())
+
+
+#: Sentinel-2 L2A scene classification (SCL) codes used by :func:`make_s2_area`.
+SCL_SHADOW, SCL_VEGETATION, SCL_BARE, SCL_WATER, SCL_CLOUD = 3, 4, 5, 6, 9
+#: L2A from processing baseline 04.00: DN = 10000 * reflectance + 1000.
+S2_OFFSET_DN = 1000
+S2_EXTENSIONS = [
+    "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+    "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+]
+
+
+def _scl(cls: np.ndarray) -> np.ndarray:
+    names = np.array([c.name for c in CLASSES])[cls]
+    scl = np.full(cls.shape, SCL_VEGETATION, dtype=np.uint8)
+    scl[np.isin(names, ["urban", "cropland"])] = SCL_BARE
+    scl[np.isin(names, ["lake", "river"])] = SCL_WATER
+    return scl
+
+
+def make_s2_area(
+    out_url: str,
+    *,
+    origin: tuple[float, float],
+    size_px: int,
+    dates: Sequence[dt.datetime],
+    feature_px: int = 48,
+    seed: int = 0,
+    cloudy: float = 0.25,
+    collection_id: str = "sentinel-2-l2a-sample",
+) -> pystac.Collection:
+    """Sentinel-2 L2A-like items over one square area, as a public catalog serves them.
+
+    Per date, two items from two orbits cover overlapping parts of the area (the western
+    and the eastern 65%); the first is cloudy (``cloudy`` of its pixels under cloud, with
+    shadows beside them, flagged in its ``scl`` asset), the second clear. Assets are keyed
+    by common name (``blue``, ``green``, ``red``, ``nir``, ``scl``), uint16 with
+    ``raster:bands`` scale 1e-4 and offset -0.1 (the post-2022 baseline), nodata 0;
+    items carry ``eo:cloud_cover`` and declare their extensions. The land cover is the
+    same on every date (:func:`make_layout`), so maps of different dates should agree.
+
+    Args:
+        out_url: folder for the COGs and the STAC JSON.
+        origin: ``(x, y)`` of the area's top-left corner in EPSG:32633 metres.
+        size_px: the area's side in 10 m pixels.
+        dates: one pair of items per date.
+        feature_px, seed: as :func:`make_sample_scenes`.
+        cloudy: fraction of the first item's pixels under cloud.
+        collection_id: the items' collection.
+
+    Returns:
+        The collection with its items, written under ``out_url`` (absolute hrefs).
+    """
+    out_url = normalize_url(out_url)
+    rng = np.random.default_rng(seed)
+    cls = make_layout(size_px, feature_px, rng)
+    to_lonlat = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
+    part = round(size_px * 0.65)
+    items = []
+    for when in dates:
+        dn = render(cls, rng, feature_px).astype(np.int32) + S2_OFFSET_DN
+        for orbit, x_off in ((0, 0), (1, size_px - part)):
+            item_id = f"S2-{when:%Y%m%d}-{orbit}"
+            sub = np.ascontiguousarray(dn[:, :, x_off : x_off + part])
+            scl = _scl(cls[:, x_off : x_off + part])
+            if orbit == 0 and cloudy > 0:
+                field = _blob_field(scl.shape, 4, size_px / 8, rng)
+                cloud = field < np.quantile(field, cloudy)
+                shadow = np.roll(cloud, (size_px // 40, size_px // 40), axis=(0, 1)) & ~cloud
+                sub[:, cloud] = 8000 + S2_OFFSET_DN
+                sub[:, shadow] //= 3
+                scl[cloud], scl[shadow] = SCL_CLOUD, SCL_SHADOW
+            else:
+                cloud = np.zeros(scl.shape, dtype=bool)
+            x0, y0 = origin[0] + x_off * RES_M, origin[1]
+            transform = from_origin(x0, y0, RES_M, RES_M)
+            assets = {}
+            for name, data, dtype in (
+                *((b, sub[i].clip(1, 65535), "uint16") for i, b in enumerate(BANDS)),
+                ("scl", scl, "uint8"),
+            ):
+                href = join(out_url, item_id, f"{name}.tif")
+                _write_cog(href, data.astype(dtype), transform, NODATA, dtype)
+                band = {"data_type": dtype, "nodata": NODATA, "spatial_resolution": RES_M}
+                if name != "scl":
+                    band |= {"scale": 1e-4, "offset": -0.1}
+                assets[name] = pystac.Asset(
+                    href,
+                    media_type=pystac.MediaType.COG,
+                    roles=["data"] if name != "scl" else ["data", "cloud"],
+                    extra_fields={
+                        **(
+                            {"eo:bands": [{"name": name, "common_name": name}]}
+                            if name != "scl"
+                            else {}
+                        ),
+                        "raster:bands": [band],
+                    },
+                )
+            w, h = part * RES_M, size_px * RES_M
+            lon, lat = to_lonlat.transform([x0, x0 + w, x0 + w, x0], [y0 - h, y0 - h, y0, y0])
+            ring = [[lo, la] for lo, la in zip(lon, lat, strict=True)]
+            item = pystac.Item(
+                item_id,
+                geometry={"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+                bbox=[min(lon), min(lat), max(lon), max(lat)],
+                datetime=when + dt.timedelta(minutes=orbit),
+                properties={
+                    "platform": "sentinel-2a" if orbit == 0 else "sentinel-2b",
+                    "proj:code": CRS,
+                    "proj:shape": [size_px, part],
+                    "proj:transform": list(transform)[:6],
+                    "eo:cloud_cover": round(100 * float(cloud.mean()), 2),
+                    "s2:processing_baseline": "05.10",
+                    "gsd": RES_M,
+                },
+                stac_extensions=list(S2_EXTENSIONS),
+                collection=collection_id,
+            )
+            for key, asset in assets.items():
+                item.add_asset(key, asset)
+            items.append(item)
+    lons = [it.bbox[0] for it in items] + [it.bbox[2] for it in items]
+    lats = [it.bbox[1] for it in items] + [it.bbox[3] for it in items]
+    collection = pystac.Collection(
+        collection_id,
+        description="Synthetic Sentinel-2 L2A-like items: two overlapping orbits per date, "
+        "one of them cloudy, with an SCL asset.",
+        extent=pystac.Extent(
+            pystac.SpatialExtent([[min(lons), min(lats), max(lons), max(lats)]]),
+            pystac.TemporalExtent([[min(dates), max(dates)]]),
+        ),
+        license="CC0-1.0",
+        title="Sentinel-2 L2A sample",
+    )
+    collection.add_items(items)
+    save_collection(collection, out_url)
+    return collection

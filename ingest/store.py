@@ -172,8 +172,10 @@ def fingerprint(
     classes: Sequence[LabelClass] | None,
     num_levels: int,
     chunk_px: int,
+    recipe: str | None = None,
 ) -> str:
-    """Hash of everything that defines a store's content."""
+    """Hash of everything that defines a store's content (``recipe``: how the image was
+    made from its items, e.g. a composite's method and mask)."""
     doc = dict(
         crs=str(gbox.crs),
         transform=list(gbox.transform)[:6],
@@ -184,6 +186,7 @@ def fingerprint(
         chunk=chunk_px,
         classes=[c.__dict__ for c in classes] if classes else None,
         v=FORMAT_VERSION,
+        **({"recipe": recipe} if recipe else {}),
     )
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -222,7 +225,7 @@ def write_scene(
     sources = list(image.attrs.get("source_items", []))
     if labels is not None and labels.shape != image.shape[1:]:
         raise StoreError(f"labels {labels.shape} and image {image.shape[1:]} grids differ")
-    fp = fingerprint(gbox, bands, sources, classes, num_levels, chunk_px)
+    fp = fingerprint(gbox, bands, sources, classes, num_levels, chunk_px, image.attrs.get("recipe"))
     attrs = SceneAttrs.read(url) if exists(url) else None
     if attrs is not None and attrs.fingerprint == fp and attrs.complete:
         log.info("%s is complete for these inputs: nothing to do", url)

@@ -269,3 +269,24 @@ def blend_weights(tile_px: int, overlap_px: int) -> np.ndarray:
         ramp[:overlap_px] = np.minimum(ramp[:overlap_px], up)
         ramp[-overlap_px:] = np.minimum(ramp[-overlap_px:], up[::-1])
     return np.outer(ramp, ramp).astype(np.float32)
+
+
+def cell_step(tile_px: int, overlap_px: int, levels: int) -> int:
+    """The pixel step that grid cells and their halos are multiples of, so that every
+    cell's tiles (stride ``tile_px - overlap_px``) and pyramid levels (``2**levels``) line up
+    with those of its neighbours and of any larger cell."""
+    return math.lcm(tile_px - overlap_px, 2**levels)
+
+
+def cell_halo(tile_px: int, overlap_px: int, factor: int | None, levels: int) -> int:
+    """Context pixels a grid cell needs around it for a seamless map.
+
+    A tile that touches the cell reaches up to ``tile_px`` beyond its edge, and that tile's
+    global window (``factor`` tiles wide, centred on it) a further ``(factor - 1) / 2``
+    tiles. With this halo loaded and tiles on the :func:`cell_step` lattice, every pixel of
+    the cell is predicted from the same tiles, seeing the same context, as it would be
+    inside a larger cell: neighbouring cells' maps join without a seam.
+    """
+    reach = tile_px + math.ceil((factor - 1) * tile_px / 2) if factor else tile_px
+    step = cell_step(tile_px, overlap_px, levels)
+    return math.ceil(reach / step) * step

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .geometry import Tile, tile_grid
 from .spec import DataSpec
-from .stitch import Blend, RowStitcher
+from .stitch import Blend, RowStitcher, Sink
 from .windows import ArrayPyramid, Pyramid, Region, read_window
 
 
@@ -94,6 +94,74 @@ def run_tiles(
     return probs, ran
 
 
+def predict_source(
+    model: nn.Module,
+    source: Pyramid,
+    sink: Sink,
+    *,
+    tile_px: int | None = None,
+    overlap_px: int | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    batch_size: int = 8,
+    blend: Blend = "cosine",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Segment a whole :class:`Pyramid` (a scene store, an array) tile by tile; the blended
+    rows go to ``sink`` top to bottom (:class:`RowStitcher`).
+
+    Args:
+        model, tile_px, overlap_px, batch_size, blend, device, progress: as
+            :func:`predict_array`.
+        source: the scene, level 0 of ``source.shape(0)`` pixels.
+        sink: receives ``(y0, probs, valid)`` rows of the whole scene.
+        crop: ``(y0, x0, y1, x1)``: only tiles that touch this box run (the rest of the
+            scene is context, e.g. a cell's halo); wrap ``sink`` in :func:`crop_sink`.
+
+    Returns:
+        ``(tiles run, tiles planned)``.
+    """
+    spec: DataSpec = model.spec
+    device = torch.device(device) if device else next(model.parameters()).device
+    tile_px = tile_px or spec.window_px
+    overlap = tile_overlap(tile_px, overlap_px)
+    shape = source.shape(0)
+    tiles = plan_tiles(shape, tile_px, overlap)
+    if crop is not None:
+        cy0, cx0, cy1, cx1 = crop
+        wanted = [
+            t.origin_yx[0] < cy1
+            and t.origin_yx[0] + tile_px > cy0
+            and t.origin_yx[1] < cx1
+            and t.origin_yx[1] + tile_px > cx0
+            for t in tiles
+        ]
+    else:
+        wanted = [True] * len(tiles)
+    todo = [t for t, w in zip(tiles, wanted, strict=True) if w]
+    stitcher = RowStitcher(shape, spec.num_classes, tile_px, overlap, sink, blend=blend)
+    done: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}
+    ran_count, next_tile = 0, 0
+    with tqdm(total=len(todo), unit="tile", disable=not progress, desc="tiles") as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            inputs = read_tiles(source, batch, spec)
+            probs, ran = run_tiles(model, inputs, device)
+            for t, p, r, v in zip(batch, probs, ran, inputs["valid"].numpy(), strict=True):
+                done[id(t)] = (p if r else None, v)
+            ran_count += int(ran.sum())
+            bar.update(len(batch))
+            # tiles go to the stitcher in grid order: skipped ones as no data
+            while next_tile < len(tiles) and (
+                id(tiles[next_tile]) in done or not wanted[next_tile]
+            ):
+                result = done.pop(id(tiles[next_tile]), (None, None))
+                stitcher.add(tiles[next_tile], *result)
+                next_tile += 1
+    stitcher.close()
+    return ran_count, len(tiles)
+
+
 @torch.inference_mode()
 def predict_array(
     model: nn.Module,
@@ -139,30 +207,25 @@ def predict_array(
         )
     if valid is not None:
         image[:, ~np.asarray(valid, dtype=bool)] = np.nan
-    device = torch.device(device) if device else next(model.parameters()).device
     _, h, w = image.shape
-    tile_px = tile_px or spec.window_px
     levels = int(math.log2(spec.factor)) if spec.takes_global else 0
-    source = ArrayPyramid(image, num_levels=levels)
-    overlap = tile_overlap(tile_px, overlap_px)
-    tiles = plan_tiles((h, w), tile_px, overlap)
     out = torch.zeros(spec.num_classes, h, w)
 
     def sink(y0: int, probs: np.ndarray, _valid: np.ndarray) -> None:
         out[:, y0 : y0 + probs.shape[1]] = torch.from_numpy(probs)
 
-    stitcher = RowStitcher((h, w), spec.num_classes, tile_px, overlap, sink, blend=blend)
-    ran_any = False
-    with tqdm(total=len(tiles), unit="tile", disable=not progress, desc="tiles") as bar:
-        for i in range(0, len(tiles), batch_size):
-            batch = tiles[i : i + batch_size]
-            probs, ran = run_tiles(model, read_tiles(source, batch, spec), device)
-            for t, p, r in zip(batch, probs, ran, strict=True):
-                stitcher.add(t, p if r else None, np.ones(p.shape[1:], dtype=bool))
-            ran_any |= bool(ran.any())
-            bar.update(len(batch))
-    stitcher.close()
-    if not ran_any:
+    ran, _ = predict_source(
+        model,
+        ArrayPyramid(image, num_levels=levels),
+        sink,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        batch_size=batch_size,
+        blend=blend,
+        device=device,
+        progress=progress,
+    )
+    if not ran:
         raise ValueError("no tile has valid data: the scene is empty (all nodata)")
     return out
 

@@ -111,3 +111,17 @@ class RowStitcher:
     def close(self) -> None:
         """Emit the remaining rows (call after the last tile)."""
         self.flush(self.height)
+
+
+def crop_sink(sink: Sink, box: tuple[int, int, int, int]) -> Sink:
+    """A sink that passes on only the rows and columns inside ``box`` ``(y0, x0, y1, x1)``,
+    renumbered from the box's corner (a cell's map cut out of its halo-padded scene)."""
+    y0, x0, y1, x1 = box
+
+    def cropped(top: int, probs: np.ndarray, valid: np.ndarray) -> None:
+        lo, hi = max(top, y0), min(top + probs.shape[1], y1)
+        if lo < hi:
+            rows = slice(lo - top, hi - top)
+            sink(lo - y0, probs[:, rows, x0:x1], valid[rows, x0:x1])
+
+    return cropped

@@ -1,0 +1,426 @@
+"""Map an area every period: one distributed Ray Data job over (cell, period) tasks.
+
+1. grid: the area's cells on a fixed grid (:mod:`relaymap.ingest.grid`), each padded by a
+   halo as wide as the model's context reaches (:func:`relay_models.geometry.cell_halo`);
+2. plan (driver): one STAC search per period; per cell, the items that touch it and a
+   fingerprint of everything its map depends on; cells whose map item already carries that
+   fingerprint are skipped (reruns map only what changed);
+3. map (Ray Data ``map_batches`` on an actor pool, one cell per call):
+   :func:`relaymap.flows.cells.map_cell` composites, maps and writes each cell's COG to
+   storage; only items and pixel counts come back;
+4. register (driver): the cell items are upserted, then older product generations removed;
+   per period a VRT mosaic of the cell COGs, and over periods the class-area table and plot,
+   all assets of the run's collection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pystac
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from relay_models.config import FrozenConfig
+from relay_models.geometry import cell_halo, cell_step
+from relay_models.spec import PIXEL_SIZE_TOLERANCE
+from relaymap.catalog import ItemNotFound, open_catalog
+from relaymap.catalog.storage import check_id, join, normalize_url
+from relaymap.ingest import GridError, MissingAssetError, NoItemsFound, search
+from relaymap.ingest.composite import CompositeConfig, intersecting
+from relaymap.ingest.grid import MAX_AREA_KM2, AreaGrid, area_grid, read_area
+from relaymap.ingest.periods import Every, Period, parse_periods
+
+from .cells import CellMapper, geobox_to_dict
+from .class_areas import class_area_rows, plot_class_areas, write_table
+from .infer import remove_generations, tile_overlap
+from .jobs import connect_ray
+from .mosaic import write_mosaic
+from .options import MapOptions, SafeId
+from .trained import ModelError, ModelInfo, read_info
+
+log = logging.getLogger(__name__)
+
+#: Levels of the cell scene stores (``write_scene``'s default): cells align to 2**3 px.
+STORE_LEVELS = 3
+
+
+class GridConfig(FrozenConfig):
+    """The fixed grid the area is mapped on."""
+
+    #: Pixel size in metres (default: the model's training pixel size).
+    resolution: float | None = Field(default=None, gt=0)
+    #: Cell side in pixels; a multiple of the tile stride (and of 8).
+    cell_px: int = Field(default=1536, ge=64)
+    #: Projected CRS of the grid (default: the UTM zone of the area's centroid).
+    crs: str | None = None
+    #: Refuse larger areas (km2).
+    max_area_km2: float = Field(default=MAX_AREA_KM2, gt=0)
+
+
+class SourceConfig(FrozenConfig):
+    """Where the imagery comes from: a STAC API and how its items are composited."""
+
+    stac_api: str
+    collections: list[SafeId] = Field(min_length=1)
+    #: Skip items with ``eo:cloud_cover`` above this (percent).
+    max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
+    composite: CompositeConfig = CompositeConfig()
+
+
+class AreaConfig(FrozenConfig):
+    """An area mapped every period with one model."""
+
+    #: A GeoJSON polygon (file, URL or inline JSON) or a ``minlon,minlat,maxlon,maxlat`` bbox.
+    area: str
+    #: ``START/END`` (e.g. ``2026-01/2026-06``), one period (``2026-03``) or ``last``.
+    period: str
+    every: Every = "month"
+    #: Model: safetensors weights written by training, or its MLM item (``.json``).
+    model: str
+    source: SourceConfig
+    #: Products go to ``<out>/<collection>/<period>/...``.
+    out: str
+    #: Static catalog URL or STAC API (default: a static catalog at ``<out>/catalog``).
+    catalog: str | None = None
+    #: The run's collection: one item per cell and period, the mosaics and class areas.
+    collection: SafeId = "relaymap-area"
+    #: Cell composites (scene stores) go here (default ``<out>/<collection>/composites``).
+    work: str | None = None
+    grid: GridConfig = GridConfig()
+    options: MapOptions = MapOptions()
+
+
+@dataclass
+class AreaResult:
+    """What :func:`map_area` did (small: ids, counts and URLs)."""
+
+    collection: pystac.Collection | None
+    cells: int
+    periods: list[str]
+    mapped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    nodata: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    nodes: dict[str, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    mosaics: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_model(info: ModelInfo, resolution: float) -> None:
+    """The grid's pixel size is the one the model was trained on."""
+    size = info.spec.pixel_size
+    if size and abs(resolution / size - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ModelError(
+            f"the grid has {resolution:g} m pixels but model {info.weights_url} was trained on "
+            f"{size:g} m pixels; map at {size:g} m"
+        )
+
+
+def _search(
+    config: AreaConfig, grid: AreaGrid, period: Period, bands: tuple[str, ...]
+) -> list[pystac.Item]:
+    src = config.source
+    try:
+        items = search(
+            src.stac_api,
+            collections=src.collections,
+            intersects=grid.area.to_crs("EPSG:4326").json,
+            datetime=period.interval(),
+            max_cloud_cover=src.max_cloud_cover,
+        )
+    except NoItemsFound:
+        return []
+    for item in items:
+        missing = [b for b in bands if b not in item.assets]
+        if missing:
+            raise MissingAssetError(
+                f"source item {item.id} has no asset {', '.join(missing)} that the model needs "
+                f"(bands {list(bands)}); it has {', '.join(sorted(item.assets))}"
+            )
+    return items
+
+
+def fingerprint(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """What the driver decided before any compute (small: grids, ids and item JSON)."""
+
+    info: ModelInfo
+    grid: AreaGrid
+    periods: list[Period]
+    #: Task descriptors for the workers (see :func:`relaymap.flows.cells.map_cell`).
+    tasks: list[dict[str, Any]]
+    #: Map items whose inputs are unchanged, by id.
+    skipped: dict[str, pystac.Item]
+    #: Map item ids of cells without any source item in their period.
+    empty: list[str]
+
+
+def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
+    """The driver's plan: model info, grid, periods, the tasks to run and what to skip.
+
+    Raises:
+        AreaError, PeriodError, GridError: bad area, period or grid settings.
+        ModelError: a model that cannot map on this grid.
+        MissingAssetError: source items without a band the model needs.
+    """
+    info = read_info(config.model)
+    spec = info.spec
+    opts = config.options
+    resolution = config.grid.resolution or spec.pixel_size or 10.0
+    check_model(info, resolution)
+    tile_px = opts.tile_px or spec.window_px
+    overlap = tile_overlap(tile_px, opts.overlap_px)
+    step = cell_step(tile_px, overlap, STORE_LEVELS)
+    if config.grid.cell_px % step:
+        near = max(step, round(config.grid.cell_px / step) * step)
+        raise GridError(
+            f"cell_px={config.grid.cell_px} must be a multiple of {step} (the tile stride "
+            f"{tile_px - overlap} and 2**{STORE_LEVELS}) for cells to join without seams; "
+            f"use {near}"
+        )
+    halo = cell_halo(tile_px, overlap, spec.factor, STORE_LEVELS)
+    grid = area_grid(
+        read_area(config.area),
+        resolution=resolution,
+        cell_px=config.grid.cell_px,
+        crs=config.grid.crs,
+        max_area_km2=config.grid.max_area_km2,
+    )
+    periods = parse_periods(config.period, config.every, now=now)
+    out = join(normalize_url(config.out), config.collection)
+    work = normalize_url(config.work) if config.work else join(out, "composites")
+    catalog = open_catalog(catalog_url(config))
+    tasks, skipped, empty = [], {}, []
+    common = {
+        "model": info.digest,
+        "options": opts.model_dump(mode="json"),
+        "composite": config.source.composite.model_dump(mode="json"),
+        "halo": halo,
+    }
+    for period in periods:
+        items = _search(config, grid, period, spec.bands)
+        for cell in grid.cells:
+            item_id = check_id(f"{info.name}-{period.id}-{cell.id}", "map item id")
+            mine = intersecting(items, cell.geobox.pad(halo).extent)
+            if not intersecting(mine, cell.geobox.extent):
+                empty.append(item_id)
+                continue
+            fp = fingerprint(
+                {
+                    **common,
+                    "grid": geobox_to_dict(cell.geobox),
+                    "items": [(it.id, it.properties.get("updated"), it.datetime) for it in mine],
+                }
+            )
+            try:
+                existing = catalog.get_item(config.collection, item_id)
+            except ItemNotFound:
+                existing = None
+            if existing is not None and existing.properties.get("relaymap:inputs") == fp:
+                skipped[item_id] = existing
+                continue
+            tasks.append(
+                {
+                    "cell": cell.id,
+                    "period": period.id,
+                    "start": period.start.isoformat(),
+                    "end": period.end.isoformat(),
+                    "geobox": geobox_to_dict(cell.geobox),
+                    "halo": halo,
+                    "items": [it.to_dict(transform_hrefs=False) for it in mine],
+                    "item_id": item_id,
+                    "collection": config.collection,
+                    "fingerprint": fp,
+                    "store": join(work, period.id, f"{cell.id}.zarr"),
+                    "prefix": join(out, period.id, item_id),
+                    "options": common["options"],
+                    "composite": common["composite"],
+                }
+            )
+    return Plan(info, grid, periods, tasks, skipped, empty)
+
+
+def catalog_url(config: AreaConfig) -> str:
+    return config.catalog or join(normalize_url(config.out), "catalog")
+
+
+def run_tasks(
+    tasks: list[dict], info: ModelInfo, opts: MapOptions, *, use_gpu: bool, progress: bool
+):
+    """The Ray Data job: yields each task's result (a dict) as it finishes."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = False  # cells are independent: first done, first out
+    ctx.enable_progress_bars = False
+    if not logging.getLogger("relaymap").isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ds = ray.data.from_items(
+        [{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks)
+    ).map_batches(
+        CellMapper,
+        fn_constructor_kwargs={"model_url": info.weights_url, "use_gpu": use_gpu},
+        compute=ActorPoolStrategy(size=min(opts.workers, len(tasks))),
+        batch_size=1,
+        **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
+    )
+    with tqdm(total=len(tasks), unit="cell", desc="mapping cells", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            bar.update(1)
+            yield json.loads(row["result"])
+
+
+def map_area(
+    config: AreaConfig,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    now: dt.datetime | None = None,
+) -> AreaResult:
+    """Map ``config.area`` for every period with one Ray Data job; register cell items, a
+    mosaic per period and the class-area table in ``config.collection``.
+
+    Raises:
+        AreaError, PeriodError, GridError, ModelError, MissingAssetError: bad input, before
+        any compute.
+    """
+    import time
+
+    import ray
+
+    t0 = time.perf_counter()
+    todo = plan(config, now=now)
+    info, periods, tasks, skipped = todo.info, todo.periods, todo.tasks, todo.skipped
+    result = AreaResult(None, len(todo.grid.cells), [p.id for p in periods])
+    result.skipped = sorted(skipped)
+    result.nodata = list(todo.empty)
+    result.warnings = [
+        f"{i}: no source item in this period; no map for this cell" for i in todo.empty
+    ]
+    result.tasks = [{k: t[k] for k in ("cell", "period", "item_id")} for t in tasks]
+    catalog = open_catalog(catalog_url(config))
+    mapped: dict[str, pystac.Item] = {}
+    generations: dict[str, tuple[str, str]] = {}
+    if tasks:
+        connect_ray(address)
+        use_gpu = config.options.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        for r in run_tasks(tasks, info, config.options, use_gpu=use_gpu, progress=progress):
+            result.nodes[r["node"]] = result.nodes.get(r["node"], 0) + 1
+            result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
+            if r["status"] == "mapped":
+                item = pystac.Item.from_dict(r["item"])
+                mapped[item.id] = item
+                generations[item.id] = (r["generation"], _prefix(tasks, item.id))
+            elif r["status"] == "nodata":
+                result.nodata.append(r["item_id"])
+                result.warnings.append(
+                    f"{r['item_id']}: no clear pixel in period {r['period']} (no item, or all "
+                    f"cloud/nodata); no map for this cell"
+                )
+            else:
+                result.failed[r["item_id"]] = r["error"]
+    if mapped:
+        catalog.add_items(list(mapped.values()))  # the flip: readers see the new COGs
+        for generation, prefix in generations.values():
+            remove_generations(prefix, keep=join(prefix, generation))
+    result.mapped = sorted(mapped)
+    current = [  # every period of this model in the collection: the table covers them all
+        it
+        for it in catalog.search(collections=[config.collection])
+        if it.properties.get("relaymap:model") == info.name
+    ]
+    result.rows = class_area_rows([p.id for p in periods], info.spec.class_names, current)
+    result.collection, result.mosaics = _products(config, info, periods, current, result.rows)
+    for w in result.warnings:
+        log.warning(w)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _prefix(tasks: list[dict], item_id: str) -> str:
+    return next(t["prefix"] for t in tasks if t["item_id"] == item_id)
+
+
+def _products(config, info, periods, items: list[pystac.Item], rows):
+    """Mosaics per period (of this run: other periods keep theirs), the class-area table
+    and plot over every period of the collection, and the collection holding them."""
+    catalog = open_catalog(catalog_url(config))
+    out = join(normalize_url(config.out), config.collection)
+    mosaics = {}
+    for period in periods:
+        cogs = sorted(
+            it.assets["classes"].href
+            for it in items
+            if it.properties.get("relaymap:period") == period.id
+        )
+        if cogs:
+            mosaics[period.id] = write_mosaic(
+                join(out, period.id, "mosaic.vrt"), cogs, info.spec.class_table()
+            )
+    table_url = write_table(join(out, "class-areas.csv"), rows)
+    plot_url = plot_class_areas(join(out, "class-areas.png"), rows)
+    try:
+        collection = catalog.get_collection(config.collection)
+    except ItemNotFound:
+        area = read_area(config.area).to_crs("EPSG:4326")
+        collection = pystac.Collection(
+            config.collection,
+            description="",
+            extent=pystac.Extent(
+                pystac.SpatialExtent([list(area.boundingbox)]),
+                pystac.TemporalExtent([[periods[0].start, periods[-1].end]]),
+            ),
+            license="other",
+        )
+    collection.title = f"relaymap land cover: {config.collection}"
+    collection.description = (
+        f"Land cover of an area every {config.every} on a fixed grid, one item per cell and "
+        f"period, mapped by relaymap with model {info.name}; a VRT mosaic per period and the "
+        f"class areas over time are assets of this collection."
+    )
+    for pid, url in mosaics.items():
+        collection.add_asset(
+            f"mosaic-{pid}",
+            pystac.Asset(
+                url,
+                title=f"land-cover mosaic {pid} (GDAL VRT over the cell COGs)",
+                media_type="application/xml",
+                roles=["data", "mosaic"],
+            ),
+        )
+    collection.add_asset(
+        "class-areas",
+        pystac.Asset(
+            table_url,
+            title="class areas per period (km2)",
+            media_type="text/csv",
+            roles=["metadata"],
+        ),
+    )
+    collection.add_asset(
+        "class-areas-plot",
+        pystac.Asset(
+            plot_url,
+            title="class areas over time",
+            media_type=pystac.MediaType.PNG,
+            roles=["overview"],
+        ),
+    )
+    catalog.add_collection(collection)
+    return collection, mosaics

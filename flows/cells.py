@@ -1,0 +1,190 @@
+"""Mapping one grid cell for one period, on a Ray worker: composite -> scene store ->
+tiled model -> cell COG on object storage -> a STAC item (returned, small).
+
+Nothing here returns pixels: the driver of :mod:`relaymap.flows.area` only sends task
+descriptors (a cell's grid, the period, its items as STAC JSON) and gets items back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+import rasterio
+import torch
+from affine import Affine
+from odc.geo.geobox import GeoBox
+
+from relay_models.inference import predict_source
+from relay_models.stitch import crop_sink
+from relaymap.catalog import map_item
+from relaymap.catalog.items import SAFETENSORS_TYPE
+from relaymap.catalog.faults import fault_point
+from relaymap.catalog.storage import join
+from relaymap.ingest import IngestError, open_scene, write_scene
+from relaymap.ingest.composite import CompositeConfig, composite
+
+from .cog import GDAL_CACHE_MB, MapWriter, publish
+from .infer import new_generation, scratch_dir
+from .options import MapOptions
+from .trained import ModelInfo, load_trained
+
+
+def geobox_to_dict(gbox: GeoBox) -> dict[str, Any]:
+    """A grid as JSON: CRS (WKT), affine transform and ``(height, width)``."""
+    return {
+        "crs": gbox.crs.to_wkt(),
+        "transform": list(gbox.transform)[:6],
+        "shape": list(gbox.shape),
+    }
+
+
+def geobox_from_dict(d: dict[str, Any]) -> GeoBox:
+    return GeoBox(tuple(d["shape"]), Affine(*d["transform"]), d["crs"])
+
+
+class CellMapper:
+    """Ray Data actor: loads the model once, then maps one ``(cell, period)`` task per
+    call (:func:`map_cell`)."""
+
+    def __init__(self, model_url: str, use_gpu: bool) -> None:
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.info, model = load_trained(model_url)
+        self.model = model.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        out = [
+            json.dumps(map_cell(self.model, self.info, json.loads(t), self.device))
+            for t in batch["task"]
+        ]
+        return {"result": out}
+
+
+def map_cell(
+    model: torch.nn.Module, info: ModelInfo, task: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """Map one task (see :func:`relaymap.flows.area.plan`); returns a small result:
+    ``status`` (``mapped``, ``nodata`` or ``failed``), the item as JSON, pixel counts."""
+    import ray
+
+    t0 = time.perf_counter()
+    spec = info.spec
+    opts = MapOptions.model_validate(task["options"])
+    recipe = CompositeConfig.model_validate(task["composite"])
+    cell = geobox_from_dict(task["geobox"])
+    halo = task["halo"]
+    padded = cell.pad(halo)
+    h, w = cell.shape
+    result: dict[str, Any] = {
+        "cell": task["cell"],
+        "period": task["period"],
+        "item_id": task["item_id"],
+        "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+        "threads": torch.get_num_threads(),
+        "pixels": h * w,
+        "mapped_px": 0,
+        "counts": [0] * spec.num_classes,
+        "warnings": [],
+    }
+    try:
+        items = [pystac.Item.from_dict(d) for d in task["items"]]
+        image, warnings = composite(items, spec.bands, padded, recipe)
+        result["warnings"] = warnings
+        store = write_scene(task["store"], image, overwrite=True)
+        crop = (halo, halo, halo + h, halo + w)
+        clear = int(store.valid(0)[crop[0] : crop[2], crop[1] : crop[3]].sum())
+        if clear == 0:
+            result["status"] = "nodata"
+            result["seconds"] = time.perf_counter() - t0
+            return result
+        urls = {
+            "classes": join(task["prefix"], generation := new_generation(), "classes.tif"),
+            "probabilities": join(task["prefix"], generation, "probabilities.tif")
+            if opts.probabilities
+            else None,
+            "quicklook": join(task["prefix"], generation, "quicklook.png")
+            if opts.quicklook
+            else None,
+        }
+        with scratch_dir() as tmp, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            writer = MapWriter(
+                Path(tmp), cell, spec.class_table(), probabilities=opts.probabilities
+            )
+            try:
+                predict_source(
+                    model,
+                    open_scene(store.url),
+                    crop_sink(writer.sink, crop),
+                    tile_px=opts.tile_px,
+                    overlap_px=opts.overlap_px,
+                    crop=crop,
+                    batch_size=opts.batch_size,
+                    device=device,
+                )
+            finally:
+                writer.close()
+            publish(Path(tmp), urls, spec.class_table(), compress=opts.compress)
+        fault_point("area:cell-uploaded")  # crash tests: a COG no item points at yet
+        item = _item(task, info, store, urls, writer.counts, cell)
+        result.update(
+            status="mapped",
+            item=item.to_dict(transform_hrefs=False),
+            generation=generation,
+            mapped_px=int(writer.counts.sum()),
+            counts=[int(c) for c in writer.counts],
+        )
+    except IngestError as e:  # bad input in this cell: reported, the other cells go on
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _item(task, info: ModelInfo, store, urls, counts: np.ndarray, cell: GeoBox) -> pystac.Item:
+    spec = info.spec
+    start = dt.datetime.fromisoformat(task["start"])
+    item = map_item(
+        urls["classes"],
+        item_id=task["item_id"],
+        collection=task["collection"],
+        classes=spec.class_table(),
+        sources=list(zip(store.attrs.source_items, store.attrs.source_hrefs, strict=True)),
+        model_item=info.item,
+        datetime=start,
+        probabilities_url=urls["probabilities"],
+        quicklook_url=urls["quicklook"],
+    )
+    if info.item is None:  # weights without an MLM item: link the weights themselves
+        item.add_link(
+            pystac.Link(
+                "derived_from",
+                info.weights_url,
+                media_type=SAFETENSORS_TYPE,
+                title=f"model {info.name}",
+            )
+        )
+    pixel_km2 = abs(cell.transform.determinant) / 1e6
+    total = cell.shape[0] * cell.shape[1]
+    item.properties.update(
+        {
+            "start_datetime": task["start"].replace("+00:00", "Z"),
+            "end_datetime": task["end"].replace("+00:00", "Z"),
+            "relaymap:cell": task["cell"],
+            "relaymap:period": task["period"],
+            "relaymap:model": info.name,
+            "relaymap:inputs": task["fingerprint"],
+            "relaymap:valid_fraction": round(float(counts.sum()) / total, 6),
+            "relaymap:observable_km2": round(float(counts.sum()) * pixel_km2, 6),
+            "relaymap:class_areas_km2": {
+                n: round(float(c) * pixel_km2, 6)
+                for n, c in zip(spec.class_names, counts, strict=True)
+            },
+            "relaymap:options": task["options"],
+            "relaymap:composite": task["composite"],
+        }
+    )
+    return item
