@@ -53,6 +53,8 @@ class Catalog(Protocol):
 
     def get_item(self, collection: str, item_id: str) -> pystac.Item: ...
 
+    def collection_ids(self) -> list[str]: ...
+
     def get_collection(self, collection: str) -> pystac.Collection: ...
 
     def add_collection(self, collection: pystac.Collection) -> None: ...
@@ -359,6 +361,11 @@ class StacApiCatalog:
             )
         else:
             self._check(resp, f"reading collection {collection.id}")
+
+    def collection_ids(self) -> list[str]:
+        resp = self._request("GET", "/collections")
+        self._check(resp, "listing collections")
+        return sorted(c["id"] for c in resp.json().get("collections", []))
 
     def get_collection(self, collection: str) -> pystac.Collection:
         resp = self._request("GET", f"/collections/{check_id(collection, 'collection id')}")

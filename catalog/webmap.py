@@ -1,9 +1,10 @@
 """A local web map of a relaymap catalog: map tiles from the class COGs (titiler), a
 MapLibre GL JS page with layer toggles, opacity, legend, period selector and class query.
 
-Only COGs registered in the catalog are read: every raster endpoint takes a map id (the map
-item's id in the ``relaymap-maps`` collection) and reads that item's ``classes`` asset; no
-request names a file. Colours come from each map's ``classification:classes``
+Only rasters registered in the catalog are read: every raster endpoint takes a map id (a
+map item's id in the ``relaymap-maps`` collection, whose ``classes`` asset it reads, or
+``<collection>.<asset>`` for a period mosaic of an area collection); no request names a
+file. Colours come from each map's ``classification:classes``
 (``color_hint``), then the COG's palette, then evenly spaced hues; nodata is transparent.
 
 Endpoints:
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import colorsys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,9 +139,17 @@ def _classes_of(
     return tuple(out)
 
 
-def _layer(item: pystac.Item) -> MapLayer:
-    """Read a map item and its COG's header (palette, zoom range)."""
-    asset = item.assets[CLASSES_ASSET]
+def _layer(
+    map_id: str,
+    asset: pystac.Asset,
+    *,
+    model: str,
+    when: str | None,
+    period: str,
+    bbox: Sequence[float] | None = None,
+) -> MapLayer:
+    """A map layer from its class raster's asset (a COG, or a mosaic VRT over COGs) and the
+    raster's header (palette, zoom range, and its bounds unless ``bbox`` is given)."""
     href = asset.get_absolute_href() or asset.href
     with rasterio.Env(**gdal_env()):
         with rasterio.open(href) as src:
@@ -150,12 +159,12 @@ def _layer(item: pystac.Item) -> MapLayer:
                 cog_palette = {}
         with Reader(href) as reader:
             minzoom, maxzoom = reader.minzoom, reader.maxzoom
-    west, south, east, north = item.bbox
+            west, south, east, north = bbox or reader.get_geographic_bounds("EPSG:4326")
     return MapLayer(
-        id=item.id,
-        model=_model_of(item),
-        datetime=item.datetime.isoformat() if item.datetime else None,
-        period=_period_of(item),
+        id=map_id,
+        model=model,
+        datetime=when,
+        period=period,
         bounds=(west, south, east, north),
         classes=_classes_of(asset, cog_palette),
         minzoom=int(minzoom),
@@ -164,9 +173,44 @@ def _layer(item: pystac.Item) -> MapLayer:
     )
 
 
+def _item_layer(item: pystac.Item) -> MapLayer:
+    """A map item (``classes`` asset) as a layer."""
+    return _layer(
+        item.id,
+        item.assets[CLASSES_ASSET],
+        model=_model_of(item),
+        when=item.datetime.isoformat() if item.datetime else None,
+        period=_period_of(item),
+        bbox=item.bbox,
+    )
+
+
+def _mosaic_layers(collection: pystac.Collection) -> Iterator[tuple[tuple, Callable[[], MapLayer]]]:
+    """The period mosaics of an area collection (assets with role ``mosaic``), each as a
+    cache key and a function that makes its layer."""
+    for key, asset in collection.assets.items():
+        if "mosaic" not in (asset.roles or []):
+            continue
+        fields = asset.extra_fields
+        period = fields.get("relaymap:period") or key
+        start = fields.get("start_datetime")
+
+        def make(key=key, asset=asset, period=period, start=start) -> MapLayer:
+            return _layer(
+                f"{collection.id}.{key}",
+                asset,
+                model=str(collection.extra_fields.get("relaymap:model", "unknown model")),
+                when=start,
+                period=period,
+            )
+
+        yield (f"{collection.id}.{key}", asset.href, asset.extra_fields.get("file:checksum")), make
+
+
 class MapIndex:
-    """The catalog's maps by id, re-read on :meth:`refresh` (a COG's header is read once per
-    href and checksum). Thread-safe: FastAPI runs endpoints in a thread pool."""
+    """The catalog's maps by id, re-read on :meth:`refresh`: the items of the map collection,
+    and the period mosaics of area collections (a raster's header is read once per href and
+    checksum). Thread-safe: FastAPI runs endpoints in a thread pool."""
 
     def __init__(self, catalog_url: str, *, collection: str = MAP_COLLECTION) -> None:
         self.catalog = open_catalog(catalog_url)
@@ -185,8 +229,14 @@ class MapIndex:
                     continue
                 asset = item.assets[CLASSES_ASSET]
                 key = (item.id, asset.href, asset.extra_fields.get("file:checksum"))
-                layer = self._cache.get(key) or _layer(item)
+                layer = self._cache.get(key) or _item_layer(item)
                 layers[item.id], cache[key] = layer, layer
+            for cid in self.catalog.collection_ids():  # areas: one mosaic per period
+                if cid == self.collection:
+                    continue
+                for key, make in _mosaic_layers(self.catalog.get_collection(cid)):
+                    layer = self._cache.get(key) or make()
+                    layers[layer.id], cache[key] = layer, layer
             self._layers, self._cache, self._loaded = layers, cache, True
             return sorted(layers.values(), key=lambda m: (m.model, m.period, m.id))
 

@@ -38,6 +38,7 @@ from relaymap.ingest.periods import Every, Period, parse_periods
 
 from .cells import CellMapper, geobox_to_dict
 from .class_areas import class_area_rows, plot_class_areas, write_table
+from .cog import NODATA
 from .infer import remove_generations, tile_overlap
 from .jobs import connect_ray
 from .mosaic import write_mosaic
@@ -112,7 +113,8 @@ class AreaResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     mosaics: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    tasks: list[dict[str, Any]] = field(default_factory=list)
+    #: Per task run: cell, period, status, node, torch threads, tiles run, seconds.
+    done: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check_model(info: ModelInfo, resolution: float) -> None:
@@ -147,6 +149,15 @@ def _search(
                 f"(bands {list(bands)}); it has {', '.join(sorted(item.assets))}"
             )
     return items
+
+
+def slim(item: pystac.Item, assets: tuple[str | None, ...]) -> dict[str, Any]:
+    """An item's JSON for a task: only the assets a worker reads and the self link (public
+    Sentinel-2 items carry dozens of assets; a task descriptor should stay a few kB)."""
+    d = item.to_dict(transform_hrefs=False)
+    d["assets"] = {k: v for k, v in d["assets"].items() if k in assets}
+    d["links"] = [ln for ln in d["links"] if ln.get("rel") == "self"]
+    return d
 
 
 def fingerprint(doc: dict[str, Any]) -> str:
@@ -204,6 +215,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
     work = normalize_url(config.work) if config.work else join(out, "composites")
     catalog = open_catalog(catalog_url(config))
     tasks, skipped, empty = [], {}, []
+    mask = config.source.composite.mask_asset
     common = {
         "model": info.digest,
         "options": opts.model_dump(mode="json"),
@@ -240,7 +252,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
                     "end": period.end.isoformat(),
                     "geobox": geobox_to_dict(cell.geobox),
                     "halo": halo,
-                    "items": [it.to_dict(transform_hrefs=False) for it in mine],
+                    "items": [slim(it, (*spec.bands, mask)) for it in mine],
                     "item_id": item_id,
                     "collection": config.collection,
                     "fingerprint": fp,
@@ -258,9 +270,11 @@ def catalog_url(config: AreaConfig) -> str:
 
 
 def run_tasks(
-    tasks: list[dict], info: ModelInfo, opts: MapOptions, *, use_gpu: bool, progress: bool
+    tasks: list[dict], model_url: str, opts: MapOptions, *, use_gpu: bool, progress: bool
 ):
-    """The Ray Data job: yields each task's result (a dict) as it finishes."""
+    """The Ray Data job: yields each task's result (a dict) as it finishes. ``model_url``
+    is the model as the user gave it (its MLM item, or weights), so workers see the same
+    model identity and lineage as the driver."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -273,7 +287,7 @@ def run_tasks(
         [{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks)
     ).map_batches(
         CellMapper,
-        fn_constructor_kwargs={"model_url": info.weights_url, "use_gpu": use_gpu},
+        fn_constructor_kwargs={"model_url": model_url, "use_gpu": use_gpu},
         compute=ActorPoolStrategy(size=min(opts.workers, len(tasks))),
         batch_size=1,
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
@@ -311,7 +325,6 @@ def map_area(
     result.warnings = [
         f"{i}: no source item in this period; no map for this cell" for i in todo.empty
     ]
-    result.tasks = [{k: t[k] for k in ("cell", "period", "item_id")} for t in tasks]
     catalog = open_catalog(catalog_url(config))
     mapped: dict[str, pystac.Item] = {}
     generations: dict[str, tuple[str, str]] = {}
@@ -320,8 +333,10 @@ def map_area(
         use_gpu = config.options.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        for r in run_tasks(tasks, info, config.options, use_gpu=use_gpu, progress=progress):
+        for r in run_tasks(tasks, config.model, config.options, use_gpu=use_gpu, progress=progress):
             result.nodes[r["node"]] = result.nodes.get(r["node"], 0) + 1
+            keys = ("cell", "period", "status", "node", "threads", "tiles", "seconds")
+            result.done.append({k: r[k] for k in keys})
             result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
             if r["status"] == "mapped":
                 item = pystac.Item.from_dict(r["item"])
@@ -353,6 +368,19 @@ def map_area(
     return result
 
 
+def _classification(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``classification:classes`` of a class raster: value = class index (no null fields)."""
+    return [
+        {"value": int(c["index"]), "name": c["name"]}
+        | ({"color_hint": c["color_hint"]} if c.get("color_hint") else {})
+        for c in classes
+    ]
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
 def _prefix(tasks: list[dict], item_id: str) -> str:
     return next(t["prefix"] for t in tasks if t["item_id"] == item_id)
 
@@ -374,7 +402,12 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
                 join(out, period.id, "mosaic.vrt"), cogs, info.spec.class_table()
             )
     table_url = write_table(join(out, "class-areas.csv"), rows)
-    plot_url = plot_class_areas(join(out, "class-areas.png"), rows)
+    colors = {
+        c["name"]: "#" + c["color_hint"].lstrip("#")
+        for c in info.spec.class_table()
+        if c.get("color_hint")
+    }
+    plot_url = plot_class_areas(join(out, "class-areas.png"), rows, colors)
     try:
         collection = catalog.get_collection(config.collection)
     except ItemNotFound:
@@ -394,6 +427,8 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
         f"period, mapped by relaymap with model {info.name}; a VRT mosaic per period and the "
         f"class areas over time are assets of this collection."
     )
+    collection.extra_fields["relaymap:model"] = info.name
+    by_id = {p.id: p for p in periods}
     for pid, url in mosaics.items():
         collection.add_asset(
             f"mosaic-{pid}",
@@ -402,6 +437,13 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
                 title=f"land-cover mosaic {pid} (GDAL VRT over the cell COGs)",
                 media_type="application/xml",
                 roles=["data", "mosaic"],
+                extra_fields={
+                    "relaymap:period": pid,
+                    "start_datetime": _iso(by_id[pid].start),
+                    "end_datetime": _iso(by_id[pid].end),
+                    "raster:bands": [{"data_type": "uint8", "nodata": NODATA}],
+                    "classification:classes": _classification(info.spec.class_table()),
+                },
             ),
         )
     collection.add_asset(

@@ -23,10 +23,10 @@ from odc.geo.geobox import GeoBox
 from relay_models.inference import predict_source
 from relay_models.stitch import crop_sink
 from relaymap.catalog import map_item
-from relaymap.catalog.items import SAFETENSORS_TYPE
 from relaymap.catalog.faults import fault_point
+from relaymap.catalog.items import SAFETENSORS_TYPE
 from relaymap.catalog.storage import join
-from relaymap.ingest import IngestError, open_scene, write_scene
+from relaymap.ingest import IngestError, write_scene
 from relaymap.ingest.composite import CompositeConfig, composite
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
@@ -88,14 +88,18 @@ def map_cell(
         "threads": torch.get_num_threads(),
         "pixels": h * w,
         "mapped_px": 0,
+        "tiles": 0,
         "counts": [0] * spec.num_classes,
         "warnings": [],
+        "stage_seconds": {},
     }
+    stages = result["stage_seconds"]
     try:
         items = [pystac.Item.from_dict(d) for d in task["items"]]
         image, warnings = composite(items, spec.bands, padded, recipe)
         result["warnings"] = warnings
         store = write_scene(task["store"], image, overwrite=True)
+        stages["composite"] = time.perf_counter() - t0
         crop = (halo, halo, halo + h, halo + w)
         clear = int(store.valid(0)[crop[0] : crop[2], crop[1] : crop[3]].sum())
         if clear == 0:
@@ -116,9 +120,10 @@ def map_cell(
                 Path(tmp), cell, spec.class_table(), probabilities=opts.probabilities
             )
             try:
-                predict_source(
+                t1 = time.perf_counter()
+                tiles_run, _ = predict_source(
                     model,
-                    open_scene(store.url),
+                    store,
                     crop_sink(writer.sink, crop),
                     tile_px=opts.tile_px,
                     overlap_px=opts.overlap_px,
@@ -128,6 +133,7 @@ def map_cell(
                 )
             finally:
                 writer.close()
+            stages["predict"] = time.perf_counter() - t1
             publish(Path(tmp), urls, spec.class_table(), compress=opts.compress)
         fault_point("area:cell-uploaded")  # crash tests: a COG no item points at yet
         item = _item(task, info, store, urls, writer.counts, cell)
@@ -136,11 +142,13 @@ def map_cell(
             item=item.to_dict(transform_hrefs=False),
             generation=generation,
             mapped_px=int(writer.counts.sum()),
+            tiles=tiles_run,
             counts=[int(c) for c in writer.counts],
         )
     except IngestError as e:  # bad input in this cell: reported, the other cells go on
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
     result["seconds"] = time.perf_counter() - t0
+    stages["write"] = result["seconds"] - sum(stages.values())
     return result
 
 

@@ -54,8 +54,11 @@ def write_table(url: str, rows: Sequence[dict[str, Any]]) -> str:
     return url
 
 
-def plot_class_areas(url: str, rows: Sequence[dict[str, Any]]) -> str:
-    """Stacked class areas per period (bars), with the observable area marked; PNG at ``url``."""
+def plot_class_areas(
+    url: str, rows: Sequence[dict[str, Any]], colors: dict[str, str] | None = None
+) -> str:
+    """Stacked class areas per period (bars, in ``colors`` by class name when given), with
+    the observable area marked; PNG at ``url``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +73,7 @@ def plot_class_areas(url: str, rows: Sequence[dict[str, Any]]) -> str:
     bottom = [0.0] * len(periods)
     for c in classes:
         values = [area[(p, c)] for p in periods]
-        ax.bar(x, values, bottom=bottom, label=c, width=0.7)
+        ax.bar(x, values, bottom=bottom, label=c, width=0.7, color=(colors or {}).get(c))
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.plot(x, [observable[p] for p in periods], "k_", markersize=40, label="observable")
     ax.set_xticks(list(x), periods, rotation=30 if len(periods) > 6 else 0)

@@ -369,7 +369,7 @@ def pipeline(config: str) -> None:
 @click.option("--out", default=None, help="Where maps go (default: WORKDIR/maps; s3://...).")
 @click.option("--steps", default=300, show_default=True, help="Training steps.")
 def demo(workdir: str, out: str | None, steps: int) -> None:
-    """Sample scenes -> local STAC API -> ingest -> train -> map -> COGs + STAC, locally.
+    """Sample scenes and a cloudy area -> local STAC API -> train -> map the area monthly.
 
     \b
     Example:
@@ -381,22 +381,28 @@ def demo(workdir: str, out: str | None, steps: int) -> None:
 
     t0 = time.perf_counter()
     res = run_demo(workdir, out_url=out, steps=steps)
-    p = res.pipeline
+    p = res.summary
     click.echo(f"\nrelaymap demo done in {time.perf_counter() - t0:.0f} s")
     click.echo(f"  workdir:    {res.workdir}")
     click.echo(f"  model:      {p['model']}")
     if "val_miou" in p.get("metrics", {}):
         click.echo(f"  validation mIoU: {p['metrics']['val_miou']:.3f}")
-    click.echo(f"  mapped:     {', '.join(p['mapped']) or '-'}")
-    if p["skipped"]:
-        click.echo(f"  already mapped (skipped): {', '.join(p['skipped'])}")
-    for scene, err in p["failed"].items():
-        click.echo(f"  FAILED {scene}: {err}")
-    click.echo(f"  catalog:    {res.catalog_url}/catalog.json")
-    for m in res.maps:
-        click.echo(
-            f"  map {m['id']}:\n    COG       {m['classes']}\n    quicklook {m['quicklook']}"
-        )
+    click.echo(
+        f"  area maps:  {len(p['mapped'])} cell maps made, {len(p['skipped'])} unchanged, "
+        f"{len(p['nodata'])} without clear pixels"
+    )
+    for pid, url in p["mosaics"].items():
+        click.echo(f"  mosaic {pid}: {url}")
+    click.echo(f"  catalog:    {res.catalog_url}/catalog.json\n")
+    _table(
+        p["class_areas"],
+        [
+            ("period", "period", ""),
+            ("class", "class", ""),
+            ("area_km2", "area km2", ".2f"),
+            ("observable_km2", "observable km2", ".2f"),
+        ],
+    )
     catalog = res.catalog_url.removeprefix("file://")
     click.echo(f"\nsee the maps in a browser:\n  relaymap serve {catalog} --port 8000")
 
@@ -530,7 +536,7 @@ def ingest(
 @click.argument("catalog", default="relaymap-demo/catalog")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def maps(catalog: str, as_json: bool) -> None:
-    """List the maps in CATALOG: id, model, period and the area of each class.
+    """List the maps in CATALOG (every collection): id, model, period, class areas.
 
     \b
     Example:
@@ -539,7 +545,9 @@ def maps(catalog: str, as_json: bool) -> None:
     from relaymap.catalog import open_catalog
 
     rows = []
-    for item in open_catalog(catalog).search(collections=["relaymap-maps"]):
+    for item in open_catalog(catalog).search():
+        if "classes" not in item.assets:  # models and other items
+            continue
         model = next(
             (
                 ln.title.removeprefix("model ")
@@ -549,7 +557,7 @@ def maps(catalog: str, as_json: bool) -> None:
             "-",
         )
         p = item.properties
-        period = (
+        period = p.get("relaymap:period") or (
             f"{p['start_datetime'][:10]}/{p['end_datetime'][:10]}"
             if p.get("start_datetime")
             else (item.datetime.date().isoformat() if item.datetime else "-")

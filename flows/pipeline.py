@@ -4,7 +4,9 @@
 * :func:`train_flow`: a training run (:mod:`relaymap.flows.train`);
 * :func:`infer_flow`: map scene stores, register the map items (:mod:`relaymap.flows.infer`);
 * :func:`mapping_pipeline`: AOI + dates -> the scenes not mapped yet -> maps -> STAC,
-  training a model first when asked to.
+  training a model first when asked to (one map per scene);
+* :func:`area_flow`: an area every period on a fixed grid (:mod:`relaymap.flows.area`), the
+  product's main job: scheduled monthly with ``period: last``, or given a range to backfill.
 
 Tasks retry transient failures (network, S3, STAC API) with backoff and fail fast on bad
 input. Reruns are cheap: finished stores are kept (``write_scene`` is a no-op on them), map
@@ -38,6 +40,7 @@ from relaymap.catalog.storage import (
 )
 from relaymap.ingest import NoItemsFound, StacApiError, ingest_items, search
 
+from .area import AreaConfig
 from .infer import InferConfig, map_item_id
 from .jobs import cluster_address, run_job
 from .options import MapOptions, SafeId
@@ -361,7 +364,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
         if labelled["failed"]:
             raise RuntimeError(f"training scenes failed to ingest: {labelled['failed']}")
         stores = labelled["stores"]
-        config = _train_config(params, spec, stores)
+        config = train_config(params.work_url, params.catalog_url, spec, stores)
         trained = train_task(config, params.address)
         model, model_name = trained["item"] or trained["weights"], spec.run_name
         result["metrics"] = trained["metrics"]
@@ -413,7 +416,11 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     return result
 
 
-def _train_config(params: PipelineParams, spec: TrainSpec, stores: dict[str, str]) -> TrainConfig:
+def train_config(
+    work_url: str, catalog_url: str | None, spec: TrainSpec, stores: dict[str, str]
+) -> TrainConfig:
+    """The training run of ``spec`` on ingested ``stores`` (item id -> store URL); runs go
+    to ``<work_url>/runs``, the model item to ``catalog_url``."""
     from relaymap.ingest import open_scene
 
     store = open_scene(stores[spec.train_items[0]])
@@ -429,16 +436,52 @@ def _train_config(params: PipelineParams, spec: TrainSpec, stores: dict[str, str
         optim=OptimConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr),
         run=RunConfig(
             name=spec.run_name,
-            storage_url=join(normalize_url(params.work_url), "runs"),
+            storage_url=join(normalize_url(work_url), "runs"),
             num_workers=spec.workers,
             checkpoint_every=max(spec.steps // 4, 1),
             val_every=max(spec.steps // 4, 1),
             log_every=max(spec.steps // 10, 1),
         ),
-        output=OutputConfig(catalog_url=params.catalog_url),
+        output=OutputConfig(catalog_url=catalog_url),
     )
 
 
 def run_pipeline(params: PipelineParams | dict) -> dict:
     """Validate ``params`` (a clear error naming the bad field), then run the pipeline."""
     return mapping_pipeline(PipelineParams.model_validate(params))
+
+
+@task(**retrying, task_run_name="map {config.collection} {config.period}")
+def area_task(config: AreaConfig, address: str | None = None) -> dict:
+    """Map an area for its periods, locally on Ray or as a Ray job on a cluster; a summary.
+    Retrying is cheap: cells whose map is done are skipped."""
+    jobs = cluster_address(address)
+    if jobs:
+        files = {"area.yaml": yaml.safe_dump(config.model_dump(mode="json"))}
+        run_job(jobs, ["map", "--config", "area.yaml"], files=files, log=get_run_logger().info)
+        return {"job": True}
+    from .area import map_area
+
+    result = map_area(config, address=address)
+    for w in result.warnings:
+        get_run_logger().warning(w)
+    return {
+        "periods": result.periods,
+        "mapped": result.mapped,
+        "skipped": result.skipped,
+        "nodata": result.nodata,
+        "failed": result.failed,
+        "mosaics": result.mosaics,
+        "class_areas": result.rows,
+    }
+
+
+@flow(name="map-area", log_prints=True)
+def area_flow(config: AreaConfig, address: str | None = None) -> dict:
+    """Map an area every period (``config.period``: a range to backfill, or ``last``, the
+    last finished period, for a schedule). Returns what was mapped, skipped and failed."""
+    stage(f"map: {config.collection}, period {config.period} every {config.every}")
+    summary = area_task(config, address)
+    if summary.get("failed"):
+        raise RuntimeError(f"cells failed: {json.dumps(summary['failed'])}")
+    return summary

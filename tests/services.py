@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -238,6 +239,45 @@ def ray_head(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_worker_node(
+    head: RayHead, *, num_cpus: int = 1, resources: dict[str, float] | None = None
+) -> Iterator[None]:
+    """A second node joining ``head`` (``ray start --address=... --block``) on this machine,
+    with its own ports and ``resources``; killed by its process group at exit (its daemons,
+    which share the head's temp dir, go with the head's clean-up)."""
+    cmd = [
+        shutil.which("ray") or "ray",
+        "start",
+        f"--address={head.gcs_address}",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources or {})}",
+        *(
+            f"--{name}-port={free_port()}"
+            for name in (
+                "dashboard-agent-listen",
+                "dashboard-agent-grpc",
+                "metrics-export",
+                "runtime-env-agent",
+                "node-manager",
+                "object-manager",
+            )
+        ),
+        "--disable-usage-stats",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        _stop(proc)
 
 
 def _pids_mentioning(text: str) -> list[int]:

@@ -123,3 +123,64 @@ def test_a_catalog_update_killed_midway_is_repaired_by_the_next_writer(tmp_path)
     assert [i.id for i in catalog.items("maps")] == ["a", "b", "c"]
     assert not stale.exists() and fresh.exists()
     assert remove_stale_temporaries(str(tmp_path / "catalog/maps/items")) == []
+
+
+@pytest.mark.slow
+def test_aoi_cli_survives_a_worker_killed_after_its_upload(scenes, tmp_path):
+    """``relaymap map`` with one Ray worker SIGKILLed after it uploaded a cell's COG and
+    before the driver registered it: Ray restarts the actor and reruns the cell, the run
+    ends normally, and only the COGs the items point at are left. Its console output is
+    checked line by line."""
+    import yaml
+
+    from relaymap.catalog import serve_stac
+    from relaymap.catalog.faults import ONCE_FILE
+
+    from .area_data import config, make_source
+
+    col = make_source(str(tmp_path / "source"))
+    out = tmp_path / "out"
+    with serve_stac([col]) as api:
+        cfg = config(api, scenes["model"], str(out), period="2026-01")
+        (tmp_path / "area.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        env = {
+            **os.environ,
+            ENV: "area:cell-uploaded=kill",
+            ONCE_FILE: str(tmp_path / "fault.pid"),
+            "COLUMNS": "200",
+        }
+        run = subprocess.run(
+            ["relaymap", "map", "--config", str(tmp_path / "area.yaml")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert (tmp_path / "fault.pid").exists()  # a worker did die at the fault point
+    lines = run.stdout.splitlines()
+    head = "4 cells x 1 periods: 4 mapped, 0 unchanged, 0 without clear pixels, 0 failed ("
+    assert lines[0].startswith(head) and lines[0].endswith(" s)")
+    mosaic = f"file://{out}/relaymap-area/2026-01/mosaic.vrt"
+    assert lines[1:3] == [
+        f"mosaic 2026-01: {mosaic}",
+        f"collection: file://{out}/catalog/relaymap-area/collection.json",
+    ]
+    assert lines[3] == ""
+    assert lines[4].split() == ["period", "class", "area", "km2", "observable", "km2"]
+    catalog = StaticCatalog(str(out / "catalog"))
+    items = list(catalog.items("relaymap-area"))
+    table = [line.split() for line in lines[5:]]
+    assert [row[:2] for row in table] == [["2026-01", c.name] for c in _classes()]
+    for _, name, km2, observable in table:
+        total = sum(it.properties["relaymap:class_areas_km2"][name] for it in items)
+        assert km2 == f"{total:.2f}"
+        assert observable == f"{sum(it.properties['relaymap:observable_km2'] for it in items):.2f}"
+    # one COG per cell: the killed attempt's upload was removed once the retry registered
+    cogs = sorted(str(p) for p in out.rglob("classes.tif"))
+    assert cogs == sorted(it.assets["classes"].href.removeprefix("file://") for it in items)
+
+
+def _classes():
+    from relaymap.ingest.sample import CLASSES
+
+    return CLASSES

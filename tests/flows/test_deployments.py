@@ -44,7 +44,13 @@ def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample
         deployed = _prefect(["--no-prompt", "deploy", "--all"], env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         listed = _prefect(["deployment", "ls"], env).stdout
-        for name in ("ingest/ingest", "train/train", "infer/infer", "mapping-pipeline/monthly"):
+        for name in (
+            "ingest/ingest",
+            "train/train",
+            "infer/infer",
+            "mapping-pipeline/monthly",
+            "map-area/monthly-area",
+        ):
             assert name in listed, listed
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "relaymap-process"],
@@ -113,15 +119,22 @@ def test_demo_end_to_end(tmp_path):
         .startswith(f"relaymap serve {tmp_path / 'demo' / 'catalog'}")
     )
     catalog = StaticCatalog(str(tmp_path / "demo" / "catalog"))
-    maps = catalog.search(collections=["relaymap-maps"])
-    assert len(maps) == 2  # the two held-out scenes
-    for item in maps:
+    cells = catalog.search(collections=["demo-area-monthly"])
+    assert len(cells) == 8  # the held-out area: 2x2 cells, two months
+    for item in cells:
         with rasterio.open(item.assets["classes"].href) as src:
             assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-            assert src.overviews(1) == [2]  # 640 px scenes, 512 px COG tiles
+            assert src.shape == (288, 288)
         png = Path(item.assets["overview"].href.removeprefix("file://"))
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert any(ln.rel == "derived_from" and "model" in (ln.title or "") for ln in item.links)
+        assert 0.5 < item.properties["relaymap:valid_fraction"] <= 1
+    area = catalog.get_collection("demo-area-monthly")
+    mosaics = {k: a for k, a in area.assets.items() if "mosaic" in a.roles}
+    assert sorted(mosaics) == ["mosaic-2024-07", "mosaic-2024-08"]
+    # the class-area table the demo printed is the collection's table
+    table = Path(area.assets["class-areas"].href.removeprefix("file://")).read_text()
+    assert table.count("\n") == 1 + 2 * 6 and "2024-08,urban," in table
     (model,) = catalog.search(collections=["relaymap-models"])
     # the training report on the model item: scores and pictures
     assert 0 <= model.properties["relaymap:validation"]["miou"] <= 1
@@ -146,16 +159,16 @@ def test_demo_end_to_end(tmp_path):
     finally:
         serve.kill()
         serve.wait()
-    assert sorted(m["id"] for m in listed["maps"]) == sorted(i.id for i in maps)
+    assert sorted(m["id"] for m in listed["maps"]) == [f"demo-area-monthly.{k}" for k in mosaics]
     assert "maplibre-gl.js" in page
     print(f"demo took {time.perf_counter() - t0:.0f} s")
-    _look_at_the_demo_maps(str(tmp_path / "demo" / "catalog"), maps, tmp_path)
+    _look_at_the_demo_maps(str(tmp_path / "demo" / "catalog"), mosaics, tmp_path)
 
 
-def _look_at_the_demo_maps(catalog: str, maps, tmp_path: Path) -> None:
-    """The demo's maps in headless Chromium, as a user sees them after `relaymap serve`:
-    the pixel under each map's centre has its class colour; the legend names the classes.
-    The screenshot is kept at ``tmp_path / "demo-webmap.png"``."""
+def _look_at_the_demo_maps(catalog: str, mosaics: dict, tmp_path: Path) -> None:
+    """The demo's period mosaics in headless Chromium, as a user sees them after
+    `relaymap serve`: with a period selected, the pixel under a uniform patch has its class
+    colour; the legend names the classes. Screenshots: ``tmp_path / "demo-<period>.png"``."""
     import numpy as np
     from PIL import Image
     from playwright.sync_api import sync_playwright
@@ -180,14 +193,17 @@ def _look_at_the_demo_maps(catalog: str, maps, tmp_path: Path) -> None:
                 page = browser.new_page(viewport={"width": 1100, "height": 700})
                 page.goto(url + "/")
                 page.wait_for_function("window.relaymapReady === true", timeout=180_000)
-                shot_path = tmp_path / "demo-webmap.png"
-                page.screenshot(path=str(shot_path))
-                shot = Image.open(shot_path).convert("RGB")
-                legend = [t.strip() for t in page.locator("#legend li").all_inner_texts()]
-                for item in maps:
-                    classes = item.assets["classes"].extra_fields["classification:classes"]
+                for key, asset in sorted(mosaics.items()):
+                    period = asset.extra_fields["relaymap:period"]
+                    page.select_option("#period", period)
+                    page.wait_for_function("window.relaymapReady === true", timeout=180_000)
+                    shot_path = tmp_path / f"demo-{period}.png"
+                    page.screenshot(path=str(shot_path))
+                    shot = Image.open(shot_path).convert("RGB")
+                    legend = [t.strip() for t in page.locator("#legend li").all_inner_texts()]
+                    classes = asset.extra_fields["classification:classes"]
                     assert sorted(legend) == sorted(c["name"] for c in classes)
-                    with rasterio.open(item.assets["classes"].href) as src:
+                    with rasterio.open(asset.href) as src:
                         data = src.read(1)
                         # a pixel inside a uniform 9 x 9 patch, so resampling cannot blur it
                         h, w = data.shape
@@ -198,27 +214,28 @@ def _look_at_the_demo_maps(catalog: str, maps, tmp_path: Path) -> None:
                             if data[r, c] != 255
                             and (data[r - 4 : r + 5, c - 4 : c + 5] == data[r, c]).all()
                         ]
-                        r, c = ok[len(ok) // 2]
-                        x, y = src.xy(r, c)
-                        lon, lat = Transformer.from_crs(
-                            src.crs, "EPSG:4326", always_xy=True
-                        ).transform(x, y)
-                    hint = next(k["color_hint"] for k in classes if k["value"] == data[r, c])
-                    sx, sy = page.evaluate(
-                        """([lon, lat]) => {
-                            const m = window.relaymapMap;
-                            const b = m.getContainer().getBoundingClientRect();
-                            const p = m.project([lon, lat]);
-                            return [Math.round(b.left + p.x), Math.round(b.top + p.y)];
-                        }""",
-                        [lon, lat],
-                    )
-                    got, want = shot.getpixel((sx, sy)), tuple(bytes.fromhex(hint))
-                    assert all(abs(g - v) <= 6 for g, v in zip(got, want, strict=True)), (
-                        item.id,
-                        got,
-                        want,
-                    )
+                        to_lonlat = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
+                        samples = [ok[len(ok) // 4], ok[len(ok) // 2], ok[3 * len(ok) // 4]]
+                        points = [
+                            (data[r, c], to_lonlat.transform(*src.xy(r, c))) for r, c in samples
+                        ]
+                    for value, (lon, lat) in points:
+                        hint = next(k["color_hint"] for k in classes if k["value"] == value)
+                        sx, sy = page.evaluate(
+                            """([lon, lat]) => {
+                                const m = window.relaymapMap;
+                                const b = m.getContainer().getBoundingClientRect();
+                                const p = m.project([lon, lat]);
+                                return [Math.round(b.left + p.x), Math.round(b.top + p.y)];
+                            }""",
+                            [lon, lat],
+                        )
+                        got, want = shot.getpixel((sx, sy)), tuple(bytes.fromhex(hint))
+                        assert all(abs(g - v) <= 6 for g, v in zip(got, want, strict=True)), (
+                            key,
+                            got,
+                            want,
+                        )
             finally:
                 browser.close()
     finally:
