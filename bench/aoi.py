@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,10 @@ def run(cfg: dict) -> None:
                 "failed": result.failed,
                 "driver_rss_mb": rss,
                 "tiles": sum(t["tiles"] for t in result.done),
+                "stages": {
+                    k: sum(t["stage_seconds"].get(k, 0.0) for t in result.done)
+                    for k in ("composite", "predict", "write")
+                },
                 "threads": sorted({t["threads"] for t in result.done}),
                 "mosaic": result.mosaics.get("2026-01"),
             }
@@ -122,10 +127,10 @@ def model_only_seconds(area_px: int, batches: int = 30) -> tuple[float, int]:
     x = torch.randn(8, 4, 64, 64)
     with torch.inference_mode():
         for _ in range(3):
-            model(x, x)
+            model.predict_local(x, x)
         t0 = time.perf_counter()
         for _ in range(batches):
-            model(x, x).local.softmax(1)
+            model.predict_local(x, x).softmax(1)
         per_batch = (time.perf_counter() - t0) / batches
     return per_batch * n / 8, n
 
@@ -145,7 +150,7 @@ def main() -> None:
     model = make_model(str(work / "model.safetensors"))
     side_px = max(cols * args.cell_px, 6 * args.mem_cell_px)
     # the area's corner on every grid used (multiples of each cell side, in metres)
-    unit = 10 * args.cell_px * 2 * args.mem_cell_px
+    unit = 10 * math.lcm(args.cell_px, 2 * args.mem_cell_px)
     x0, y1 = unit * (500_000 // unit + 1), unit * (4_800_000 // unit + 1)
     print(f"making {side_px + 2 * MARGIN_PX} px of imagery ...", file=sys.stderr)
     source = make_s2_area(
@@ -163,7 +168,7 @@ def main() -> None:
             "model": model,
             "source": {"stac_api": api, "collections": [COLLECTION]},
             "out": str(work / out),
-            "grid": {"cell_px": cell_px},
+            "grid": {"cell_px": cell_px, "crs": "EPSG:32633"},
             "options": {"workers": workers, "quicklook": False},
         }
 
@@ -194,6 +199,8 @@ def main() -> None:
             "2 workers",
             f"{two['seconds']:.1f} s, {two['tiles']} tiles, torch threads {two['threads']}",
         ),
+        ("1 worker, per stage", ", ".join(f"{k} {v:.1f} s" for k, v in one["stages"].items())),
+        ("2 workers, per stage", ", ".join(f"{k} {v:.1f} s" for k, v in two["stages"].items())),
         ("model only", f"{bare:.1f} s for {area_tiles} tiles (one tiling of the area)"),
         ("tiles run / one tiling", f"{one['tiles'] / area_tiles:.2f}"),
         ("driver RSS 4 cells", f"{small['driver_rss_mb']:.0f} MB ({args.mem_cell_px} px cells)"),

@@ -113,7 +113,8 @@ class AreaResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     mosaics: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    #: Per task run: cell, period, status, node, torch threads, tiles run, seconds.
+    #: Per task run: cell, period, status, node, torch threads, tiles run, seconds (and
+    #: per stage: composite, predict, write).
     done: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -336,6 +337,7 @@ def map_area(
         for r in run_tasks(tasks, config.model, config.options, use_gpu=use_gpu, progress=progress):
             result.nodes[r["node"]] = result.nodes.get(r["node"], 0) + 1
             keys = ("cell", "period", "status", "node", "threads", "tiles", "seconds")
+            keys += ("stage_seconds",)
             result.done.append({k: r[k] for k in keys})
             result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
             if r["status"] == "mapped":

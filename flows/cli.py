@@ -312,6 +312,7 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
                     "failed": result.failed,
                     "mosaics": result.mosaics,
                     "class_areas": result.rows,
+                    "nodes": result.nodes,
                 },
                 indent=1,
             )

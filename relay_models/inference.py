@@ -69,9 +69,7 @@ def predict_tiles(
     model: nn.Module, local: torch.Tensor, global_: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Class probabilities ``(N, K, L, L)`` float32 of the local windows (local branch)."""
-    out = model(local, global_) if model.spec.takes_global else model(local)
-    logits = out.local if isinstance(out, tuple) else out
-    return logits.float().softmax(1)
+    return model.predict_local(local, global_).float().softmax(1)
 
 
 def run_tiles(

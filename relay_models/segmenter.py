@@ -55,6 +55,14 @@ class Segmenter(nn.Module):
         stacked = [torch.cat(level, dim=0) for level in zip(*branch_feats, strict=True)]
         return list(self.decode_head(stacked).chunk(len(branch_feats), dim=0))
 
+    def predict_local(
+        self, local: torch.Tensor, global_: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, K, L, L)`` logits of the local window: all a map needs (the tiled engine
+        calls this; relay models skip decoding their global branch here)."""
+        out = self(local, global_) if self.takes_global else self(local)
+        return out.local if isinstance(out, tuple) else out
+
     def _check_pair(self, local: torch.Tensor, global_: torch.Tensor) -> None:
         self.backbone.check_input(local, "local window")
         self.backbone.check_input(global_, "global window")
@@ -110,6 +118,15 @@ class RelaySegmenter(Segmenter):
         )
         glob, loc = self.forward_head(feats["global"], feats["local"])
         return RelayOutput(local=loc, global_=glob)
+
+    def predict_local(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+        """Local logits without decoding the global branch (the head is per-branch, so the
+        result equals ``forward(...).local``)."""
+        self._check_pair(local, global_)
+        feats = self.backbone.forward_branches(
+            {"global": global_, "local": local}, relay_mode=self.relay_mode
+        )
+        return self.forward_head(feats["local"])[0]
 
 
 class RegistersSegmenter(Segmenter):

@@ -41,12 +41,12 @@ def area_geojson(inset_m: float = 1.0) -> str:
     )
 
 
-def make_source(url: str, seed: int = 5) -> pystac.Collection:
+def make_source(url: str, seed: int = 5, dates=DATES) -> pystac.Collection:
     return make_s2_area(
         url,
         origin=(X0 - MARGIN * 10, Y1 + MARGIN * 10),
         size_px=2 * CELL + 2 * MARGIN,
-        dates=DATES,
+        dates=dates,
         seed=seed,
     )
 

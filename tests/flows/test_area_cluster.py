@@ -3,40 +3,51 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 
 import pytest
+import requests
+import yaml
 
 from relaymap.catalog import serve_stac
-from relaymap.flows.area import map_area
 
 from .area_data import config, make_source
 
 
+def _alive_nodes(dashboard: str) -> set[str]:
+    nodes = requests.get(f"{dashboard}/api/v0/nodes", timeout=30).json()["data"]["result"]
+    return {n["node_id"] for n in nodes["result"] if n["state"] == "ALIVE"}
+
+
 @pytest.mark.slow
 def test_aoi_cells_run_on_both_nodes_of_a_two_node_cluster(tmp_path, scenes):
-    import ray
+    from tests.services import ray_head, ray_worker_node
 
-    from tests.services import environ, ray_head, ray_worker_node
-
-    ray.shutdown()  # not the tests' local Ray: the cluster's
     col = make_source(str(tmp_path / "source"))
     with (
         serve_stac([col]) as api,
-        environ({"RAY_AUTH_MODE": "disabled"}),
         ray_head(num_cpus=1) as head,
         ray_worker_node(head, num_cpus=1, resources={"second_node": 1}),
     ):
-        try:
-            ray.init(address=head.gcs_address, log_to_driver=False)
-            while len([n for n in ray.nodes() if n["Alive"]]) < 2:  # the worker joining
-                time.sleep(0.5)
-            nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            cfg = config(api, scenes["model"], str(tmp_path / "out"), period="2026-01")
-            # two actors of 1 CPU each on two nodes of 1 CPU each: one per node
-            result = map_area(cfg, address=head.gcs_address, progress=False)
-        finally:
-            ray.shutdown()
-    assert result.failed == {} and len(result.mapped) == 4
-    assert set(result.nodes) == nodes and len(nodes) == 2
-    assert sum(result.nodes.values()) == 4
+        while len(_alive_nodes(head.url)) < 2:  # the second node joining
+            time.sleep(0.5)
+        nodes = _alive_nodes(head.url)
+        cfg = config(api, scenes["model"], str(tmp_path / "out"), period="2026-01")
+        (tmp_path / "area.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        # the driver as users run it against a cluster; two actors of 1 CPU each on two
+        # nodes of 1 CPU each: one actor per node
+        args = ["--config", str(tmp_path / "area.yaml"), "--address", head.gcs_address]
+        run = subprocess.run(
+            ["relaymap", "map", *args, "--json"],
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+        )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["failed"] == {} and len(result["mapped"]) == 4
+    assert set(result["nodes"]) == nodes and len(nodes) == 2
+    assert sum(result["nodes"].values()) == 4

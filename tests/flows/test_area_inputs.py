@@ -136,3 +136,25 @@ def test_aoi_all_cloud_cells_are_nodata_with_a_warning_and_no_files(local_source
     assert not [f for f in _files(out) if f.endswith(".tif")]  # no COG, not even a partial one
     assert result.mosaics == {}
     assert {r["observable_km2"] for r in result.rows} == {0}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_aoi_prefect_flow_maps_the_last_finished_month(scenes, tmp_path):
+    """The scheduled deployment's parameters (``period: last``) on Prefect: the month that
+    just ended is mapped; a backfill range that includes it skips it."""
+    import datetime as dt
+
+    from relaymap.flows.pipeline import area_flow
+
+    today = dt.datetime.now(dt.UTC)
+    last_month = (today.replace(day=1) - dt.timedelta(days=1)).replace(day=10, hour=10)
+    col = make_source(str(tmp_path / "source"), dates=(last_month,))
+    with serve_stac([col]) as api:
+        cfg = config(api, scenes["model"], str(tmp_path / "out"), period="last")
+        summary = area_flow(cfg)
+        assert summary["periods"] == [f"{last_month:%Y-%m}"]
+        assert len(summary["mapped"]) == 4 and summary["failed"] == {}
+        backfill = cfg.model_copy(update={"period": f"{last_month:%Y-%m}/{today:%Y-%m}"})
+        again = area_flow(backfill)
+    assert again["mapped"] == [] and sorted(again["skipped"]) == sorted(summary["mapped"])
+    assert len(again["nodata"]) == 4  # this month: no item yet

@@ -173,3 +173,19 @@ class TestBadInput:
         model = create_model("vit_small_relay", num_classes=2, factor=3)
         with pytest.raises(ValueError, match="centred whole-pixel crop"):
             model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "name", ["swinv2_nano", "swinv2_nano_relay", "swinv2_nano_fusion", "swinv2_nano_registers"]
+)
+def test_predict_local_is_the_local_output_of_forward(name):
+    """The tiled engine's call: the same local logits, the relay model without decoding
+    its global branch."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, in_chans=4).eval()
+    local, global_ = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
+    with torch.inference_mode():
+        out = model(local, global_) if model.takes_global else model(local)
+        want = out.local if isinstance(out, RelayOutput) else out
+        got = model.predict_local(local, global_)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
