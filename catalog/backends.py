@@ -13,10 +13,11 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import pystac
 import requests
-from pystac.utils import str_to_datetime
+from pystac.utils import make_absolute_href, make_relative_href, str_to_datetime
 
 from .faults import fault_point
 from .server import serve_stac
@@ -69,12 +70,21 @@ class Catalog(Protocol):
     ) -> list[pystac.Item]: ...
 
 
+#: Who made what relaymap writes (collections' ``providers``).
+PROVIDER = {"name": "relaymap", "roles": ["processor"], "description": "relaymap pipeline"}
+
+
 def _default_collection(collection_id: str, items: Sequence[pystac.Item]) -> pystac.Collection:
+    """A collection for items added before anyone described it: a title, the relaymap
+    provider, and license ``other`` (the writer did not say; set it with
+    :meth:`add_collection`)."""
     return pystac.Collection(
         collection_id,
         description=f"relaymap products: {collection_id}",
         extent=_extent(items),
-        license="proprietary",
+        license="other",
+        title=collection_id,
+        providers=[pystac.Provider.from_dict(PROVIDER)],
     )
 
 
@@ -121,11 +131,44 @@ def _item_body(item: pystac.Item) -> dict:
     return d
 
 
+JSON = "application/json"
+
+
+def _relative(d: dict, url: str) -> dict:
+    """A STAC document to be written at ``url`` with its asset and link hrefs relative to it
+    where they share its storage (scheme and bucket): a self-contained catalog, which a copy
+    to another folder or bucket keeps resolving. Hrefs elsewhere (a STAC API, another
+    bucket) stay absolute."""
+
+    def rel(href: str) -> str:
+        if "://" not in href:
+            return href
+        a, b = urlsplit(href), urlsplit(url)
+        if (a.scheme, a.netloc) != (b.scheme, b.netloc):
+            return href
+        return make_relative_href(href, url)
+
+    for asset in d.get("assets", {}).values():
+        asset["href"] = rel(asset["href"])
+    for link in d.get("links", []):
+        link["href"] = rel(link["href"])
+    return d
+
+
+def _absolute_assets(obj: pystac.Item | pystac.Collection, url: str) -> None:
+    """Resolve a read document's relative asset hrefs against where it was read from."""
+    for asset in obj.assets.values():
+        asset.href = make_absolute_href(asset.href, url)
+
+
 class StaticCatalog:
     """A self-contained static catalog on object storage (the embedded default).
 
     Layout: ``root/catalog.json``, ``root/<collection>/collection.json``,
-    ``root/<collection>/items/<id>.json``; hrefs are absolute. Writes are atomic per object.
+    ``root/<collection>/items/<id>.json``. Self-contained: hrefs are relative where they
+    share the catalog's storage (assets too), so the folder can be copied or synced to
+    another bucket; items and collections read back have absolute asset hrefs. Writes are
+    atomic per object.
     """
 
     def __init__(self, root_url: str) -> None:
@@ -157,11 +200,14 @@ class StaticCatalog:
         )
 
     def get_collection(self, collection: str) -> pystac.Collection:
+        """The collection, its asset hrefs absolute (they are stored relative)."""
         url = self._collection_url(collection)
         try:
-            return pystac.Collection.from_dict(json.loads(read_bytes(url)), href=url)
+            col = pystac.Collection.from_dict(json.loads(read_bytes(url)), href=url)
         except FileNotFoundError:
             raise ItemNotFound(f"no collection {collection!r} in {self.root}") from None
+        _absolute_assets(col, url)
+        return col
 
     def add_collection(self, collection: pystac.Collection) -> None:
         """Create or replace a collection's description (its items are kept)."""
@@ -182,13 +228,13 @@ class StaticCatalog:
             d["links"] = [
                 ln for ln in d["links"] if ln["rel"] not in ("self", "root", "parent", "item")
             ]
-            root = join(self.root, "catalog.json")
+            d = _relative(d, url)
             d["links"] += [
-                {"rel": "self", "href": url, "type": "application/json"},
-                {"rel": "root", "href": root, "type": "application/json"},
+                {"rel": "root", "href": "../catalog.json", "type": JSON},
+                {"rel": "parent", "href": "../catalog.json", "type": JSON},
             ]
             d["links"] += [
-                {"rel": "item", "href": self._item_url(cid, i), "type": "application/geo+json"}
+                {"rel": "item", "href": f"./items/{i}.json", "type": "application/geo+json"}
                 for i in ids
             ]
             atomic_write(url, json.dumps(d, indent=1).encode())
@@ -208,12 +254,10 @@ class StaticCatalog:
                 "type": "Catalog",
                 "stac_version": pystac.get_stac_version(),
                 "id": "relaymap",
-                "description": "relaymap products",
-                "links": [{"rel": "self", "href": url}, {"rel": "root", "href": url}]
-                + [
-                    {"rel": "child", "href": self._collection_url(c), "type": "application/json"}
-                    for c in cids
-                ],
+                "title": "relaymap catalog",
+                "description": "relaymap products: land-cover maps, models and their sources",
+                "links": [{"rel": "root", "href": "./catalog.json", "type": JSON}]
+                + [{"rel": "child", "href": f"./{c}/collection.json", "type": JSON} for c in cids],
             }
             atomic_write(url, json.dumps(root, indent=1).encode())
             if set(self.collection_ids()) <= set(cids):
@@ -238,25 +282,12 @@ class StaticCatalog:
             by_collection.setdefault(item.collection_id, []).append(item)
         for cid, group in by_collection.items():
             for item in group:
-                d = _item_body(item)
                 url = self._item_url(cid, item.id)
+                d = _relative(_item_body(item), url)
                 d["links"] += [
-                    {"rel": "self", "href": url, "type": "application/geo+json"},
-                    {
-                        "rel": "collection",
-                        "href": self._collection_url(cid),
-                        "type": "application/json",
-                    },
-                    {
-                        "rel": "parent",
-                        "href": self._collection_url(cid),
-                        "type": "application/json",
-                    },
-                    {
-                        "rel": "root",
-                        "href": join(self.root, "catalog.json"),
-                        "type": "application/json",
-                    },
+                    {"rel": "collection", "href": "../collection.json", "type": JSON},
+                    {"rel": "parent", "href": "../collection.json", "type": JSON},
+                    {"rel": "root", "href": "../../catalog.json", "type": JSON},
                 ]
                 atomic_write(url, json.dumps(d, indent=1).encode())
                 item.set_self_href(url)
@@ -269,11 +300,14 @@ class StaticCatalog:
             self._write_collection(existing, extent=True)
 
     def get_item(self, collection: str, item_id: str) -> pystac.Item:
+        """The item, its asset hrefs absolute (they are stored relative)."""
         url = self._item_url(collection, item_id)
         try:
-            return pystac.Item.from_dict(json.loads(read_bytes(url)), href=url)
+            item = pystac.Item.from_dict(json.loads(read_bytes(url)), href=url)
         except FileNotFoundError:
             raise ItemNotFound(f"no item {collection}/{item_id} in {self.root}") from None
+        _absolute_assets(item, url)
+        return item
 
     def items(self, collection: str, skip: Iterable[str] = ()) -> Iterator[pystac.Item]:
         skipped = set(skip)

@@ -15,7 +15,6 @@ from typing import Any
 import pystac
 import rasterio
 from odc.geo.geobox import GeoBox
-from pystac.extensions.classification import Classification, ClassificationExtension
 from pystac.extensions.file import FileExtension
 from pystac.extensions.mlm import (
     Hyperparameters,
@@ -34,6 +33,9 @@ from relay_models.spec import DataSpec
 from .storage import filesystem, gdal_env, normalize_url
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+#: Classification 1.1 (what MLM 1.4/1.5 validate their classes against; every class has a
+#: ``value``, ``name`` and ``description``). pystac's class writes 2.0.
+CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
 COG_TYPE = pystac.MediaType.COG
 SAFETENSORS_TYPE = "application/octet-stream; application=safetensors"
 
@@ -55,15 +57,31 @@ def _footprint(gbox: GeoBox) -> tuple[dict, list[float]]:
     return geom.json, list(geom.boundingbox)
 
 
-def _classes(classes: Sequence[Mapping[str, Any]]) -> list[Classification]:
-    """``classification:classes`` from ``{"index", "name", "color_hint"?}`` mappings; the
-    value in the map is the class index."""
-    return [
-        Classification.create(
-            value=int(c["index"]), name=str(c["name"]), color_hint=(c.get("color_hint") or None)
-        )
-        for c in classes
-    ]
+def class_list(classes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``classification:classes`` (1.1) from ``{"index", "name", "color_hint"?,
+    "description"?}`` mappings: the value in a map is the class index; every class gets a
+    description (its name when it has none)."""
+    out = []
+    for c in classes:
+        d = {
+            "value": int(c["index"]),
+            "name": str(c["name"]),
+            "description": str(c.get("description") or c["name"]),
+        }
+        if c.get("color_hint"):
+            d["color_hint"] = str(c["color_hint"]).lstrip("#").upper()
+        out.append(d)
+    return out
+
+
+def add_classes(target: pystac.Item | pystac.Asset, classes: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``classification:classes`` on an asset (or item) and declare the extension."""
+    target.extra_fields["classification:classes"] = class_list(classes)
+    item = target.owner if isinstance(target, pystac.Asset) else target
+    if isinstance(item, pystac.Item | pystac.Collection) and (
+        CLASSIFICATION_SCHEMA not in item.stac_extensions
+    ):
+        item.stac_extensions.append(CLASSIFICATION_SCHEMA)
 
 
 def _software() -> dict[str, str]:
@@ -128,7 +146,7 @@ def map_item(
     RasterExtension.ext(asset, add_if_missing=True).bands = [
         RasterBand.create(data_type=DataType(dtype), nodata=nodata, spatial_resolution=res)
     ]
-    ClassificationExtension.ext(asset, add_if_missing=True).classes = _classes(classes)
+    add_classes(asset, classes)
     _add_file_info(asset)
     if probabilities_url:
         prob = pystac.Asset(
@@ -144,8 +162,9 @@ def map_item(
             "overview",
             pystac.Asset(
                 normalize_url(quicklook_url),
+                title="quicklook with legend",
                 media_type=pystac.MediaType.PNG,
-                roles=["overview", "visual"],
+                roles=["thumbnail", "overview"],
             ),
         )
     for src_id, href in sources:
@@ -246,9 +265,9 @@ def model_item(
             dim_order=["batch", "channel", "height", "width"],
             data_type="float32",
         ),
-        classes=_classes(classes),
         description="class logits of the local window; argmax gives the class index",
     )
+    output.properties["classification:classes"] = class_list(classes)
     MLMExtension.ext(item, add_if_missing=True).apply(
         name=model_name,
         architecture=architecture,
@@ -263,6 +282,8 @@ def model_item(
     )
     item.properties["processing:software"] = _software()
     item.stac_extensions.append(PROCESSING_SCHEMA)
+    # the input bands, described where MLM 1.4 looks for them (STAC 1.1 common metadata)
+    item.properties["bands"] = [{"name": b} for b in bands]
     if metrics:
         item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
     weights = pystac.Asset(

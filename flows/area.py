@@ -24,16 +24,20 @@ from typing import Any
 
 import pystac
 from pydantic import Field
+from pystac.extensions.raster import RasterExtension
 from tqdm.auto import tqdm
 
 from relay_models.config import FrozenConfig
 from relay_models.geometry import cell_halo, cell_step
 from relay_models.spec import PIXEL_SIZE_TOLERANCE
 from relaymap.catalog import ItemNotFound, open_catalog
+from relaymap.catalog.backends import PROVIDER
+from relaymap.catalog.items import CLASSIFICATION_SCHEMA, class_list
 from relaymap.catalog.storage import check_id, join, normalize_url
 from relaymap.ingest import GridError, MissingAssetError, NoItemsFound, search
 from relaymap.ingest.composite import CompositeConfig, intersecting
 from relaymap.ingest.grid import MAX_AREA_KM2, AreaGrid, area_grid, read_area
+from relaymap.ingest.load import band_source, missing_bands
 from relaymap.ingest.periods import Every, Period, parse_periods
 
 from .cells import CellMapper, geobox_to_dict
@@ -72,6 +76,9 @@ class SourceConfig(FrozenConfig):
     #: Skip items with ``eo:cloud_cover`` above this (percent).
     max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
     composite: CompositeConfig = CompositeConfig()
+    #: Save the source items into the output catalog and link the maps to those copies:
+    #: for a source that does not last (a local or temporary STAC API, like the demo's).
+    copy_items: bool = False
 
 
 class AreaConfig(FrozenConfig):
@@ -91,6 +98,8 @@ class AreaConfig(FrozenConfig):
     catalog: str | None = None
     #: The run's collection: one item per cell and period, the mosaics and class areas.
     collection: SafeId = "relaymap-area"
+    #: The maps' license (an SPDX id), recorded on the collection.
+    license: str = Field(default="CC-BY-4.0", pattern=r"^[A-Za-z0-9.+-]+$")
     #: Cell composites (scene stores) go here (default ``<out>/<collection>/composites``).
     work: str | None = None
     grid: GridConfig = GridConfig()
@@ -143,7 +152,7 @@ def _search(
     except NoItemsFound:
         return []
     for item in items:
-        missing = [b for b in bands if b not in item.assets]
+        missing = missing_bands(item, bands)
         if missing:
             raise MissingAssetError(
                 f"source item {item.id} has no asset {', '.join(missing)} that the model needs "
@@ -152,11 +161,13 @@ def _search(
     return items
 
 
-def slim(item: pystac.Item, assets: tuple[str | None, ...]) -> dict[str, Any]:
-    """An item's JSON for a task: only the assets a worker reads and the self link (public
-    Sentinel-2 items carry dozens of assets; a task descriptor should stay a few kB)."""
+def slim(item: pystac.Item, bands: tuple[str, ...], mask: str | None) -> dict[str, Any]:
+    """An item's JSON for a task: only the assets a worker reads (those holding ``bands``,
+    and the ``mask``) and the self link (public Sentinel-2 items carry dozens of assets; a
+    task descriptor should stay a few kB)."""
+    keep = {mask} | {where[0] for b in bands if (where := band_source(item, b))}
     d = item.to_dict(transform_hrefs=False)
-    d["assets"] = {k: v for k, v in d["assets"].items() if k in assets}
+    d["assets"] = {k: v for k, v in d["assets"].items() if k in keep}
     d["links"] = [ln for ln in d["links"] if ln.get("rel") == "self"]
     return d
 
@@ -225,6 +236,8 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
     }
     for period in periods:
         items = _search(config, grid, period, spec.bands)
+        if config.source.copy_items and items:
+            catalog.add_items(items)  # durable copies: their self hrefs are now the catalog's
         for cell in grid.cells:
             item_id = check_id(f"{info.name}-{period.id}-{cell.id}", "map item id")
             mine = intersecting(items, cell.geobox.pad(halo).extent)
@@ -253,7 +266,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
                     "end": period.end.isoformat(),
                     "geobox": geobox_to_dict(cell.geobox),
                     "halo": halo,
-                    "items": [slim(it, (*spec.bands, mask)) for it in mine],
+                    "items": [slim(it, spec.bands, mask) for it in mine],
                     "item_id": item_id,
                     "collection": config.collection,
                     "fingerprint": fp,
@@ -370,15 +383,6 @@ def map_area(
     return result
 
 
-def _classification(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``classification:classes`` of a class raster: value = class index (no null fields)."""
-    return [
-        {"value": int(c["index"]), "name": c["name"]}
-        | ({"color_hint": c["color_hint"]} if c.get("color_hint") else {})
-        for c in classes
-    ]
-
-
 def _iso(t: dt.datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
@@ -424,6 +428,8 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
             license="other",
         )
     collection.title = f"relaymap land cover: {config.collection}"
+    collection.license = config.license
+    collection.providers = [pystac.Provider.from_dict(PROVIDER)]
     collection.description = (
         f"Land cover of an area every {config.every} on a fixed grid, one item per cell and "
         f"period, mapped by relaymap with model {info.name}; a VRT mosaic per period and the "
@@ -444,10 +450,14 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
                     "start_datetime": _iso(by_id[pid].start),
                     "end_datetime": _iso(by_id[pid].end),
                     "raster:bands": [{"data_type": "uint8", "nodata": NODATA}],
-                    "classification:classes": _classification(info.spec.class_table()),
+                    "classification:classes": class_list(info.spec.class_table()),
                 },
             ),
         )
+    if mosaics:  # the mosaic assets' fields
+        for schema in (RasterExtension.get_schema_uri(), CLASSIFICATION_SCHEMA):
+            if schema not in collection.stac_extensions:
+                collection.stac_extensions.append(schema)
     collection.add_asset(
         "class-areas",
         pystac.Asset(

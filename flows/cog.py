@@ -12,6 +12,7 @@ import colorsys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -19,7 +20,7 @@ import rasterio.shutil
 from affine import Affine
 from PIL import Image, ImageDraw
 
-from relaymap.catalog.storage import atomic_upload
+from relaymap.catalog.storage import atomic_upload, atomic_write
 
 #: Class COG nodata (also ``relaymap.ingest.labels.IGNORE``).
 NODATA = 255
@@ -171,6 +172,19 @@ def quicklook(
     out.save(dst, format="PNG")
 
 
+def category_names_xml(classes: Sequence[Mapping[str, Any]]) -> str:
+    """A GDAL PAM sidecar (``<cog>.aux.xml``) naming the class values: GDAL and QGIS read it
+    next to the COG and show class names instead of numbers."""
+    names = {int(c["index"]): str(c["name"]) for c in classes}
+    cats = "".join(
+        f"      <Category>{escape(names.get(i, ''))}</Category>\n" for i in range(max(names) + 1)
+    )
+    return (
+        '<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>\n'
+        f"{cats}    </CategoryNames>\n  </PAMRasterBand>\n</PAMDataset>\n"
+    )
+
+
 def publish(
     scratch: Path,
     urls: Mapping[str, str | None],
@@ -179,13 +193,16 @@ def publish(
     compress: str = "DEFLATE",
 ) -> None:
     """``scratch/{classes,probabilities}.tif`` -> COGs (and the quicklook) at ``urls``
-    (any storage URL; None: not wanted). Each file appears whole or not at all."""
+    (any storage URL; None: not wanted), the class COG with its category names beside it
+    (``classes.tif.aux.xml``). Each file appears whole or not at all."""
     for name in ("probabilities", "classes"):
         if not urls.get(name):
             continue
         with atomic_upload(urls[name], suffix=".tif") as dst:
             resampling = "MODE" if name == "classes" else "AVERAGE"
             to_cog(str(scratch / f"{name}.tif"), dst, compress=compress, resampling=resampling)
-            if name == "classes" and urls.get("quicklook"):
-                with atomic_upload(urls["quicklook"], suffix=".png") as png:
-                    quicklook(dst, png, classes)
+            if name == "classes":
+                atomic_write(urls[name] + ".aux.xml", category_names_xml(classes).encode())
+                if urls.get("quicklook"):
+                    with atomic_upload(urls["quicklook"], suffix=".png") as png:
+                        quicklook(dst, png, classes)

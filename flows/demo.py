@@ -96,7 +96,8 @@ def demo_flow(
             "area": area_geojson(),
             "period": PERIODS,
             "model": trained["item"] or trained["weights"],
-            "source": {"stac_api": api, "collections": [area_collection]},
+            # the demo's STAC API ends with the demo: keep the source items in the catalog
+            "source": {"stac_api": api, "collections": [area_collection], "copy_items": True},
             "out": out_url,
             "catalog": catalog_url,
             "collection": COLLECTION,

@@ -42,9 +42,50 @@ def configure_odc() -> None:
     odc.stac.configure_rio(cloud_defaults=True, **gdal_env())
 
 
+def _band_meta(asset: pystac.Asset) -> list[dict]:
+    """An asset's per-band metadata: STAC 1.1 ``bands`` or ``eo:bands``/``raster:bands``."""
+    fields = asset.extra_fields
+    if fields.get("bands"):
+        return list(fields["bands"])
+    eo, raster = fields.get("eo:bands") or [], fields.get("raster:bands") or []
+    return [
+        {**(raster[i] if i < len(raster) else {}), **(eo[i] if i < len(eo) else {})}
+        for i in range(max(len(eo), len(raster)))
+    ]
+
+
+def band_source(item: pystac.Item, band: str) -> tuple[str, int] | None:
+    """Where an item keeps a band: ``(asset key, band index)``. A single-band asset keyed by
+    the band's name, or a band of any asset whose ``eo:bands`` / STAC 1.1 ``bands`` list it
+    by ``name`` or ``common_name`` (a 4-band COG as NAIP, Planet or Maxar deliver)."""
+    if band in item.assets:
+        return band, 0
+    for key, asset in item.assets.items():
+        for i, meta in enumerate(_band_meta(asset)):
+            if band in (meta.get("name"), meta.get("common_name"), meta.get("eo:common_name")):
+                return key, i
+    return None
+
+
+def odc_band(item: pystac.Item, band: str) -> str:
+    """odc-stac's name for a band: the asset key, or ``<asset>.<n>`` (1-based) for a band of
+    a multi-band asset (whatever the item declares, odc-stac reads the right band)."""
+    key, index = band_source(item, band) or (band, 0)
+    multi = len(_band_meta(item.assets[key])) > 1 if key in item.assets else False
+    return f"{key}.{index + 1}" if multi or index else key
+
+
+def missing_bands(item: pystac.Item, bands: Sequence[str]) -> list[str]:
+    """The ``bands`` that no asset of ``item`` holds."""
+    return [b for b in bands if band_source(item, b) is None]
+
+
 def band_encoding(item: pystac.Item, band: str) -> tuple[float | None, float, float]:
-    """``(nodata, scale, offset)`` of an item's band, from ``raster:bands`` and S2 metadata."""
-    info = (item.assets[band].extra_fields.get("raster:bands") or [{}])[0]
+    """``(nodata, scale, offset)`` of an item's band, from ``raster:bands`` (or STAC 1.1
+    ``bands``) and S2 metadata."""
+    key, index = band_source(item, band) or (band, 0)
+    meta = _band_meta(item.assets[key])
+    info = meta[index] if index < len(meta) else {}
     nodata = info.get("nodata")
     scale = float(info.get("scale", 1.0))
     offset = info.get("offset")
@@ -56,29 +97,40 @@ def band_encoding(item: pystac.Item, band: str) -> tuple[float | None, float, fl
 
 
 def check_assets(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
-    """Every item has every band, and each band's header reads as a raster."""
+    """Every item has every band (a single-band asset, or a band of a multi-band one), and
+    each asset's header reads as a raster with that band."""
     with rio_env():
         for item in items:
+            need: dict[str, int] = {}
             for band in bands:
-                if band not in item.assets:
+                where = band_source(item, band)
+                if where is None:
                     raise MissingAssetError(
-                        f"item {item.id} has no asset {band!r}; it has "
-                        f"{', '.join(sorted(item.assets))}"
+                        f"item {item.id} has no band {band!r}: no asset of that name, and no "
+                        f"asset lists it in eo:bands/bands; it has {', '.join(sorted(item.assets))}"
                     )
-                href = item.assets[band].href
+                need[where[0]] = max(need.get(where[0], 0), where[1] + 1)
+            for key, count in need.items():
+                href = item.assets[key].href
                 try:
-                    with rasterio.open(href):
-                        pass
+                    with rasterio.open(href) as src:
+                        found = src.count
                 except RasterioIOError as e:
                     raise CorruptRasterError(
-                        f"item {item.id} asset {band!r} at {href} is not a readable raster: "
+                        f"item {item.id} asset {key!r} at {href} is not a readable raster: "
                         f"{redact(str(e))}"
                     ) from None
+                if found < count:
+                    raise MissingAssetError(
+                        f"item {item.id} asset {key!r} has {found} bands but its metadata "
+                        f"lists at least {count}"
+                    )
 
 
 def native_geobox(item: pystac.Item, band: str) -> GeoBox:
     """The pixel grid of one item's band."""
-    with rio_env(), rasterio.open(item.assets[band].href) as src:
+    key, _ = band_source(item, band) or (band, 0)
+    with rio_env(), rasterio.open(item.assets[key].href) as src:
         return GeoBox((src.height, src.width), src.transform, src.crs)
 
 
@@ -157,9 +209,10 @@ def load_scene(
     layers = []
     for item in items:
         masked = mask_asset is not None and mask_asset in item.assets
+        names = {b: odc_band(item, b) for b in bands}  # what odc-stac calls each band
         ds = odc.stac.load(
             [item],
-            bands=[*bands, mask_asset] if masked else list(bands),
+            bands=[*dict.fromkeys(names.values()), *([mask_asset] if masked else [])],
             geobox=gbox,
             resampling={"*": resampling, **({mask_asset: "nearest"} if masked else {})},
             chunks={"x": chunk_px, "y": chunk_px},
@@ -169,7 +222,7 @@ def load_scene(
         per_band = []
         for band in bands:
             nodata, scale, offset = band_encoding(item, band)
-            raw = ds[band].isel(time=0, drop=True)
+            raw = ds[names[band]].isel(time=0, drop=True)
             value = raw.astype("float32") * np.float32(scale) + np.float32(offset)
             invalid = raw == nodata if nodata is not None and not np.isnan(nodata) else False
             per_band.append(value.where(~invalid & raw.notnull() & clear))

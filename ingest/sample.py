@@ -26,6 +26,7 @@ import rasterio
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
+from relaymap.catalog.items import CLASSIFICATION_SCHEMA
 from relaymap.catalog.storage import atomic_upload, atomic_write, join, normalize_url
 
 CRS = "EPSG:32633"
@@ -54,6 +55,18 @@ CLASSES: tuple[LandCover, ...] = (
     LandCover(50, "lake", "2B6FD3", (600, 500, 300, 150)),
     LandCover(60, "river", "6BC5E8", (600, 500, 300, 150)),  # = lake, crosses the scene
 )
+#: The label asset's classes (classification 1.1: value, name, description, colour).
+LABEL_CLASSES = [
+    {"value": c.code, "name": c.name, "description": c.name, "color_hint": c.color_hint}
+    for c in CLASSES
+]
+#: The extensions sample items use (their fields count only when declared).
+S2_EXTENSIONS = [
+    "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+    "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+]
+
 #: Pairs that only context separates.
 CONTEXT_PAIRS: tuple[tuple[str, str], ...] = (("forest", "park"), ("lake", "river"))
 
@@ -216,9 +229,7 @@ def make_sample_scenes(
                 "raster:bands": [
                     {"data_type": "uint8", "nodata": LABEL_NODATA, "spatial_resolution": RES_M}
                 ],
-                "classification:classes": [
-                    {"value": c.code, "name": c.name, "color_hint": c.color_hint} for c in CLASSES
-                ],
+                "classification:classes": LABEL_CLASSES,
             },
         )
         xs, ys = [x0, x0 + size_px * RES_M], [y0 - size_px * RES_M, y0]
@@ -236,6 +247,7 @@ def make_sample_scenes(
                 "eo:cloud_cover": float(np.round(rng.uniform(0, 40), 1)),
                 "gsd": RES_M,
             },
+            stac_extensions=[*S2_EXTENSIONS, CLASSIFICATION_SCHEMA],
             collection=COLLECTION_ID,
         )
         for key, asset in assets.items():
@@ -261,9 +273,7 @@ def make_sample_scenes(
         license="CC0-1.0",
         summaries=pystac.Summaries(
             {
-                "classification:classes": [
-                    {"value": c.code, "name": c.name, "color_hint": c.color_hint} for c in CLASSES
-                ],
+                "classification:classes": LABEL_CLASSES,
                 "eo:bands": [{"name": b, "common_name": b} for b in BANDS],
             }
         ),
@@ -288,11 +298,6 @@ def save_collection(collection: pystac.Collection, out_url: str) -> None:
 SCL_SHADOW, SCL_VEGETATION, SCL_BARE, SCL_WATER, SCL_CLOUD = 3, 4, 5, 6, 9
 #: L2A from processing baseline 04.00: DN = 10000 * reflectance + 1000.
 S2_OFFSET_DN = 1000
-S2_EXTENSIONS = [
-    "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
-]
 
 
 def _scl(cls: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from requests.exceptions import RequestException
 from relaymap.catalog.storage import redact
 
 from .errors import MissingAssetError, NoItemsFound, StacApiError
+from .load import missing_bands
 
 
 def open_api(api_url: str) -> pystac_client.Client:
@@ -45,7 +46,8 @@ def search(
         max_cloud_cover: keep items with ``eo:cloud_cover`` at most this (percent); sent as
             a ``query`` when the API conforms to it, else applied to the results.
         max_items: stop after this many items.
-        require_assets: asset keys every item must have (e.g. the bands to load).
+        require_assets: bands every item must have (asset keys, or band names or common
+            names of multi-band assets).
 
     Raises:
         StacApiError: the API is unreachable or rejects the search.
@@ -74,7 +76,7 @@ def search(
         cloud = f", eo:cloud_cover <= {max_cloud_cover}" if max_cloud_cover is not None else ""
         raise NoItemsFound(f"no STAC item on {api_url} matches {asked}{cloud}")
     for item in items:
-        missing = [a for a in require_assets if a not in item.assets]
+        missing = missing_bands(item, require_assets)
         if missing:
             raise MissingAssetError(
                 f"item {item.id} has no asset {', '.join(missing)}; it has "
