@@ -236,6 +236,8 @@ def load_scene(
             image = image.fillna(layer)
     image = image.assign_coords(band=list(bands)).astype("float32").chunk({"band": -1})
     image.attrs = {
+        # reflectance sources (scale 1e-4 and the like) are stored as scaled integers
+        "reflectance": all(band_encoding(it, b)[1] < 0.01 for it in items for b in bands),
         "source_items": [it.id for it in items],
         "source_hrefs": [it.get_self_href() or "" for it in items],
         "datetime": max((it.datetime for it in items if it.datetime), default=None),

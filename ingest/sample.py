@@ -33,7 +33,7 @@ CRS = "EPSG:32633"
 RES_M = 10.0
 BANDS = ("blue", "green", "red", "nir")
 NODATA = 0
-LABEL_NODATA = 0
+LABEL_NODATA = 255  # one label nodata everywhere: sources, stores (ignore) and maps
 COLLECTION_ID = "relaymap-sample"
 
 

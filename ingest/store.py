@@ -1,17 +1,23 @@
 """Zarr v3 scene stores: one group per scene, multiscale, readable by plain xarray.
 
-Layout (``url`` is any fsspec URL)::
+Layout (``url`` is any fsspec URL), following the GeoZarr ``multiscales`` convention::
 
-    url/                 root group: level 0 and the relaymap attributes
-      image  (band, y, x) float32 physical values, NaN = no data, chunks (bands, 512, 512)
-                          (halved per level, down to 128)
-      label  (y, x) uint8 class index, 255 = ignore
-      spatial_ref         CF grid mapping (crs_wkt, GeoTransform)
-      levels/1, levels/2, levels/3   the same at x2, x4, x8 (image area-averaged over
-                          valid pixels, labels by majority of valid labels)
+    url/                 root group: attributes only (``multiscales``, ``relaymap``)
+      0/                 level 0:
+        image  (band, y, x) reflectance, chunks (bands, 512, 512): int16 with CF
+                          ``scale_factor`` 1e-4 / ``add_offset`` 0 / ``_FillValue`` -32768
+                          (half the bytes of float32) for reflectance sources, else
+                          float32 with NaN = no data
+        label  (y, x) uint8 class index, 255 = ignore (``_FillValue`` 255)
+        spatial_ref       CF grid mapping (crs_wkt, GeoTransform)
+      1/, 2/, 3/         the same at x2, x4, x8 (image area-averaged over valid pixels of
+                          level 0 as stored, float32, so each level is exactly the 2x2
+                          mean of the level above; labels by majority of valid labels;
+                          chunks halved, down to 128)
 
-``xarray.open_zarr(url, consolidated=False)`` (+ rioxarray) reads level 0 (labels decode to
-float with NaN = ignore, as CF says), ``group="levels/2"`` the x4 level.
+``xr.open_datatree(url, engine="zarr")`` opens every level with its CRS and transform (CF
+decoding gives reflectance as floats, NaN = no data); ``xr.open_zarr(url, group="2")`` one
+level.
 
 Writing is resumable and atomic from a reader's view: the root attribute
 ``relaymap.complete`` is set last, and :func:`open_scene` refuses stores without it. An
@@ -49,12 +55,64 @@ from .labels import LabelClass
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Reflectance encoding: int16 counts of 1e-4, -32768 = no data (CF scale/offset/fill).
+REFLECTANCE_SCALE, REFLECTANCE_FILL = 1e-4, -32768
 ATTR = "relaymap"
 
 
-def _level_group(level: int) -> str | None:
-    return None if level == 0 else f"levels/{level}"
+def _level_group(level: int) -> str:
+    return str(level)
+
+
+def multiscales(num_levels: int) -> dict[str, Any]:
+    """The root's GeoZarr ``multiscales`` attribute: level groups ``0..N``, each derived
+    from the one above by 2x2 averaging."""
+    layout = [{"asset": "0", "transform": {"scale": [1.0, 1.0], "translation": [0.0, 0.0]}}]
+    layout += [
+        {
+            "asset": str(i),
+            "derived_from": str(i - 1),
+            "transform": {"scale": [2.0**i, 2.0**i], "translation": [0.0, 0.0]},
+            "resampling_method": "average",
+        }
+        for i in range(1, num_levels + 1)
+    ]
+    return {"layout": layout, "resampling_method": "average"}
+
+
+def encode_reflectance(x: da.Array) -> da.Array:
+    """float reflectance (NaN = no data) -> int16 counts of :data:`REFLECTANCE_SCALE`."""
+
+    def enc(b: np.ndarray) -> np.ndarray:
+        out = np.rint(np.clip(b / REFLECTANCE_SCALE, -32767, 32767))
+        return np.where(np.isfinite(b), out, REFLECTANCE_FILL).astype(np.int16)
+
+    return x.map_blocks(enc, dtype=np.int16)
+
+
+def decode_reflectance(x: da.Array) -> da.Array:
+    """The inverse of :func:`encode_reflectance` (float32, NaN = no data)."""
+
+    def dec(b: np.ndarray) -> np.ndarray:
+        out = (b * REFLECTANCE_SCALE).astype(np.float32)  # float64, as CF decoding does
+        out[b == REFLECTANCE_FILL] = np.nan
+        return out
+
+    return x.map_blocks(dec, dtype=np.float32)
+
+
+def decode(values: np.ndarray, array: zarr.Array) -> np.ndarray:
+    """Raw image values of a store array -> float32 reflectance, NaN = no data."""
+    attrs = array.attrs
+    if "scale_factor" not in attrs:
+        return values.astype(np.float32, copy=False)
+    # float64 arithmetic, then float32: the same numbers as xarray's CF decoding
+    out = (values * float(attrs["scale_factor"]) + float(attrs.get("add_offset", 0.0))).astype(
+        np.float32
+    )
+    out[values == attrs.get("_FillValue", array.fill_value)] = np.nan
+    return out
 
 
 def _compressor() -> Any:
@@ -86,7 +144,12 @@ def _halve(arr: da.Array, fn, fill: float) -> da.Array:
 
 
 def _dataset(
-    image: da.Array, label: da.Array | None, gbox: GeoBox, bands: Sequence[str], chunk_px: int
+    image: da.Array,
+    label: da.Array | None,
+    gbox: GeoBox,
+    bands: Sequence[str],
+    chunk_px: int,
+    scaled: bool,
 ) -> xr.Dataset:
     coords = xr_coords(gbox, crs_coord_name="spatial_ref")  # CF grid mapping + GeoTransform
     data = {
@@ -98,9 +161,9 @@ def _dataset(
         data["label"] = xr.DataArray(label, dims=("y", "x"), coords=coords)
     ds = xr.Dataset(data)
     ds = ds.chunk({"band": -1, "y": chunk_px, "x": chunk_px})
-    ds["image"].attrs.update(
-        grid_mapping="spatial_ref", long_name="reflectance", _FillValue=np.float32(np.nan)
-    )
+    ds["image"].attrs.update(grid_mapping="spatial_ref", long_name="reflectance")
+    if not scaled:
+        ds["image"].attrs["_FillValue"] = np.float32(np.nan)
     if label is not None:
         ds["label"].attrs.update(
             grid_mapping="spatial_ref",
@@ -111,8 +174,15 @@ def _dataset(
     return ds
 
 
-def _encoding(ds: xr.Dataset, bands: int, chunk_px: int) -> dict[str, dict]:
+def _encoding(ds: xr.Dataset, bands: int, chunk_px: int, scaled: bool) -> dict[str, dict]:
     enc = {"image": {"chunks": (bands, chunk_px, chunk_px), "compressors": [_compressor()]}}
+    if scaled:
+        enc["image"] |= {
+            "dtype": "int16",
+            "scale_factor": REFLECTANCE_SCALE,
+            "add_offset": 0.0,
+            "_FillValue": REFLECTANCE_FILL,
+        }
     if "label" in ds:
         enc["label"] = {
             "chunks": (chunk_px, chunk_px),
@@ -226,6 +296,7 @@ def write_scene(
     if labels is not None and labels.shape != image.shape[1:]:
         raise StoreError(f"labels {labels.shape} and image {image.shape[1:]} grids differ")
     fp = fingerprint(gbox, bands, sources, classes, num_levels, chunk_px, image.attrs.get("recipe"))
+    scaled = bool(image.attrs.get("reflectance"))
     attrs = SceneAttrs.read(url) if exists(url) else None
     if attrs is not None and attrs.fingerprint == fp and attrs.complete:
         log.info("%s is complete for these inputs: nothing to do", url)
@@ -270,19 +341,28 @@ def write_scene(
             # xarray writes metadata and coordinates; the pixels go through one da.store,
             # which (unlike several to_zarr delayeds) computes each source chunk once.
             img = image.data
+            if scaled:  # every level and the statistics from level 0 as it is stored
+                img = decode_reflectance(encode_reflectance(img))
             lab = None if labels is None else labels.data
             sources, targets = [], []
             for level in range(num_levels + 1):
                 if level:
                     img = _halve(img, halve_mean, np.nan)
                     lab = None if lab is None else _halve(lab, halve_mode, IGNORE)
-                ds = _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=False)
+                ds = _write_level(
+                    url, img, lab, gbox, level, bands, chunk_px, scaled=scaled and not level,
+                    compute=False,
+                )  # fmt: skip
                 if level == 0:
                     level0 = ds["image"].data
                     new_attrs.write(url)  # the marker: from here on this folder is ours
-                group = zarr.open_group(native(url), path=_level_group(level) or "", mode="r+")
+                    root = zarr.open_group(native(url), mode="r+")
+                    root.attrs["multiscales"] = multiscales(num_levels)
+                group = zarr.open_group(native(url), path=_level_group(level), mode="r+")
                 for name in ds.data_vars:
-                    sources.append(ds[name].data)
+                    data = ds[name].data
+                    encode = name == "image" and scaled and not level  # level 0 only
+                    sources.append(encode_reflectance(data) if encode else data)
                     targets.append(group[name])
             stats = (
                 da.nansum(level0, axis=(1, 2), dtype=np.float64),
@@ -306,16 +386,10 @@ def write_scene(
         for level in range(1, num_levels + 1):  # finishing an interrupted store
             if level in done:
                 continue
-            prev = xr.open_zarr(
-                native(url),
-                group=_level_group(level - 1),
-                consolidated=False,
-                zarr_format=3,
-                mask_and_scale=False,
-            )
+            prev = _open_level(url, level - 1)
             img = _halve(prev["image"].data, halve_mean, np.nan)
             lab = _halve(prev["label"].data, halve_mode, IGNORE) if "label" in prev else None
-            _write_level(url, img, lab, gbox, level, bands, chunk_px, compute=True)
+            _write_level(url, img, lab, gbox, level, bands, chunk_px, scaled=False, compute=True)
             done.add(level)
             new_attrs = _replace(new_attrs, levels_done=tuple(sorted(done)))
             new_attrs.write(url)
@@ -338,11 +412,13 @@ def _write_level(
     bands: Sequence[str],
     chunk_px: int,
     *,
+    scaled: bool,
     compute: bool,
 ) -> xr.Dataset:
-    """Create a level's group (metadata and coordinates; the pixels too with ``compute``)."""
+    """Create a level's group (metadata and coordinates; the pixels too with ``compute``,
+    through xarray's CF encoding)."""
     cpx = level_chunk_px(chunk_px, level)
-    ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx)
+    ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx, scaled)
     ds.to_zarr(
         native(url),
         group=_level_group(level),
@@ -350,8 +426,19 @@ def _write_level(
         zarr_format=3,
         consolidated=False,
         compute=compute,
-        encoding=_encoding(ds, len(bands), cpx),
+        encoding=_encoding(ds, len(bands), cpx, scaled),
     )
+    return ds
+
+
+def _open_level(url: str, level: int) -> xr.Dataset:
+    """A level as a lazy dataset: image decoded to float32 reflectance (NaN = no data),
+    labels kept uint8 (255 = ignore)."""
+    kw = dict(group=_level_group(level), consolidated=False, zarr_format=3)
+    ds = xr.open_zarr(native(url), mask_and_scale=False, **kw)
+    if ds["image"].dtype.kind == "i":  # scaled integers
+        decoded = xr.open_zarr(native(url), mask_and_scale=True, **kw)["image"]
+        ds["image"] = decoded.astype(np.float32)
     return ds
 
 
@@ -383,14 +470,7 @@ class SceneStore:
         """The ``image`` (and ``label``) of a level as a lazy dataset."""
         self._check_level(level)
         if level not in self._levels:
-            # mask_and_scale=False keeps labels uint8 (255 = ignore); image NaN stays NaN
-            self._levels[level] = xr.open_zarr(
-                native(self.url),
-                group=_level_group(level),
-                consolidated=False,
-                zarr_format=3,
-                mask_and_scale=False,
-            )
+            self._levels[level] = _open_level(self.url, level)
         return self._levels[level]
 
     def valid(self, level: int = 0) -> xr.DataArray:
@@ -429,7 +509,9 @@ class SceneStore:
         label = np.full((y1 - y0, x1 - x0), IGNORE, dtype=np.uint8) if "label" in arrays else None
         ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if ys < ye and xs < xe:
-            image[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = arrays["image"][:, ys:ye, xs:xe]
+            image[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = decode(
+                arrays["image"][:, ys:ye, xs:xe], arrays["image"]
+            )
             if label is not None:
                 label[ys - y0 : ye - y0, xs - x0 : xe - x0] = arrays["label"][ys:ye, xs:xe]
         return image, label
@@ -442,7 +524,7 @@ class SceneStore:
         """The level's arrays, opened once: window reads go straight to zarr (no dask)."""
         if level not in self._arrays:
             self._check_level(level)
-            group = zarr.open_group(native(self.url), path=_level_group(level) or "", mode="r")
+            group = zarr.open_group(native(self.url), path=_level_group(level), mode="r")
             self._arrays[level] = {k: group[k] for k in ("image", "label") if k in group}
         return self._arrays[level]
 

@@ -72,7 +72,7 @@ class TestLoad:
     def test_missing_band_asset(self, sample_local):
         item = _item(sample_local)
         del item.assets["nir"]
-        with pytest.raises(MissingAssetError, match=f"item {item.id} has no asset 'nir'"):
+        with pytest.raises(MissingAssetError, match=f"item {item.id} has no band 'nir'"):
             load_scene([item], BANDS)
 
     def test_corrupt_header(self, sample_local, tmp_path):
@@ -197,14 +197,14 @@ class TestStore:
 
         _replace(scene.attrs, complete=False, levels_done=(0, 1)).write(url)
         fs, path = filesystem(url)
-        fs.rm(f"{path}/levels/2", recursive=True)
-        fs.rm(f"{path}/levels/3", recursive=True)
-        level0 = fs.info(f"{path}/image/zarr.json")["mtime"]
+        fs.rm(f"{path}/2", recursive=True)
+        fs.rm(f"{path}/3", recursive=True)
+        level0 = fs.info(f"{path}/0/image/zarr.json")["mtime"]
         with pytest.raises(StoreError, match="unfinished store"):
             open_scene(url)
         finished = self._write(sample_local, url)
         assert finished.attrs.complete and finished.attrs.levels_done == (0, 1, 2, 3)
-        assert fs.info(f"{path}/image/zarr.json")["mtime"] == level0  # level 0 kept
+        assert fs.info(f"{path}/0/image/zarr.json")["mtime"] == level0  # level 0 kept
         assert finished.level(3)["label"].shape == (32, 32)
         assert SceneAttrs.read(url).created == scene.attrs.created
 

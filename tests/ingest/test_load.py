@@ -88,7 +88,7 @@ def test_load_a_four_band_asset_by_band_names_in_the_order_asked(tmp_path, metad
                     [lon[0], lat[0]],
                 ]
             ],
-        },  # fmt: skip
+        },
         [lon[0], lat[0], lon[1], lat[1]],
         dt.datetime(2024, 6, 1, tzinfo=dt.UTC),
         {"proj:code": "EPSG:32633", "proj:shape": [64, 64], "proj:transform": list(transform)[:6]},

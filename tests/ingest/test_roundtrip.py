@@ -91,14 +91,29 @@ def test_levels_average_imagery_and_take_majority_labels(store):
 
 
 def test_plain_xarray_and_rioxarray_read_the_store(store):
+    """GeoZarr multiscales: ``xr.open_datatree`` opens every level with its CRS and
+    transform; reflectance is int16 on disk with CF scale/fill, floats once decoded."""
     import rioxarray  # noqa: F401  (registers .rio)
+    import zarr
 
     _, scene = store
-    ds = xr.open_zarr(scene.url, consolidated=False)
-    assert ds["image"].rio.crs.to_epsg() == 32633
-    assert ds["image"].rio.transform() == scene.geobox().transform
-    lvl = xr.open_zarr(scene.url, group="levels/2", consolidated=False)
-    assert lvl["image"].rio.resolution() == (40.0, -40.0)
+    tree = xr.open_datatree(scene.url, engine="zarr", consolidated=False)
+    assert sorted(tree.children) == ["0", "1", "2", "3"]
+    layout = tree.attrs["multiscales"]["layout"]
+    assert [(x["asset"], x["transform"]["scale"][0]) for x in layout] == [
+        ("0", 1.0), ("1", 2.0), ("2", 4.0), ("3", 8.0)
+    ]  # fmt: skip
+    for level in range(4):
+        ds = tree[str(level)].to_dataset()
+        assert ds["image"].rio.crs.to_epsg() == 32633
+        assert ds["image"].rio.transform() == scene.geobox(level).transform
+        assert ds["image"].dtype.kind == "f"
+        assert ds["label"].dtype.kind in "fu"  # CF: 255 is the label's fill
+    decoded = tree["0"]["image"].values
+    np.testing.assert_allclose(decoded, scene.level(0)["image"].values, equal_nan=True)
+    raw = zarr.open_group(scene.url.removeprefix("file://"), mode="r")["0"]["image"]
+    assert raw.dtype == np.int16 and raw.attrs["scale_factor"] == 1e-4
+    assert raw.attrs["_FillValue"] == -32768
     assert scene.attrs.band_mean and all(m > 0 for m in scene.attrs.band_mean)
 
 
