@@ -31,7 +31,7 @@ def test_cogs_are_georeferenced_uint16_with_nodata(sample_local):
     assert red.dtype == np.uint16 and src.nodata == 0 and (red == 0).any()
     labels, lsrc = _read(item.assets["labels"].href)
     assert lsrc.transform == src.transform
-    assert ((labels == 0) == (red == 0)).all()
+    assert lsrc.nodata == 255 and ((labels == 255) == (red == 0)).all()
     assert item.properties["proj:transform"] == list(src.transform)[:6]
 
 
