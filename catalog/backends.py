@@ -203,7 +203,7 @@ class StaticCatalog:
         """The collection, its asset hrefs absolute (they are stored relative)."""
         url = self._collection_url(collection)
         try:
-            col = pystac.Collection.from_dict(json.loads(read_bytes(url)), href=url)
+            col = pystac.Collection.from_dict(json.loads(read_bytes(url)), href=url, migrate=False)
         except FileNotFoundError:
             raise ItemNotFound(f"no collection {collection!r} in {self.root}") from None
         _absolute_assets(col, url)
@@ -303,7 +303,7 @@ class StaticCatalog:
         """The item, its asset hrefs absolute (they are stored relative)."""
         url = self._item_url(collection, item_id)
         try:
-            item = pystac.Item.from_dict(json.loads(read_bytes(url)), href=url)
+            item = pystac.Item.from_dict(json.loads(read_bytes(url)), href=url, migrate=False)
         except FileNotFoundError:
             raise ItemNotFound(f"no item {collection}/{item_id} in {self.root}") from None
         _absolute_assets(item, url)
@@ -406,7 +406,7 @@ class StacApiCatalog:
         if resp.status_code == 404:
             raise ItemNotFound(f"no collection {collection!r} in {self.url}")
         self._check(resp, f"reading collection {collection}")
-        return pystac.Collection.from_dict(resp.json())
+        return pystac.Collection.from_dict(resp.json(), migrate=False)
 
     def add_collection(self, collection: pystac.Collection) -> None:
         """Create or replace a collection's description (its items are kept)."""
@@ -444,7 +444,7 @@ class StacApiCatalog:
         if resp.status_code == 404:
             raise ItemNotFound(f"no item {collection}/{item_id} in {self.url}")
         self._check(resp, f"reading item {collection}/{item_id}")
-        return pystac.Item.from_dict(resp.json())
+        return pystac.Item.from_dict(resp.json(), migrate=False)
 
     def search(
         self,
@@ -469,7 +469,7 @@ class StacApiCatalog:
                 raise CatalogError(f"cannot reach {self.url}: {redact(str(e))}") from None
             self._check(resp, "search")
             page = resp.json()
-            found += [pystac.Item.from_dict(f) for f in page.get("features", [])]
+            found += [pystac.Item.from_dict(f, migrate=False) for f in page.get("features", [])]
             nxt = next((ln for ln in page.get("links", []) if ln.get("rel") == "next"), None)
             url, body = (nxt["href"], nxt.get("body", body)) if nxt else (None, None)
         return found

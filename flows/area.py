@@ -354,7 +354,7 @@ def map_area(
             result.done.append({k: r[k] for k in keys})
             result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
             if r["status"] == "mapped":
-                item = pystac.Item.from_dict(r["item"])
+                item = pystac.Item.from_dict(r["item"], migrate=False)
                 mapped[item.id] = item
                 generations[item.id] = (r["generation"], _prefix(tasks, item.id))
             elif r["status"] == "nodata":

@@ -24,7 +24,7 @@ def read_map(ref: str) -> tuple[str, list[str]]:
     from its category names, else ``class_0..``)."""
     url = normalize_url(ref)
     if url.endswith(".json"):
-        item = pystac.Item.from_dict(json.loads(read_bytes(url)))
+        item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
         item.set_self_href(url)
         asset = item.assets.get("classes")
         if asset is None:

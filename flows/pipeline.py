@@ -191,7 +191,7 @@ def search_scenes(query: SceneQuery) -> list[dict]:
 @task(**retrying, persist_result=True, task_run_name="ingest {item[id]}")
 def ingest_scene(item: dict, stores_url: str, bands: list[str], label_asset: str | None) -> str:
     """One item to its scene store (a no-op when the store is complete); the store URL."""
-    it = pystac.Item.from_dict(item)
+    it = pystac.Item.from_dict(item, migrate=False)
     url = join(normalize_url(stores_url), f"{check_id(it.id, 'STAC item id')}.zarr")
     store = ingest_items([it], url, bands, label_asset=label_asset)
     get_run_logger().info("scene %s -> %s", it.id, store.url)

@@ -58,7 +58,7 @@ def read_info(url: str) -> ModelInfo:
     url = normalize_url(url)
     item = None
     if url.endswith(".json"):
-        item = pystac.Item.from_dict(json.loads(read_bytes(url)))
+        item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
         item.set_self_href(url)
         url = normalize_url(_weights_href(item))
     fs, path = filesystem(url)

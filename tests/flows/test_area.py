@@ -185,6 +185,9 @@ def test_seam_free_cells_equal_one_larger_cell(source, tmp_path, monkeypatch):
         progress=False,
     )
     assert float((_read(bare.mosaics["2026-01"]) == b).mean()) < same
+    from tests.stac_validate import validate_tree
+
+    assert validate_tree(tmp_path / "small" / "catalog") == []  # the official schemas
     # relocatable: the mosaic still opens, with the same pixels, from a copied folder
     shutil.copytree(tmp_path / "small", tmp_path / "moved")
     moved = small.mosaics["2026-01"].replace(str(tmp_path / "small"), str(tmp_path / "moved"))

@@ -135,6 +135,7 @@ def test_demo_end_to_end(tmp_path):
     # the class-area table the demo printed is the collection's table
     table = Path(area.assets["class-areas"].href.removeprefix("file://")).read_text()
     assert table.count("\n") == 1 + 2 * 6 and "2024-08,urban," in table
+    _outputs_open_anywhere(tmp_path / "demo", tmp_path / "moved")
     (model,) = catalog.search(collections=["relaymap-models"])
     # the training report on the model item: scores and pictures
     assert 0 <= model.properties["relaymap:validation"]["miou"] <= 1
@@ -163,6 +164,43 @@ def test_demo_end_to_end(tmp_path):
     assert "maplibre-gl.js" in page
     print(f"demo took {time.perf_counter() - t0:.0f} s")
     _look_at_the_demo_maps(str(tmp_path / "demo" / "catalog"), mosaics, tmp_path)
+
+
+def _outputs_open_anywhere(demo: Path, moved: Path) -> None:
+    """The demo's whole output folder as an outside user checks it: every STAC document
+    valid against the official schemas (offline), the folder relocatable with every link
+    and asset resolving (the demo's STAC API is gone by now), every store opening with
+    ``xr.open_datatree``, every map item loading with odc-stac without grid arguments."""
+    import shutil
+
+    import odc.stac
+    import xarray as xr
+
+    from tests.stac_validate import validate_tree
+
+    assert validate_tree(demo) == []
+    shutil.copytree(demo, moved)
+    catalog = StaticCatalog(str(moved / "catalog"))
+    items = [it for c in catalog.collection_ids() for it in catalog.items(c)]
+    assert len(items) >= 8 + 4 + 1  # cell maps, the copied source items, the model
+    for item in items:
+        for key, asset in item.assets.items():
+            href = asset.get_absolute_href()
+            assert href.startswith(f"file://{moved}/"), (item.id, key, href)
+            assert Path(href.removeprefix("file://")).exists(), (item.id, key, href)
+        for link in item.links:
+            href = link.get_absolute_href()
+            assert href.startswith(f"file://{moved}/"), (item.id, link.rel, href)
+            assert Path(href.removeprefix("file://")).exists(), (item.id, link.rel, href)
+    stores = sorted(moved.rglob("*.zarr"))
+    assert len(stores) >= 4 + 8  # training scenes and cell composites
+    for store in stores:
+        tree = xr.open_datatree(store, engine="zarr", consolidated=False)
+        for level in tree.children.values():
+            assert level.to_dataset()["image"].rio.crs is not None
+    for item in catalog.items("demo-area-monthly"):
+        ds = odc.stac.load([item], bands=["classes"])  # the grid from proj:* alone
+        assert ds.odc.geobox.shape == (288, 288) and ds.odc.geobox.crs.epsg == 32633
 
 
 def _look_at_the_demo_maps(catalog: str, mosaics: dict, tmp_path: Path) -> None:
