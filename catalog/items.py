@@ -33,6 +33,7 @@ from relay_models.spec import DataSpec
 from .storage import filesystem, gdal_env, normalize_url
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+EO_SCHEMA = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
 #: Classification 1.1 (what MLM 1.4/1.5 validate their classes against; every class has a
 #: ``value``, ``name`` and ``description``). pystac's class writes 2.0.
 CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
@@ -282,8 +283,7 @@ def model_item(
     )
     item.properties["processing:software"] = _software()
     item.stac_extensions.append(PROCESSING_SCHEMA)
-    # the input bands, described where MLM 1.4 looks for them (STAC 1.1 common metadata)
-    item.properties["bands"] = [{"name": b} for b in bands]
+    item.stac_extensions.append(EO_SCHEMA)  # the weights asset's input bands (below)
     if metrics:
         item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
     weights = pystac.Asset(
@@ -291,7 +291,8 @@ def model_item(
         title="model weights",
         media_type=SAFETENSORS_TYPE,
         roles=["mlm:model", "data"],
-        extra_fields={"mlm:artifact_type": "safetensors"},
+        # the input bands, where MLM 1.4 looks for the names its inputs refer to
+        extra_fields={"mlm:artifact_type": "safetensors", "eo:bands": [{"name": b} for b in bands]},
     )
     item.add_asset("weights", weights)
     _add_file_info(weights)

@@ -174,6 +174,7 @@ def _outputs_open_anywhere(demo: Path, moved: Path) -> None:
     import shutil
 
     import odc.stac
+    import rioxarray  # noqa: F401  (registers .rio)
     import xarray as xr
 
     from tests.stac_validate import validate_tree
