@@ -115,13 +115,17 @@ def test_prefect_yaml_deploys_every_flow_from_the_package():
         assert isinstance(flow, Flow)
         flows.add(flow.name)
         assert d["work_pool"]["name"] == "relaymap-process"
-    assert flows == {"ingest", "train", "infer", "mapping-pipeline"}
+    assert flows == {"ingest", "train", "infer", "mapping-pipeline", "map-area"}
     scheduled = [d for d in doc["deployments"] if d.get("schedules")]
     assert scheduled and all(s["cron"] for d in scheduled for s in d["schedules"])
     for d in scheduled:  # the example parameters validate against the flow's model
+        from relaymap.flows.area import AreaConfig
         from relaymap.flows.pipeline import PipelineParams
 
-        PipelineParams.model_validate(d["parameters"]["params"])
+        if d["entrypoint"].endswith(":area_flow"):
+            assert AreaConfig.model_validate(d["parameters"]["config"]).period == "last"
+        else:
+            PipelineParams.model_validate(d["parameters"]["params"])
 
 
 def _readme_yaml(first_line: str) -> dict:

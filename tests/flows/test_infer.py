@@ -152,7 +152,11 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
         infer(cfg, progress=False)
     np.testing.assert_array_equal(_read(product.classes_url)[0], before)
     leftovers = [p for p in (tmp_path / "maps").rglob("*") if p.is_file()]
-    assert sorted(p.name for p in leftovers) == ["classes.tif", "probabilities.tif"]
+    assert sorted(p.name for p in leftovers) == [
+        "classes.tif",
+        "classes.tif.aux.xml",
+        "probabilities.tif",
+    ]
 
 
 @pytest.mark.slow

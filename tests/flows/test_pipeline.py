@@ -181,7 +181,8 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
     fs, path = filesystem(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
-    assert names == ["classes.tif", "quicklook.png"]  # no temporary or partial objects
+    # no temporary or partial objects
+    assert names == ["classes.tif", "classes.tif.aux.xml", "quicklook.png"]
     assert [i.id for i in StaticCatalog(catalog).items("relaymap-maps")] == [_map_id(scenes)]
 
 
