@@ -91,15 +91,15 @@ def encode_reflectance(x: da.Array) -> da.Array:
     return x.map_blocks(enc, dtype=np.int16)
 
 
-def decode_reflectance(x: da.Array) -> da.Array:
-    """The inverse of :func:`encode_reflectance` (float32, NaN = no data)."""
+def quantize_reflectance(x: da.Array) -> da.Array:
+    """Reflectance as level 0 will read back (:func:`decode` of :func:`encode_reflectance`),
+    in one pass."""
 
-    def dec(b: np.ndarray) -> np.ndarray:
-        out = (b * REFLECTANCE_SCALE).astype(np.float32)  # float64, as CF decoding does
-        out[b == REFLECTANCE_FILL] = np.nan
-        return out
+    def q(b: np.ndarray) -> np.ndarray:
+        counts = np.rint(np.clip(b / REFLECTANCE_SCALE, -32767, 32767))
+        return (counts.astype(np.float64) * REFLECTANCE_SCALE).astype(np.float32)  # NaN stays
 
-    return x.map_blocks(dec, dtype=np.float32)
+    return x.map_blocks(q, dtype=np.float32)
 
 
 def decode(values: np.ndarray, array: zarr.Array) -> np.ndarray:
@@ -342,7 +342,7 @@ def write_scene(
             # which (unlike several to_zarr delayeds) computes each source chunk once.
             img = image.data
             if scaled:  # every level and the statistics from level 0 as it is stored
-                img = decode_reflectance(encode_reflectance(img))
+                img = quantize_reflectance(img)
             lab = None if labels is None else labels.data
             sources, targets = [], []
             for level in range(num_levels + 1):
