@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,8 @@ from .trained import ModelError, ModelInfo, read_info
 
 log = logging.getLogger(__name__)
 
+#: What :attr:`AreaResult.done` keeps of each task's result.
+DONE_KEYS = ("cell", "period", "status", "node", "threads", "tiles", "seconds", "stage_seconds")
 #: Levels of the cell scene stores (``write_scene``'s default): cells align to 2**3 px.
 STORE_LEVELS = 3
 
@@ -326,8 +329,6 @@ def map_area(
         AreaError, PeriodError, GridError, ModelError, MissingAssetError: bad input, before
         any compute.
     """
-    import time
-
     import ray
 
     t0 = time.perf_counter()
@@ -342,6 +343,7 @@ def map_area(
     catalog = open_catalog(catalog_url(config))
     mapped: dict[str, pystac.Item] = {}
     generations: dict[str, tuple[str, str]] = {}
+    prefixes = {t["item_id"]: t["prefix"] for t in tasks}
     if tasks:
         connect_ray(address)
         use_gpu = config.options.use_gpu
@@ -349,14 +351,12 @@ def map_area(
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         for r in run_tasks(tasks, config.model, config.options, use_gpu=use_gpu, progress=progress):
             result.nodes[r["node"]] = result.nodes.get(r["node"], 0) + 1
-            keys = ("cell", "period", "status", "node", "threads", "tiles", "seconds")
-            keys += ("stage_seconds",)
-            result.done.append({k: r[k] for k in keys})
+            result.done.append({k: r[k] for k in DONE_KEYS})
             result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
             if r["status"] == "mapped":
                 item = pystac.Item.from_dict(r["item"], migrate=False)
                 mapped[item.id] = item
-                generations[item.id] = (r["generation"], _prefix(tasks, item.id))
+                generations[item.id] = (r["generation"], prefixes[item.id])
             elif r["status"] == "nodata":
                 result.nodata.append(r["item_id"])
                 result.warnings.append(
@@ -385,10 +385,6 @@ def map_area(
 
 def _iso(t: dt.datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
-
-
-def _prefix(tasks: list[dict], item_id: str) -> str:
-    return next(t["prefix"] for t in tasks if t["item_id"] == item_id)
 
 
 def _products(config, info, periods, items: list[pystac.Item], rows):
