@@ -42,7 +42,13 @@ def test_aoi_cells_run_on_both_nodes_of_a_two_node_cluster(tmp_path, scenes):
         args = ["--config", str(tmp_path / "area.yaml"), "--address", head.gcs_address]
         run = subprocess.run(
             ["relaymap", "map", *args, "--json"],
-            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+            # Ray Data dispatches once both actors are up (else, on a busy machine, the
+            # first actor can finish every cell before the second has imported torch)
+            env={
+                **os.environ,
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600",
+            },
             capture_output=True,
             text=True,
         )
