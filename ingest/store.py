@@ -48,7 +48,7 @@ from rasterio.errors import RasterioError
 
 from relay_models.windows import IGNORE, halve_mean, halve_mode
 from relaymap.catalog.faults import fault_point
-from relaymap.catalog.storage import exists, native, normalize_url, redact, remove
+from relaymap.catalog.storage import exists, join, native, normalize_url, redact, remove
 
 from .errors import CorruptRasterError, StoreError
 from .labels import LabelClass
@@ -533,7 +533,8 @@ def open_scene(url: str) -> SceneStore:
     """Open a complete scene store.
 
     Raises:
-        StoreError: no store at ``url``, not a relaymap store, or an unfinished write.
+        StoreError: no store at ``url``, not a relaymap store, an unfinished write, or a
+            store in the format before GeoZarr levels.
     """
     url = normalize_url(url)
     if not exists(url):
@@ -545,5 +546,10 @@ def open_scene(url: str) -> SceneStore:
         raise StoreError(
             f"{url} is an unfinished store (levels done: {list(attrs.levels_done)}); rerun "
             f"the ingest to finish it"
+        )
+    if not exists(join(url, _level_group(0), "zarr.json")):
+        raise StoreError(
+            f"{url} was written by an older relaymap (levels under the root, not the GeoZarr "
+            f"groups 0..{attrs.num_levels}); ingest it again with overwrite=True"
         )
     return SceneStore(url, attrs)

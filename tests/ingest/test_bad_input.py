@@ -218,6 +218,15 @@ class TestStore:
         replaced = write_scene(url, image, overwrite=True)
         assert replaced.attrs.source_items == (other.id,) and not replaced.has_labels
 
+    def test_a_store_of_the_format_before_geozarr_levels_is_named(self, sample_local, tmp_path):
+        import shutil
+
+        url = str(tmp_path / "old.zarr")
+        self._write(sample_local, url)
+        shutil.move(tmp_path / "old.zarr" / "0", tmp_path / "old.zarr" / "levels-0")
+        with pytest.raises(StoreError, match=r"written by an older relaymap .* overwrite=True"):
+            open_scene(url)
+
     def test_not_a_store(self, tmp_path):
         with pytest.raises(StoreError, match="no scene store at"):
             open_scene(str(tmp_path / "nothing.zarr"))
