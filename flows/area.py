@@ -129,6 +129,20 @@ class AreaResult:
     #: per stage: composite, predict, write).
     done: list[dict[str, Any]] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """The result as plain JSON (CLI ``--json``, Prefect task result)."""
+        return {
+            "collection": self.collection.get_self_href() if self.collection else None,
+            "periods": self.periods,
+            "mapped": self.mapped,
+            "skipped": self.skipped,
+            "nodata": self.nodata,
+            "failed": self.failed,
+            "mosaics": self.mosaics,
+            "class_areas": self.rows,
+            "nodes": self.nodes,
+        }
+
 
 def check_model(info: ModelInfo, resolution: float) -> None:
     """The grid's pixel size is the one the model was trained on."""

@@ -302,21 +302,7 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
         raise click.BadParameter(str(e)) from None
     result = map_area(cfg, address=address, progress=not as_json)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "collection": result.collection.get_self_href() if result.collection else None,
-                    "mapped": result.mapped,
-                    "skipped": result.skipped,
-                    "nodata": result.nodata,
-                    "failed": result.failed,
-                    "mosaics": result.mosaics,
-                    "class_areas": result.rows,
-                    "nodes": result.nodes,
-                },
-                indent=1,
-            )
-        )
+        click.echo(json.dumps(result.summary(), indent=1))
         return
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -334,12 +320,7 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
     click.echo("")
     _table(
         result.rows,
-        [
-            ("period", "period", ""),
-            ("class", "class", ""),
-            ("area_km2", "area km2", ".2f"),
-            ("observable_km2", "observable km2", ".2f"),
-        ],
+        CLASS_AREA_COLUMNS,
     )
     if result.failed:
         raise SystemExit(1)
@@ -397,15 +378,19 @@ def demo(workdir: str, out: str | None, steps: int) -> None:
     click.echo(f"  catalog:    {res.catalog_url}/catalog.json\n")
     _table(
         p["class_areas"],
-        [
-            ("period", "period", ""),
-            ("class", "class", ""),
-            ("area_km2", "area km2", ".2f"),
-            ("observable_km2", "observable km2", ".2f"),
-        ],
+        CLASS_AREA_COLUMNS,
     )
     catalog = res.catalog_url.removeprefix("file://")
     click.echo(f"\nsee the maps in a browser:\n  relaymap serve {catalog} --port 8000")
+
+
+#: The class-area table's columns (``relaymap map`` and ``relaymap demo``).
+CLASS_AREA_COLUMNS = [
+    ("period", "period", ""),
+    ("class", "class", ""),
+    ("area_km2", "area km2", ".2f"),
+    ("observable_km2", "observable km2", ".2f"),
+]
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

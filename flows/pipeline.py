@@ -465,15 +465,7 @@ def area_task(config: AreaConfig, address: str | None = None) -> dict:
     result = map_area(config, address=address)
     for w in result.warnings:
         get_run_logger().warning(w)
-    return {
-        "periods": result.periods,
-        "mapped": result.mapped,
-        "skipped": result.skipped,
-        "nodata": result.nodata,
-        "failed": result.failed,
-        "mosaics": result.mosaics,
-        "class_areas": result.rows,
-    }
+    return result.summary()
 
 
 @flow(name="map-area", log_prints=True)
