@@ -1,106 +1,206 @@
-"""Do relay tokens use context? Sliding window vs registers vs decision fusion vs relays.
+"""Do relay tokens use context? Five context strategies and the relay ablations, over seeds.
 
-    python bench/context.py [--steps 1200] [--scenes 6] [--size-px 512] [--window-px 32]
-                            [--feature-px 64] [--seed 0]
+    python bench/context.py [--seeds 0,1,2] [--steps 400] [--ablations] [--jobs 2]
+                            [--json results.json]
 
-Sample scenes hold classes that look alike up close and differ by their surroundings
-(forest vs park, lake vs river; see ``relaymap.ingest.sample``). Each model trains from scratch with
-the same steps, seed and data (Ray Train, 2 CPU workers), then is scored on held-out scenes
-(a fixed tile grid, each tile with its global window). Prints mIoU, the mean IoU of the
-context classes and per-class IoU. Expected: relays beat the sliding window clearly on the
-context classes; registers (relays without the global window) do not.
+Each seed draws its own sample scenes (``relaymap.ingest.sample``) and its own model init.
+The scenes hold classes that look alike up close and differ by their surroundings (forest vs
+park, lake vs river) at a scale only a window >= 4x the local one resolves: parks and
+forests are about 3 local windows across, so a local window (or one twice its side) inside
+one sees only trees; the global window (4x) sees the town or the fields around. Small
+houses (3-5 px) in the fields are objects only full resolution shows. Every model trains
+from scratch for the same steps on the same windows (one process, one thread each, the
+plain-PyTorch loop of ``relay_models``: ``train_step``, ``warmup_cosine``, ``evaluate``) and
+is scored on two held-out scenes (a fixed tile grid, each tile with its global window).
+``--ablations`` adds one run per seed for each variant of ``swinv2_nano_relay`` in
+:data:`ABLATIONS`. Prints mean +- sd over seeds of mIoU, the context classes' mean IoU and
+per-class IoU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("swinv2_nano", "swinv2_nano_registers", "swinv2_nano_fusion", "swinv2_nano_relay")
+MODELS = (
+    "swinv2_nano",
+    "swinv2_nano_registers",
+    "swinv2_nano_downsample",
+    "swinv2_nano_fusion",
+    "swinv2_nano_relay",
+)
+#: Variants of ``swinv2_nano_relay``: (model options, loss options) changed from the default.
+ABLATIONS: dict[str, tuple[dict, dict]] = {
+    "relays 2": ({"relays": 2}, {}),
+    "relays 8": ({"relays": 8}, {}),
+    "shared projector": ({"separate_patch_embed": False}, {}),
+    "parallel relays": ({"relay_mode": "parallel"}, {}),
+    "consistency weight 0": ({}, {"consistency_weight": 0.0}),
+    "consistency weight 1": ({}, {"consistency_weight": 1.0}),
+    "global weight 0": ({}, {"global_weight": 0.0}),
+    "global weight 1": ({}, {"global_weight": 1.0}),
+    "consistency not detached (authors')": ({}, {"detach_consistency": False}),
+    "relay bias 0 (authors')": ({"relay_bias": "zero"}, {}),
+    "relay init std 1 (authors')": ({"relay_init_std": 1.0}, {}),
+    "global branch in first 4 of 8 blocks": ({"relay_blocks": 4}, {}),
+}
 
 
-def make_stores(root: Path, scenes: int, size_px: int, feature_px: int, seed: int) -> list[str]:
+def make_stores(root: Path, args: argparse.Namespace, seed: int) -> list[str]:
+    """Ingest ``args.scenes`` sample scenes of ``seed``; the last two are held out."""
     from relaymap.ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(
         str(root / "sample"),
-        n_scenes=scenes,
-        size_px=size_px,
-        feature_px=feature_px,
+        n_scenes=args.scenes,
+        size_px=args.size_px,
+        feature_px=args.feature_px,
         seed=seed,
         nodata_corner=False,
+        houses=args.houses,
     )
     bands = ["blue", "green", "red", "nir"]
     return [ingest_items([it], str(root / f"{it.id}.zarr"), bands).url for it in col.get_items()]
 
 
-def main() -> None:
-    import ray
+def run_one(job: dict) -> dict:
+    """Train one model from scratch and score it on the held-out stores (one thread)."""
+    import torch
 
-    from relaymap.flows.train import TrainConfig, train
+    from relay_models import (
+        RelayLoss,
+        create_model,
+        evaluate,
+        train_step,
+        warmup_cosine,
+    )
+    from relaymap.flows.dataset import Augment, TileDataset, WindowPairDataset, data_spec
+    from relaymap.ingest import open_scene
+
+    torch.set_num_threads(1)
+    torch.manual_seed(job["seed"])
+    t0 = time.perf_counter()
+    train_urls, test_urls = job["train"], job["test"]
+    options = {"name": job["model"], **job["model_options"]}
+    probe = create_model(**options, num_classes=job["num_classes"], in_chans=4)
+    spec = data_spec(
+        [open_scene(u) for u in train_urls],
+        window_px=job["window_px"],
+        factor=probe.config.global_factor,
+    )
+    torch.manual_seed(job["seed"])
+    model = create_model(**options, num_classes=spec.num_classes, in_chans=4, spec=spec)
+    loss_fn = RelayLoss(factor=spec.factor or 1, **job["loss_options"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"], weight_decay=0.0)
+    data = WindowPairDataset(train_urls, spec, augment=Augment(), seed=job["seed"])
+    batches = iter(torch.utils.data.DataLoader(data, batch_size=job["batch"]))
+    model.train()
+    for step in range(job["steps"]):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, job["steps"], job["lr"], 0.05)
+        train_step(model, next(batches), loss_fn, optimizer)
+    tiles = TileDataset(test_urls, spec)
+    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=64), spec.num_classes)
+    return {
+        "label": job["label"],
+        "seed": job["seed"],
+        "miou": cm.miou(),
+        "iou": cm.iou().nan_to_num(0).tolist(),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * sd:.1f}"
+
+
+def main() -> None:
     from relaymap.ingest.sample import CLASSES, CONTEXT_PAIRS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--scenes", type=int, default=6, help="2 of them are held out")
-    p.add_argument("--size-px", type=int, default=512)
+    p.add_argument("--size-px", type=int, default=768)
     p.add_argument("--window-px", type=int, default=32)
-    p.add_argument(
-        "--feature-px", type=int, default=None, help="park/forest/river size (default 2x window)"
-    )
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--feature-px", type=int, default=96, help="park/forest size, river width")
+    p.add_argument("--houses", type=int, default=300, help="small buildings per scene")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ablations", action="store_true", help="also the relay variants")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--json", default=None, help="also write every run's scores here")
     args = p.parse_args()
     names = [c.name for c in CLASSES]
     context = sorted({names.index(n) for pair in CONTEXT_PAIRS for n in pair})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rows = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [(m, m, {}, {}) for m in args.models.split(",")]
+    if args.ablations:
+        variants += [
+            (f"relay: {k}", "swinv2_nano_relay", mo, lo) for k, (mo, lo) in ABLATIONS.items()
+        ]
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        feature_px = args.feature_px or 2 * args.window_px
-        urls = make_stores(Path(tmp), args.scenes, args.size_px, feature_px, args.seed)
-        train_urls, val_urls = urls[:-2], urls[-2:]
-        for name in args.models.split(","):
-            t0 = time.perf_counter()
-            cfg = TrainConfig.model_validate(
-                {
-                    "model": {"name": name, "num_classes": len(CLASSES), "in_chans": 4},
-                    "data": {"train": train_urls, "val": val_urls, "window_px": args.window_px},
-                    "optim": {"steps": args.steps, "batch_size": args.batch, "lr": args.lr},
-                    "run": {
-                        "name": f"context-{name}",
-                        "storage_url": f"{tmp}/runs",
-                        "num_workers": 2,
-                        "checkpoint_every": args.steps,
-                        "val_every": args.steps,
-                        "log_every": args.steps,
-                        "seed": args.seed,
-                    },
-                }
-            )
-            result = train(cfg)
-            iou = result.metrics["val_iou"]
-            ctx = sum(iou[i] for i in context) / len(context)
-            rows.append((name, result.metrics["val_miou"], ctx, iou, time.perf_counter() - t0))
-    ray.shutdown()
+        jobs = []
+        for seed in seeds:
+            urls = make_stores(Path(tmp) / f"seed-{seed}", args, seed)
+            for label, model, mo, lo in variants:
+                jobs.append(
+                    dict(
+                        label=label,
+                        model=model,
+                        model_options=mo,
+                        loss_options=lo,
+                        seed=seed,
+                        train=urls[:-2],
+                        test=urls[-2:],
+                        num_classes=len(CLASSES),
+                        window_px=args.window_px,
+                        steps=args.steps,
+                        batch=args.batch,
+                        lr=args.lr,
+                    )
+                )
+        runs = []
+        spawn = get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            for r in pool.map(run_one, jobs):
+                ctx = sum(r["iou"][i] for i in context) / len(context)
+                r["context"] = ctx
+                runs.append(r)
+                print(
+                    f"  {r['label']:<44} seed {r['seed']}: mIoU {100 * r['miou']:.1f} "
+                    f"context {100 * ctx:.1f} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print(
-        f"# {args.steps} steps x batch {args.batch} x 2 workers, lr {args.lr}, local "
-        f"{args.window_px} px + global {4 * args.window_px}↓4, features "
-        f"{args.feature_px or 2 * args.window_px} px, {args.scenes - 2} training / 2 held-out "
-        f"{args.size_px} px scenes, seed {args.seed}"
+        f"\n# {args.steps} steps x batch {args.batch}, lr {args.lr} warm-up + cosine, local "
+        f"{args.window_px} px + global {4 * args.window_px}↓4, features {args.feature_px} px, "
+        f"{args.houses} houses/scene, {args.scenes - 2} training / 2 held-out {args.size_px} "
+        f"px scenes per seed, seeds {args.seeds}; mean ± sd over seeds; "
+        f"{(time.perf_counter() - t0) / 60:.1f} min"
     )
-    head = "".join(f"{n[:8]:>9}" for n in names)
-    print(f"{'model':<24}{'mIoU':>7}{'context':>9}{head}{'minutes':>9}")
-    for name, miou, ctx, iou, secs in rows:
-        cells = "".join(f"{100 * v:>9.1f}" for v in iou)
-        print(f"{name:<24}{100 * miou:>7.1f}{100 * ctx:>9.1f}{cells}{secs / 60:>9.1f}")
+    print("| model | mIoU | context | " + " | ".join(names) + " |")
+    print("|---|---:|---:|" + "---:|" * len(names))
+    for label, *_ in variants:
+        mine = [r for r in runs if r["label"] == label]
+        cells = [_mean_sd([r["miou"] for r in mine]), _mean_sd([r["context"] for r in mine])]
+        cells += [_mean_sd([r["iou"][k] for r in mine]) for k in range(len(names))]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ import pystac
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from relay_models.config import FrozenConfig, ModelConfig
+from relay_models.config import FrozenConfig, ModelConfig, ModelOptions
 from relaymap.catalog import ItemNotFound, open_catalog
 from relaymap.catalog.storage import (
     TRANSPORT_ERRORS,
@@ -130,7 +130,9 @@ class TrainSpec(FrozenConfig):
     train_items: list[str] = Field(min_length=1)
     val_items: list[str] = Field(default_factory=list)
     label_asset: str = "labels"
-    model: str = "swinv2_nano_relay"
+    #: The model's options, as ``model`` of a training config (classes and bands come from
+    #: the data); a name alone is ``{name: ...}``.
+    model: ModelOptions = ModelOptions()
     steps: int = Field(default=200, ge=1)
     window_px: int = 64
     batch_size: int = 8
@@ -138,6 +140,11 @@ class TrainSpec(FrozenConfig):
     lr: float = Field(default=1e-3, gt=0)
     workers: int = Field(default=2, ge=1)
     run_name: SafeId = "relaymap-pipeline"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
 class PipelineParams(FrozenConfig):
@@ -426,7 +433,9 @@ def train_config(
     store = open_scene(stores[spec.train_items[0]])
     return TrainConfig(
         model=ModelConfig(
-            name=spec.model, num_classes=len(store.attrs.classes), in_chans=len(store.bands)
+            **spec.model.model_dump(),
+            num_classes=len(store.attrs.classes),
+            in_chans=len(store.bands),
         ),
         data=DataConfig(
             train=[stores[i] for i in spec.train_items],

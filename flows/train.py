@@ -3,10 +3,12 @@
 One laptop or a multi-node GPU cluster run the same code: only ``run.num_workers``,
 ``run.use_gpu`` and the storage URL change. The per-worker loop only wires: model from
 ``create_model``, DDP from ``prepare_model``, batches from :mod:`relaymap.flows.dataset`, the
-paper's loss, AdamW with linear warm-up then ReduceLROnPlateau on validation mIoU. Rank 0
-writes checkpoints (model, optimiser, schedulers, step) to the run's storage; a rerun of
-the same run name resumes from the latest one, and a worker that dies is replaced and
-continues from it (``run.max_failures``).
+paper's loss, AdamW with linear warm-up then a cosine decay (or the paper's
+ReduceLROnPlateau on validation mIoU). Rank 0 writes checkpoints (model, optimiser,
+schedulers, step) to the run's storage, and the best-validation model to ``best/``; a rerun
+of the same run name resumes from the latest checkpoint, and a worker that dies is replaced
+and continues from it (``run.max_failures``). The best-validation model is exported by
+default, and the model item says which one it is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pystac
 import torch
@@ -42,6 +44,7 @@ from relay_models import (
     evaluate,
     save_model,
     train_step,
+    warmup_cosine,
 )
 from relaymap.catalog import StaticCatalog, model_item, open_catalog
 from relaymap.catalog.faults import fault_point
@@ -81,16 +84,21 @@ class DataConfig(FrozenConfig):
 
 
 class OptimConfig(FrozenConfig):
-    """The paper's recipe by default."""
+    """The paper's recipe, with a cosine decay after the warm-up (``schedule``)."""
 
     steps: int = Field(default=200, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = 0.0
     warmup_frac: float = Field(default=0.05, ge=0, lt=1)
+    #: After the warm-up: ``cosine`` decay to 0, or ``plateau`` (the paper's
+    #: ReduceLROnPlateau on validation mIoU; needs validation stores).
+    schedule: Literal["cosine", "plateau"] = "cosine"
     grad_clip: float = Field(default=1.0, gt=0)
-    global_weight: float = 0.1
-    consistency_weight: float = 0.1
+    global_weight: float = Field(default=0.1, ge=0)
+    consistency_weight: float = Field(default=0.1, ge=0)
+    #: No gradient through the local side of the consistency term (ours; authors: False).
+    detach_consistency: bool = True
     plateau_patience: int = 2
     plateau_factor: float = 0.5
 
@@ -119,6 +127,9 @@ class OutputConfig(FrozenConfig):
     #: Catalog (static catalog URL or STAC API) for the MLM model item; none: not registered.
     catalog_url: str | None = None
     collection: SafeId = "relaymap-models"
+    #: Which weights to export: the ``best`` validation mIoU seen (the last when the run
+    #: has no validation stores) or the ``last`` step's.
+    export: Literal["best", "last"] = "best"
 
 
 class TrainConfig(FrozenConfig):
@@ -157,9 +168,37 @@ class TrainResult:
 
 
 def _learning_rate(cfg: OptimConfig, step: int) -> float | None:
-    """Warm-up learning rate for ``step``, or None once warm-up is over."""
+    """The learning rate for ``step``, or None when ReduceLROnPlateau sets it."""
+    if cfg.schedule == "cosine":
+        return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_frac)
     warmup = math.ceil(cfg.warmup_frac * cfg.steps)
     return cfg.lr * (step + 1) / warmup if step < warmup else None
+
+
+def read_best(run_url: str, *, weights: bool = True) -> dict | None:
+    """The run's best-validation record (``step``, ``val_miou``, ``val_iou``,
+    ``val_confusion``, and ``model``, its state dict, when ``weights``), or None."""
+    try:
+        best = json.loads(read_bytes(join(run_url, "best", "best.json")))
+    except FileNotFoundError:
+        return None
+    if weights:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "model.pt"
+            path.write_bytes(read_bytes(join(run_url, "best", "model.pt")))
+            best["model"] = torch.load(path, map_location="cpu", weights_only=True)
+    return best
+
+
+def _save_best(run_url: str, model: torch.nn.Module, metrics: dict) -> None:
+    """Weights first, then the record that names them (a crash between leaves the older
+    record pointing at newer weights of the same run: a model at least as good)."""
+    with atomic_upload(join(run_url, "best", "model.pt"), suffix=".pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    keys = ("step", "val_miou", "val_iou", "val_confusion")
+    atomic_write(
+        join(run_url, "best", "best.json"), json.dumps({k: metrics[k] for k in keys}).encode()
+    )
 
 
 def _batches(loader, device: torch.device):
@@ -223,7 +262,11 @@ def train_loop_per_worker(raw: dict) -> None:
         factor=spec.factor or 1,
         global_weight=optim.global_weight,
         consistency_weight=optim.consistency_weight,
+        detach_consistency=optim.detach_consistency,
     )
+    run_url = join(run.storage_url, run.name)
+    best = read_best(run_url, weights=False)
+    best_miou = best["val_miou"] if best else -1.0
     augment = Augment(p_rescale=config.data.p_rescale, p_rotate=config.data.p_rotate)
     # a resumed run draws new samples: the seed includes the step it resumes at
     data = WindowPairDataset(
@@ -263,12 +306,17 @@ def train_loop_per_worker(raw: dict) -> None:
             )
             cm.all_reduce()
             metrics |= {
+                "step": done,
                 "val_miou": cm.miou(),
                 "val_iou": cm.iou().nan_to_num(-1).tolist(),
                 "val_confusion": cm.counts.tolist(),
             }
             if lr is None:
                 plateau.step(metrics["val_miou"])
+            if metrics["val_miou"] > best_miou:  # every rank: the same all-reduced score
+                best_miou = metrics["val_miou"]
+                if rank == 0:
+                    _save_best(run_url, model, metrics)
         save = done % run.checkpoint_every == 0 or last
         if not (save or metrics or done % run.log_every == 0):
             continue
@@ -508,11 +556,21 @@ def export(
         raise RuntimeError(f"run {config.run.name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    run_url = join(config.run.storage_url, config.run.name)
+    best = read_best(run_url) if config.output.export == "best" else None
+    checks = [h for h in history or [] if "val_miou" in h]
+    exported = {
+        "exported": "best" if best else "last",
+        "step": best["step"] if best else state["step"],
+        "val_miou": best["val_miou"] if best else (checks[-1]["val_miou"] if checks else None),
+        "last_step": state["step"],
+        "last_val_miou": checks[-1]["val_miou"] if checks else None,
+    }
     model = create_model(**config.model.model_dump(exclude={"pretrained"}), spec=spec)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(best["model"] if best else state["model"])
     url = config.weights_url
     with atomic_upload(url, suffix=".safetensors") as tmp:
-        save_model(model, tmp, step=str(state["step"]))
+        save_model(model, tmp, step=str(exported["step"]), checkpoint=exported["exported"])
     metrics = dict(result.metrics or {})
     item = model_item(
         url,
@@ -525,14 +583,14 @@ def export(
         total_parameters=sum(p.numel() for p in model.parameters()),
         hyperparameters={
             **config.optim.model_dump(),
-            "relays": config.model.relays,
-            "relay_mode": config.model.relay_mode,
+            **config.model.model_dump(exclude={"name", "num_classes", "in_chans"}),
             "steps_done": state["step"],
             "pretrained": config.model.pretrained is not None,
         },
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
     )
-    add_training_report(item, spec, history or [], join(config.run.storage_url, config.run.name))
+    item.properties["relaymap:checkpoint"] = exported
+    add_training_report(item, spec, history or [], run_url, exported["step"])
     if config.output.catalog_url:
         catalog = open_catalog(config.output.catalog_url)
         catalog.add_items([item])
@@ -543,15 +601,19 @@ def export(
     return TrainResult(metrics, url, item, path)
 
 
-def add_training_report(item, spec: DataSpec, history: list[dict], run_url: str) -> None:
-    """The run's report on its model item: the validation scores of the exported model
-    (``relaymap:validation``: overall accuracy, mIoU, per-class IoU and F1) and PNG assets:
-    the learning curve, per-class IoU bars and the validation confusion matrix."""
+def add_training_report(
+    item, spec: DataSpec, history: list[dict], run_url: str, step: int | None = None
+) -> None:
+    """The run's report on its model item: the validation scores of the exported model (the
+    check at ``step``, default the last; ``relaymap:validation``: overall accuracy, mIoU,
+    per-class IoU and F1), the validation curve (CSV) and PNG assets: the learning curve,
+    per-class IoU bars and the validation confusion matrix."""
     checks = [h for h in history if "val_confusion" in h]
     plots = {"learning_curve": plot_learning_curve} if history else {}
     if checks:
+        exported = next((h for h in reversed(checks) if h["step"] == step), checks[-1])
         cm = ConfusionMatrix(spec.num_classes)
-        cm.counts = torch.tensor(checks[-1]["val_confusion"], dtype=torch.int64)
+        cm.counts = torch.tensor(exported["val_confusion"], dtype=torch.int64)
         validation = scores(cm, spec.class_names)
         item.properties["relaymap:validation"] = validation
         plots |= {
@@ -563,6 +625,23 @@ def add_training_report(item, spec: DataSpec, history: list[dict], run_url: str)
         "validation_iou": "per-class IoU on the validation scenes",
         "validation_confusion": "confusion matrix on the validation scenes",
     }
+    if checks:
+        url = join(run_url, "report", "validation_curve.csv")
+        rows = ["step,val_miou," + ",".join(f"iou_{n}" for n in spec.class_names)]
+        rows += [
+            f"{h['step']},{h['val_miou']:.6f}," + ",".join(f"{v:.6f}" for v in h["val_iou"])
+            for h in checks
+        ]
+        atomic_write(url, ("\n".join(rows) + "\n").encode())
+        item.add_asset(
+            "validation_curve",
+            pystac.Asset(
+                url,
+                title="validation mIoU and per-class IoU per check (-1: class absent)",
+                media_type="text/csv",
+                roles=["metadata"],
+            ),
+        )
     for key, plot in plots.items():
         url = join(run_url, "report", f"{key}.png")
         with atomic_upload(url, suffix=".png") as tmp:

@@ -98,8 +98,12 @@ def _blob_field(shape, n, radius_px, rng, allowed=None, wobble=0.3) -> np.ndarra
     return field
 
 
-def make_layout(size_px: int, feature_px: int, rng: np.random.Generator) -> np.ndarray:
-    """Class-index map ``(size, size)`` (indices into :data:`CLASSES`)."""
+def make_layout(
+    size_px: int, feature_px: int, rng: np.random.Generator, houses: int = 0
+) -> np.ndarray:
+    """Class-index map ``(size, size)`` (indices into :data:`CLASSES`); ``houses``: that many
+    small buildings (urban, 3 to 5 px squares) scattered over the cropland, objects that only
+    full resolution shows."""
     shape = (size_px, size_px)
     idx = {c.name: i for i, c in enumerate(CLASSES)}
     cls = np.full(shape, idx["cropland"], dtype=np.uint8)
@@ -122,6 +126,11 @@ def make_layout(size_px: int, feature_px: int, rng: np.random.Generator) -> np.n
     centre = size_px * rng.uniform(0.3, 0.7) + amp * np.sin(xx / (3 * feature_px) + phase)
     width = 0.5 * feature_px * (1 + 0.2 * _smooth(shape, feature_px, rng))
     cls[np.abs(yy - centre) < width / 2] = idx["river"]
+    for _ in range(houses):
+        side = int(rng.integers(3, 6))
+        y, x = rng.integers(0, size_px - side, 2)
+        if (cls[y : y + side, x : x + side] == idx["cropland"]).all():
+            cls[y : y + side, x : x + side] = idx["urban"]
     return cls
 
 
@@ -166,6 +175,7 @@ def make_sample_scenes(
     feature_px: int = 64,
     seed: int = 0,
     nodata_corner: bool = True,
+    houses: int = 0,
 ) -> pystac.Collection:
     """Write ``n_scenes`` scenes as COGs plus a STAC collection (``collection.json`` and
     ``items/<id>.json``) under ``out_url`` (``file://`` or ``s3://``).
@@ -178,6 +188,7 @@ def make_sample_scenes(
             the local window side so the context classes need the global window.
         seed: everything is a function of the seed.
         nodata_corner: give every second scene a nodata triangle in a corner.
+        houses: small buildings per scene (:func:`make_layout`).
 
     Returns:
         The collection, with its items, hrefs absolute.
@@ -190,7 +201,7 @@ def make_sample_scenes(
         item_id = f"sample-{i:02d}"
         x0, y0 = 500_000 + i * (size_px + 100) * RES_M, 4_800_000.0  # scenes side by side
         transform = from_origin(x0, y0, RES_M, RES_M)
-        cls = make_layout(size_px, feature_px, rng)
+        cls = make_layout(size_px, feature_px, rng, houses)
         img = render(cls, rng, feature_px)
         labels = np.array([c.code for c in CLASSES], dtype=np.uint8)[cls]
         if nodata_corner and i % 2 == 1:

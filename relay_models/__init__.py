@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import geometry
 from .attention_maps import relay_attention_maps
-from .config import FrozenConfig, ModelConfig
+from .config import FrozenConfig, ModelConfig, ModelOptions
 from .factory import create_model
 from .inference import predict_array, predict_tiles, to_classes
 from .losses import LossTerms, RelayLoss
@@ -19,7 +19,7 @@ from .saved import SavedModel, load_saved, read_saved, save_model
 from .segmenter import RelayOutput, Segmenter
 from .spec import ClassSpec, DataSpec
 from .stats import count_flops, count_params, model_stats
-from .training import evaluate, train_step
+from .training import evaluate, train_step, warmup_cosine
 from .weights import LoadReport, load_pretrained
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "LoadReport",
     "LossTerms",
     "ModelConfig",
+    "ModelOptions",
     "RelayLoss",
     "RelayOutput",
     "SavedModel",
@@ -51,4 +52,5 @@ __all__ = [
     "split_name",
     "to_classes",
     "train_step",
+    "warmup_cosine",
 ]

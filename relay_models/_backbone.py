@@ -90,6 +90,7 @@ class Backbone(nn.Module, ABC):
         inputs: dict[str, torch.Tensor],
         *,
         relay_mode: RelayMode | None = None,
+        global_blocks: int | None = None,
     ) -> dict[str, list[torch.Tensor]]:
         """Run the backbone on each named window, exchanging relays when ``relay_mode`` is set.
 
@@ -98,6 +99,8 @@ class Backbone(nn.Module, ABC):
                 (``{"global": g, "local": l}`` runs the global window first in each block).
             relay_mode: ``None`` runs without relays; otherwise ``"sequential"`` or
                 ``"parallel"``; with one window both mean "registers".
+            global_blocks: run the ``global`` branch through the first N blocks only (its
+                feature list then stops short); ``None``: through all.
 
         Returns:
             Per branch, one ``(B, C_i, L/r_i, L/r_i)`` feature map per stage in ``feature_info``.
@@ -113,7 +116,10 @@ class Backbone(nn.Module, ABC):
         if relay_mode is not None:
             relays = self.relay_tokens.unsqueeze(0).expand(batch, -1, -1)
         feats: dict[str, list[torch.Tensor]] = {b: [] for b in names}
+        blocks = 0
         for step, stage in self.steps():
+            if global_blocks is not None and blocks == global_blocks and "global" in names:
+                names = [b for b in names if b != "global"]
             if isinstance(step, Transition):
                 for b in names:
                     states[b] = step.state(states[b])
@@ -127,6 +133,7 @@ class Backbone(nn.Module, ABC):
             else:
                 for b in names:
                     states[b], relays = step(states[b], relays)
+            blocks += not isinstance(step, Transition)
             if stage is not None:
                 for b in names:
                     feats[b].append(self.stage_output(states[b], stage))

@@ -23,19 +23,24 @@ class FrozenConfig(BaseModel):
         return cls.model_validate(data)
 
 
-class ModelConfig(FrozenConfig):
-    """Everything :func:`relay_models.create_model` needs to build a model."""
+class ModelOptions(FrozenConfig):
+    """A model's architecture choices: all of :class:`ModelConfig` but the sizes the data
+    sets (classes, bands). The pipeline's training spec takes these."""
 
     #: Registered name, e.g. ``swinv2_small_relay`` (see ``relaymap models``).
     name: str = "swinv2_nano_relay"
-    #: Output classes K.
-    num_classes: int = Field(ge=1)
-    #: Input bands C.
-    in_chans: int = Field(default=3, ge=1)
     #: Relay tokens R (used by ``_relay`` and ``_registers`` models).
     relays: int = Field(default=4, ge=1)
     #: ``sequential`` (global then local in each block, the paper's) or ``parallel``.
     relay_mode: Literal["sequential", "parallel"] = "sequential"
+    #: Swin V2 position bias of a pair involving a relay: ``mid`` (``16 * sigmoid(0) = 8``,
+    #: ours) or ``zero`` (the authors' code); see ``docs/fidelity.md``.
+    relay_bias: Literal["mid", "zero"] = "mid"
+    #: Standard deviation of the relay tokens' initial values (authors' code: 1).
+    relay_init_std: float = Field(default=0.02, gt=0)
+    #: Blocks in which the global branch runs and relays carry its context (the first N);
+    #: then the local branch goes on alone. ``None``: every block (the paper's).
+    relay_blocks: int | None = Field(default=None, ge=1)
     #: ``convt`` (the paper's transposed convolution) or ``fpn`` (Swin only).
     head: Literal["convt", "fpn"] = "convt"
     #: Separate patch projection for the global window (relay models).
@@ -47,6 +52,14 @@ class ModelConfig(FrozenConfig):
     #: timm-format checkpoint for the backbone: path, URL or ``hf-hub:ORG/NAME`` (cache only).
     pretrained: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .registry import split_name
+
+        split_name(name)  # ValueError listing valid names
+        return name
+
     @property
     def global_factor(self) -> int | None:
         """The data spec's factor: ``factor`` for models that take a global window, else
@@ -55,10 +68,11 @@ class ModelConfig(FrozenConfig):
 
         return self.factor if takes_global(self.name) else None
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        from .registry import split_name
 
-        split_name(name)  # ValueError listing valid names
-        return name
+class ModelConfig(ModelOptions):
+    """Everything :func:`relay_models.create_model` needs to build a model."""
+
+    #: Output classes K.
+    num_classes: int = Field(ge=1)
+    #: Input bands C.
+    in_chans: int = Field(default=3, ge=1)

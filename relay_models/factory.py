@@ -18,6 +18,9 @@ def create_model(
     in_chans: int = 3,
     relays: int = 4,
     relay_mode: str = "sequential",
+    relay_bias: str = "mid",
+    relay_init_std: float = 0.02,
+    relay_blocks: int | None = None,
     pretrained: str | os.PathLike | None = None,
     head: str = "convt",
     separate_patch_embed: bool = True,
@@ -35,6 +38,10 @@ def create_model(
         in_chans: input bands (see :mod:`relay_models.weights` for pretrained adaptation).
         relays: relay tokens R for ``_relay`` / ``_registers`` (ignored by the others).
         relay_mode: ``sequential`` (global then local, default) or ``parallel`` (``_relay``).
+        relay_bias: Swin V2 bias of relay pairs: ``mid`` (8, ours) or ``zero`` (authors').
+        relay_init_std: standard deviation of the relay tokens' initial values.
+        relay_blocks: run the global branch (and so relay context) in the first N blocks
+            only; ``None``: all (``_relay``).
         pretrained: timm-format backbone checkpoint: path, URL or ``hf-hub:ORG/NAME``
             (local cache only); loaded strictly, see :func:`load_pretrained`.
         head: ``convt`` (the paper's transposed convolution) or ``fpn`` (Swin only).
@@ -58,6 +65,9 @@ def create_model(
         in_chans=in_chans,
         relays=relays,
         relay_mode=relay_mode,
+        relay_bias=relay_bias,
+        relay_init_std=relay_init_std,
+        relay_blocks=relay_blocks,
         head=head,
         separate_patch_embed=separate_patch_embed,
         factor=factor,

@@ -6,8 +6,9 @@
 ``crop`` keeps the global logits over the local window (:func:`geometry.global_crop`), at
 ``L/f x L/f``; ``avgpool`` pools ``f x f`` cells of the ``L x L`` local grid to the same size.
 A cell with any ignored pixel (``ignore_index``, e.g. outside the scene) is left out of both
-global terms. The consistency target is detached: it teaches the global branch from the
-local one and never pulls the local prediction toward the coarser view.
+global terms. The consistency target is detached by default: it teaches the global branch
+from the local one and never pulls the local prediction toward the coarser view (the
+authors' code backpropagates through both: ``detach_consistency=False``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class RelayLoss(nn.Module):
         factor: global/local side ratio of the windows the logits come from.
         global_weight: weight of the global CE term (paper: 0.1).
         consistency_weight: weight of the consistency term (paper: 0.1).
+        detach_consistency: no gradient through the consistency target (the local side).
         ignore_index: label value that is never scored.
     """
 
@@ -61,12 +63,14 @@ class RelayLoss(nn.Module):
         factor: int = 4,
         global_weight: float = 0.1,
         consistency_weight: float = 0.1,
+        detach_consistency: bool = True,
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
         self.factor = factor
         self.global_weight = global_weight
         self.consistency_weight = consistency_weight
+        self.detach_consistency = detach_consistency
         self.ignore_index = ignore_index
 
     def forward(self, output: RelayOutput | torch.Tensor, labels: torch.Tensor) -> LossTerms:
@@ -91,7 +95,8 @@ class RelayLoss(nn.Module):
         valid = F.avg_pool2d(ignored.unsqueeze(1).float(), f)[:, 0] == 0  # B, L/f, L/f
         onehot = F.one_hot(labels.masked_fill(ignored, 0), k).permute(0, 3, 1, 2).float()
         glob = soft_cross_entropy(crop, F.avg_pool2d(onehot, f), valid)
-        pooled_local = F.avg_pool2d(local_logits.detach().softmax(1), f)
+        target = local_logits.detach() if self.detach_consistency else local_logits
+        pooled_local = F.avg_pool2d(target.softmax(1), f)
         cons = soft_cross_entropy(crop, pooled_local, valid)
         total = local + self.global_weight * glob + self.consistency_weight * cons
         return LossTerms(total, local, glob, cons)

@@ -91,6 +91,9 @@ def build_model(
     in_chans: int,
     relays: int,
     relay_mode: str,
+    relay_bias: str,
+    relay_init_std: float,
+    relay_blocks: int | None,
     head: str,
     separate_patch_embed: bool,
     factor: int,
@@ -111,12 +114,21 @@ def build_model(
         in_chans=in_chans,
         relays=relays if has_relays else 0,
         separate_patch_embed=separate,
+        relay_init_std=relay_init_std,
     )
+    if spec.cls is SwinTransformerV2:
+        kwargs["relay_bias"] = relay_bias
+    elif relay_bias != "mid":
+        raise ValueError(f"relay_bias={relay_bias!r} applies to Swin V2 models only")
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     backbone = spec.cls(**kwargs)
     decode_head: nn.Module = create_head(head, backbone.feature_info, num_classes)
-    extra = {"relay_mode": relay_mode} if seg_cls is RelaySegmenter else {}
+    extra = (
+        {"relay_mode": relay_mode, "relay_blocks": relay_blocks}
+        if seg_cls is RelaySegmenter
+        else {}
+    )
     return seg_cls(backbone, decode_head, factor=factor, **extra)
 
 

@@ -102,6 +102,7 @@ class RelaySegmenter(Segmenter):
         *,
         factor: int = 4,
         relay_mode: RelayMode = "sequential",
+        relay_blocks: int | None = None,
     ) -> None:
         super().__init__(backbone, decode_head, factor=factor)
         if relay_mode not in RELAY_MODES:
@@ -109,24 +110,30 @@ class RelaySegmenter(Segmenter):
         if backbone.relay_tokens is None:
             raise ValueError("a relay model needs a backbone with relays > 0")
         self.relay_mode = relay_mode
+        #: The global branch runs in the first N blocks only (no global logits then).
+        self.relay_blocks = relay_blocks
+
+    def _features(self, local: torch.Tensor, global_: torch.Tensor) -> dict:
+        self._check_pair(local, global_)
+        return self.backbone.forward_branches(
+            {"global": global_, "local": local},
+            relay_mode=self.relay_mode,
+            global_blocks=self.relay_blocks,
+        )
 
     def forward(self, local: torch.Tensor, global_: torch.Tensor) -> RelayOutput:
-        """Two ``(B, C, L, L)`` windows -> local and global ``(B, K, L, L)`` logits."""
-        self._check_pair(local, global_)
-        feats = self.backbone.forward_branches(
-            {"global": global_, "local": local}, relay_mode=self.relay_mode
-        )
+        """Two ``(B, C, L, L)`` windows -> local and global ``(B, K, L, L)`` logits (global
+        ``None`` when the global branch stops early, ``relay_blocks``)."""
+        feats = self._features(local, global_)
+        if len(feats["global"]) < len(feats["local"]):
+            return RelayOutput(local=self.forward_head(feats["local"])[0], global_=None)
         glob, loc = self.forward_head(feats["global"], feats["local"])
         return RelayOutput(local=loc, global_=glob)
 
     def predict_local(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         """Local logits without decoding the global branch (the head is per-branch, so the
         result equals ``forward(...).local``)."""
-        self._check_pair(local, global_)
-        feats = self.backbone.forward_branches(
-            {"global": global_, "local": local}, relay_mode=self.relay_mode
-        )
-        return self.forward_head(feats["local"])[0]
+        return self.forward_head(self._features(local, global_)["local"])[0]
 
 
 class RegistersSegmenter(Segmenter):

@@ -98,18 +98,23 @@ class WindowAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
+    #: Bias of a pair involving a relay: ``mid`` (ours) or ``zero`` (the authors' code).
+    relay_bias: str = "mid"
+
     def position_bias(self, ws: int, num_relays: int = 0) -> torch.Tensor:
         """Relative position bias ``(nH, T, T)``, ``T = ws*ws + R``: ``16 * sigmoid(cpb)``.
 
-        A pair involving a relay has no relative position: its ``cpb`` output is 0, so its
-        bias is ``16 * sigmoid(0) = 8``, the bias of a pair the MLP has not learned about.
-        (A bias of 0 *after* the sigmoid would put every relay ``e**8`` times below every
-        patch in each softmax, and patches would barely hear the relays.)
+        A pair involving a relay has no relative position. ``mid``: its ``cpb`` output is 0,
+        so its bias is ``16 * sigmoid(0) = 8``, the bias of a pair the MLP has not learned
+        about. ``zero`` (the authors' code): bias 0 *after* the sigmoid, which puts every
+        relay up to ``e**8`` times below a patch in each softmax at initialisation.
         """
         device = self.q_bias.device
         table = self.cpb_mlp(relative_coords_table(ws, self.pretrained_window_size, device))
         raw = table.view(-1, self.num_heads)[relative_position_index(ws, device).view(-1)]
         raw = raw.view(ws * ws, ws * ws, self.num_heads).permute(2, 0, 1)
+        if self.relay_bias == "zero":
+            return F.pad(16 * torch.sigmoid(raw), (0, num_relays, 0, num_relays))
         return 16 * torch.sigmoid(F.pad(raw, (0, num_relays, 0, num_relays)))
 
     def forward(
@@ -126,7 +131,7 @@ class WindowAttention(nn.Module):
             x: ``(B, nW, N + R, C)`` windows of ``N = ws*ws`` patch tokens, then R relays.
             ws: window side in tokens.
             mask: ``(nW, N, N)`` additive shift mask or ``None``.
-            num_relays: R; relay pairs get zero bias and are never masked.
+            num_relays: R; relay pairs get the ``relay_bias`` and are never masked.
             need_weights: also return the relay-to-patch attention (explicit softmax).
 
         Returns:
@@ -304,6 +309,8 @@ class SwinTransformerV2(Backbone):
         window_size: attention window side in tokens (clamped to small maps).
         relays: relay tokens R (0: plain backbone, no relay parameters).
         separate_patch_embed: give the global window its own patch projection (needs relays).
+        relay_init_std: standard deviation of the relay tokens' initial values.
+        relay_bias: position bias of relay pairs, ``mid`` or ``zero`` (``WindowAttention``).
         drop_path_rate: stochastic depth at the last block.
         pretrained_window_sizes: per-stage pretraining windows (0: same as ``window_size``).
     """
@@ -319,6 +326,8 @@ class SwinTransformerV2(Backbone):
         window_size: int = 8,
         relays: int = 0,
         separate_patch_embed: bool = True,
+        relay_init_std: float = 0.02,
+        relay_bias: str = "mid",
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.1,
         pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0),
@@ -359,6 +368,12 @@ class SwinTransformerV2(Backbone):
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"layers.{i}")
             for i, d in enumerate(dims)
         ]
+        if relay_bias not in ("mid", "zero"):
+            raise ValueError(f"relay_bias must be 'mid' or 'zero', got {relay_bias!r}")
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.relay_bias = relay_bias
+        self.relay_init_std = relay_init_std
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -370,7 +385,7 @@ class SwinTransformerV2(Backbone):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
         if self.relay_tokens is not None:
-            nn.init.trunc_normal_(self.relay_tokens, std=0.02)
+            nn.init.trunc_normal_(self.relay_tokens, std=self.relay_init_std)
 
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, H/4, W/4, D0)``; the global window may use its own proj."""

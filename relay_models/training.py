@@ -7,6 +7,7 @@ around these; they run as they are on a laptop, in a notebook or in a unit test.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -15,6 +16,15 @@ from torch import nn
 from .losses import LossTerms, RelayLoss
 from .metrics import ConfusionMatrix
 from .segmenter import RelayOutput
+
+
+def warmup_cosine(step: int, steps: int, lr: float, warmup_frac: float) -> float:
+    """Learning rate at ``step`` (0-based) of ``steps``: linear warm-up over the first
+    ``warmup_frac`` of the steps to ``lr``, then a half cosine down to 0 at the last step."""
+    warmup = math.ceil(warmup_frac * steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
 def forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> RelayOutput | torch.Tensor:

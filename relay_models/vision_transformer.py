@@ -115,6 +115,7 @@ class VisionTransformer(Backbone):
         num_heads: attention heads.
         relays: relay tokens R (0: plain backbone).
         separate_patch_embed: give the global window its own patch projection.
+        relay_init_std: standard deviation of the relay tokens' initial values.
         drop_path_rate: stochastic depth at the last block.
     """
 
@@ -129,6 +130,7 @@ class VisionTransformer(Backbone):
         num_heads: int = 6,
         relays: int = 0,
         separate_patch_embed: bool = True,
+        relay_init_std: float = 0.02,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
     ) -> None:
@@ -153,6 +155,7 @@ class VisionTransformer(Backbone):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="blocks")]
+        self.relay_init_std = relay_init_std
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -161,7 +164,7 @@ class VisionTransformer(Backbone):
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_linear)
         if self.relay_tokens is not None:
-            nn.init.trunc_normal_(self.relay_tokens, std=0.02)
+            nn.init.trunc_normal_(self.relay_tokens, std=self.relay_init_std)
 
     def embed(self, x: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, H, W)`` -> ``(cls (B, 1, D), patches (B, H/16, W/16, D))`` with positions."""

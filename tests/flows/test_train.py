@@ -4,6 +4,7 @@ checkpoints, resume, a killed worker, and a two-node cluster losing a node."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from relay_models import RelayLoss, create_model
+from relay_models import RelayLoss, create_model, evaluate
 from relaymap.catalog.storage import StorageError
 from relaymap.flows.train import TrainConfig, check_inputs, train
 from relaymap.ingest import StoreError
@@ -21,12 +22,13 @@ from tests.flows.stores import array_store, stripes
 from tests.services import environ
 
 
-def _toy(tmp_path, name="toy", size=128):
-    """A learnable toy signal: the class is the sign of band 0 (smooth blobs)."""
+def _toy(tmp_path, name="toy", size=128, inverted=False):
+    """A learnable toy signal: the class is the sign of band 0 (smooth blobs); ``inverted``:
+    the other class (a validation set that scores worse the better a model learns)."""
     rng = np.random.default_rng(0)
     coarse = rng.normal(size=(size // 16, size // 16))
     band0 = np.kron(coarse, np.ones((16, 16)))
-    labels = (band0 > 0).astype(np.uint8)
+    labels = ((band0 > 0) != inverted).astype(np.uint8)
     image = np.stack([band0, rng.normal(size=(size, size)) * 0.1]).astype(np.float32)
     return array_store(str(tmp_path / f"{name}.zarr"), image, labels, num_classes=2, chunk_px=64)
 
@@ -256,3 +258,61 @@ def test_a_rerun_with_other_settings_or_data_is_refused(tmp_path):
     other_config = _config([other.url], runs)
     with pytest.raises(ValueError, match="other data, stores"):
         claim_run(other_config, check_inputs(other_config))
+
+
+def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
+    """A run whose validation mIoU falls as it learns (validation labels inverted): the
+    exported weights are the best check's, the model item says so with its per-class IoU,
+    and the validation curve is saved with the run. ``export: last`` gives the last step's
+    weights."""
+    from relaymap.catalog.storage import read_bytes
+    from relaymap.flows.dataset import TileDataset
+    from relaymap.flows.train import read_best
+    from relaymap.flows.trained import load_trained
+
+    store = _toy(tmp_path)
+    val = _toy(tmp_path, name="inverted", inverted=True)
+    storage = str(tmp_path / "runs")
+    config = _config(
+        [store.url], storage, data={"val": [val.url]}, run={"val_every": 4, "checkpoint_every": 8}
+    )
+    result = train(config)
+    history = json.loads(read_bytes(f"{storage}/toy/history.json"))
+    checks = {h["step"]: h["val_miou"] for h in history if "val_miou" in h}
+    best_step = max(checks, key=checks.get)
+    assert best_step < 24, f"precondition: the score must fall as the model learns: {checks}"
+    record = result.model_item.properties["relaymap:checkpoint"]
+    assert record == {
+        "exported": "best",
+        "step": best_step,
+        "val_miou": checks[best_step],
+        "last_step": 24,
+        "last_val_miou": checks[24],
+    }
+    # the exported weights score what the record says, on the validation tiles
+    info, model = load_trained(result.weights_url)
+    tiles = TileDataset([val.url], info.spec)
+    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=8), 2)
+    assert cm.miou() == pytest.approx(checks[best_step], abs=1e-6)
+    validation = result.model_item.properties["relaymap:validation"]
+    assert validation["miou"] == pytest.approx(checks[best_step])
+    assert set(validation["classes"]) == set(info.spec.class_names)
+    curve = read_bytes(result.model_item.assets["validation_curve"].href).decode().splitlines()
+    assert curve[0].startswith("step,val_miou,iou_") and len(curve) == 1 + len(checks)
+    # export: last -> the last step's weights, and the record says so
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from relaymap.flows.train import export
+
+    ray_result = SimpleNamespace(  # what export reads of Ray's Result: the last checkpoint
+        checkpoint=Checkpoint(result.checkpoint_path), metrics=result.metrics
+    )
+    output = config.output.model_copy(update={"export": "last"})
+    last = export(config.model_copy(update={"output": output}), info.spec, ray_result, history)
+    assert last.model_item.properties["relaymap:checkpoint"]["exported"] == "last"
+    _, last_model = load_trained(last.weights_url)
+    best_state = read_best(f"{storage}/toy")["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best_state.items())
+    assert any(not torch.equal(last_model.state_dict()[k], v) for k, v in best_state.items())
