@@ -1,8 +1,9 @@
 """Area mapping: job parallelism, pipeline overhead, driver memory, seams.
 
     python bench/aoi.py [--cell-px 1536] [--cells 2x2] [--mem-cell-px 96]
+                        [--model swinv2_nano_relay]
 
-A randomly initialised ``swinv2_nano_relay`` (saved as training saves one) maps synthetic
+A randomly initialised ``--model`` (saved as training saves one) maps synthetic
 Sentinel-2 L2A-like items (two overlapping orbits, one cloudy, ``scl`` masks; served by a
 local STAC API) for one period. Each run is a fresh process on a fresh local Ray (2 CPUs);
 times count ``map_area`` after Ray is up (actor start-up included). Side by side:
@@ -38,8 +39,8 @@ DATE = dt.datetime(2026, 1, 10, 10, tzinfo=dt.UTC)
 COLLECTION = "sentinel-2-l2a-sample"
 
 
-def make_model(path: str) -> str:
-    """A random swinv2_nano_relay with a plausible data spec, saved as training saves it."""
+def make_model(path: str, name: str) -> str:
+    """A random model ``name`` with a plausible data spec, saved as training saves it."""
     import torch
 
     from relay_models import DataSpec, create_model, save_model
@@ -55,7 +56,7 @@ def make_model(path: str) -> str:
         factor=4,
         pixel_size=10.0,
     )
-    model = create_model("swinv2_nano_relay", num_classes=6, in_chans=4, spec=spec)
+    model = create_model(name, num_classes=6, in_chans=4, spec=spec)
     save_model(model.eval(), path, step="0")
     return path
 
@@ -113,7 +114,7 @@ def child(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def model_only_seconds(area_px: int, batches: int = 30) -> tuple[float, int]:
+def model_only_seconds(area_px: int, name: str, batches: int = 30) -> tuple[float, int]:
     """Seconds for the forward passes over one 64/16 tiling of an ``area_px`` square
     (1 thread, batch 8), extrapolated from ``batches`` timed batches; and the tile count."""
     import torch
@@ -123,7 +124,7 @@ def model_only_seconds(area_px: int, batches: int = 30) -> tuple[float, int]:
 
     torch.set_num_threads(1)
     n = len(plan_tiles((area_px, area_px), 64, 16))
-    model = create_model("swinv2_nano_relay", num_classes=6, in_chans=4).eval()
+    model = create_model(name, num_classes=6, in_chans=4).eval()
     x = torch.randn(8, 4, 64, 64)
     with torch.inference_mode():
         for _ in range(3):
@@ -140,6 +141,7 @@ def main() -> None:
     p.add_argument("--cell-px", type=int, default=1536)
     p.add_argument("--cells", default="2x2", help="COLSxROWS of the speed area")
     p.add_argument("--mem-cell-px", type=int, default=96)
+    p.add_argument("--model", default="swinv2_nano_relay", help="a relay model name")
     args = p.parse_args()
     cols, rows = map(int, args.cells.split("x"))
 
@@ -147,7 +149,7 @@ def main() -> None:
     from relaymap.ingest.sample import make_s2_area
 
     work = Path(tempfile.mkdtemp(prefix="bench-aoi-"))
-    model = make_model(str(work / "model.safetensors"))
+    model = make_model(str(work / "model.safetensors"), args.model)
     side_px = max(cols * args.cell_px, 6 * args.mem_cell_px)
     # the area's corner on every grid used (multiples of each cell side, in metres)
     unit = 10 * math.lcm(args.cell_px, 2 * args.mem_cell_px)
@@ -178,7 +180,7 @@ def main() -> None:
         one = child(cfg("w1", args.cell_px, cols, 1))
         two = child(cfg("w2", args.cell_px, cols, 2))
         area_px = cols * args.cell_px
-        bare, area_tiles = model_only_seconds(area_px)
+        bare, area_tiles = model_only_seconds(area_px, args.model)
         small = child(cfg("m4", args.mem_cell_px, 2, 1))
         large = child(cfg("m36", args.mem_cell_px, 6, 1))
         seam_small = child(cfg("s4", args.mem_cell_px, 2, 1))
@@ -190,6 +192,7 @@ def main() -> None:
         same = float((a.read(1) == b.read(1)).mean())
     mpx = area_px * area_px / 1e6
     rows_out = [
+        ("model", args.model),
         ("speed area", f"{cols}x{rows} cells of {args.cell_px} px = {mpx:.1f} Mpx, 1 period"),
         (
             "1 worker",

@@ -73,24 +73,15 @@ def make_stores(root: Path, args: argparse.Namespace, seed: int) -> list[str]:
     return [ingest_items([it], str(root / f"{it.id}.zarr"), bands).url for it in col.get_items()]
 
 
-def run_one(job: dict) -> dict:
-    """Train one model from scratch and score it on the held-out stores (one thread)."""
+def train_model(job: dict):
+    """A model trained from scratch as ``job`` says (see :func:`main`), in this process."""
     import torch
 
-    from relay_models import (
-        RelayLoss,
-        create_model,
-        evaluate,
-        train_step,
-        warmup_cosine,
-    )
-    from relaymap.flows.dataset import Augment, TileDataset, WindowPairDataset, data_spec
+    from relay_models import RelayLoss, create_model, train_step, warmup_cosine
+    from relaymap.flows.dataset import Augment, WindowPairDataset, data_spec
     from relaymap.ingest import open_scene
 
-    torch.set_num_threads(1)
-    torch.manual_seed(job["seed"])
-    t0 = time.perf_counter()
-    train_urls, test_urls = job["train"], job["test"]
+    train_urls = job["train"]
     options = {"name": job["model"], **job["model_options"]}
     probe = create_model(**options, num_classes=job["num_classes"], in_chans=4)
     spec = data_spec(
@@ -109,8 +100,21 @@ def run_one(job: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, job["steps"], job["lr"], 0.05)
         train_step(model, next(batches), loss_fn, optimizer)
-    tiles = TileDataset(test_urls, spec)
-    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=64), spec.num_classes)
+    return model.eval()
+
+
+def run_one(job: dict) -> dict:
+    """Train one model from scratch and score it on the held-out stores (one thread)."""
+    import torch
+
+    from relay_models import evaluate
+    from relaymap.flows.dataset import TileDataset
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model = train_model(job)
+    tiles = TileDataset(job["test"], model.spec)
+    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=64), model.num_classes)
     return {
         "label": job["label"],
         "seed": job["seed"],
@@ -125,11 +129,9 @@ def _mean_sd(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.1f} ± {100 * sd:.1f}"
 
 
-def main() -> None:
-    from relaymap.ingest.sample import CLASSES, CONTEXT_PAIRS
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
+def parser(description: str) -> argparse.ArgumentParser:
+    """The data and training options (shared with ``bench/overlap.py``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--scenes", type=int, default=6, help="2 of them are held out")
     p.add_argument("--size-px", type=int, default=768)
@@ -138,6 +140,34 @@ def main() -> None:
     p.add_argument("--houses", type=int, default=300, help="small buildings per scene")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    return p
+
+
+def make_job(args, urls: list[str], seed: int, label: str, model: str, mo=None, lo=None) -> dict:
+    """One training run: ``model`` with model options ``mo`` and loss options ``lo``."""
+    from relaymap.ingest.sample import CLASSES
+
+    return dict(
+        label=label,
+        model=model,
+        model_options=mo or {},
+        loss_options=lo or {},
+        seed=seed,
+        train=urls[:-2],
+        test=urls[-2:],
+        num_classes=len(CLASSES),
+        window_px=args.window_px,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+    )
+
+
+def main() -> None:
+    from relaymap.ingest.sample import CLASSES, CONTEXT_PAIRS
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ablations", action="store_true", help="also the relay variants")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -156,23 +186,7 @@ def main() -> None:
         jobs = []
         for seed in seeds:
             urls = make_stores(Path(tmp) / f"seed-{seed}", args, seed)
-            for label, model, mo, lo in variants:
-                jobs.append(
-                    dict(
-                        label=label,
-                        model=model,
-                        model_options=mo,
-                        loss_options=lo,
-                        seed=seed,
-                        train=urls[:-2],
-                        test=urls[-2:],
-                        num_classes=len(CLASSES),
-                        window_px=args.window_px,
-                        steps=args.steps,
-                        batch=args.batch,
-                        lr=args.lr,
-                    )
-                )
+            jobs += [make_job(args, urls, seed, *v) for v in variants]
         runs = []
         spawn = get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:

@@ -1,7 +1,9 @@
 """STAC items for relaymap's products: land-cover map COGs and trained models (MLM).
 
 Extensions through pystac's classes where they exist (projection, raster, classification,
-file, mlm); ``processing`` fields are written by hand (pystac has no class for them).
+file, eo); the model's MLM fields through ``stac-model``, the MLM project's own pydantic
+models (0.6.1 writes MLM 1.5.2); ``processing`` fields are written by hand (pystac has no class
+for them).
 """
 
 from __future__ import annotations
@@ -10,23 +12,19 @@ import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
-from typing import Any
+from typing import Annotated, Any
 
 import pystac
 import rasterio
 from odc.geo.geobox import GeoBox
+from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.file import FileExtension
-from pystac.extensions.mlm import (
-    Hyperparameters,
-    InputStructure,
-    MLMExtension,
-    ModelInput,
-    ModelOutput,
-    ResultStructure,
-    ValueScaling,
-)
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+from stac_model.base import OmitIfNone
+from stac_model.input import InputStructure, ModelInput, ValueScalingZScore
+from stac_model.output import MLMClassification, ModelOutput, ModelResult
+from stac_model.schema import MLModelExtension, MLModelProperties
 
 from relay_models.spec import DataSpec
 
@@ -39,6 +37,9 @@ EO_SCHEMA = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
 CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
 COG_TYPE = pystac.MediaType.COG
 SAFETENSORS_TYPE = "application/octet-stream; application=safetensors"
+ZARR_TYPE = "application/vnd+zarr"
+#: What ``relay_models.save_model`` writes (MLM's name for the artifact's format).
+SAFETENSORS_ARTIFACT = "safetensors.torch.save_file"
 
 
 def multihash_sha256(url: str, chunk_bytes: int = 1 << 22) -> tuple[int, str]:
@@ -193,6 +194,38 @@ def _add_file_info(asset: pystac.Asset) -> None:
     file_ext.checksum = checksum
 
 
+class _ModelInput(ModelInput):
+    """stac-model's input with MLM's optional ``description`` (0.6.1 drops it)."""
+
+    description: Annotated[str | None, OmitIfNone] = None
+
+
+class _ModelOutput(ModelOutput):
+    """stac-model's output with MLM's optional ``description`` (0.6.1 drops it)."""
+
+    description: Annotated[str | None, OmitIfNone] = None
+
+
+class _ModelProperties(MLModelProperties):
+    """stac-model's item fields with ``mlm:hyperparameters`` (0.6.1 has no field for it)."""
+
+    hyperparameters: Annotated[dict[str, Any] | None, OmitIfNone] = None
+
+
+def _training_links(training_data: Sequence[tuple[str, str, Sequence[str]]]) -> list[pystac.Link]:
+    """``derived_from`` links to the scene stores the model learnt from: exactly its data,
+    and as lasting as the run's outputs (a source API may be gone; each store records its
+    source items, named in the title)."""
+    links, seen = [], set()
+    for role, store_url, ids in training_data:
+        store_url = normalize_url(store_url)
+        if store_url not in seen:
+            seen.add(store_url)
+            title = f"{role} data: scene store" + (f" of {', '.join(ids)}" if ids else "")
+            links.append(pystac.Link("derived_from", store_url, ZARR_TYPE, title))
+    return links
+
+
 def model_item(
     weights_url: str,
     *,
@@ -204,15 +237,33 @@ def model_item(
     total_parameters: int,
     hyperparameters: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    training_data: Sequence[tuple[str, str, Sequence[str]]] = (),
     geometry: dict | None = None,
     bbox: Sequence[float] | None = None,
     datetime: dt.datetime | None = None,
 ) -> pystac.Item:
-    """A STAC MLM item for a trained relay-token model and its safetensors weights; inputs,
-    normalisation and classes come from the model's data ``spec``.
+    """A STAC MLM item (MLM 1.5.2, built with ``stac-model``) for a trained relay-token model
+    and its safetensors weights; inputs, normalisation and classes come from the data ``spec``.
 
     Inputs are the local and global windows (``(B, C, L, L)`` float32, z-scored per band
     with the training stores' statistics); the output is ``(B, K, L, L)`` class logits.
+
+    Args:
+        weights_url: the safetensors file (``relay_models.save_model``).
+        item_id: the item's id.
+        collection: the model collection id.
+        spec: the model's data contract (bands, mean and std, classes, window size).
+        model_name: registered model name (``mlm:name``).
+        architecture: backbone description (``mlm:architecture``).
+        total_parameters: number of parameters.
+        hyperparameters: training options (``mlm:hyperparameters``); a true ``pretrained``
+            sets ``mlm:pretrained``.
+        metrics: final training metrics (``relaymap:metrics``).
+        training_data: ``(role, store URL, source item ids)`` per scene store (role:
+            ``"training"`` or ``"validation"``), linked ``derived_from``.
+        geometry: the model's area of validity (default: the globe).
+        bbox: its bbox ``(minx, miny, maxx, maxy)`` in lon/lat.
+        datetime: the item's time (default: now).
     """
     weights_url = normalize_url(weights_url)
     bands, window_px, factor = list(spec.bands), spec.window_px, spec.factor
@@ -229,71 +280,82 @@ def model_item(
         {},
         collection=collection,
     )
+    # MLM: one value-scaling object per band, in band order
     scaling = [
-        ValueScaling.create(type="z-score", mean=float(m), stddev=float(s))
+        ValueScalingZScore(mean=float(m), stddev=float(s))
         for m, s in zip(spec.mean, spec.std, strict=True)
     ]
-
-    def window_input(name: str, description: str) -> ModelInput:
-        spec = ModelInput.create(
-            name=name,
+    window = InputStructure(
+        shape=[-1, len(bands), window_px, window_px],
+        dim_order=["batch", "bands", "height", "width"],
+        data_type="float32",
+    )
+    inputs = [
+        _ModelInput(
+            name="local",
             bands=bands,
-            description=description,
-            input=InputStructure.create(
-                shape=[-1, len(bands), window_px, window_px],
-                dim_order=["batch", "bands", "height", "width"],
-                data_type="float32",
-            ),
+            input=window,
+            value_scaling=scaling,
+            description=f"{window_px} px window at full resolution",
         )
-        # MLM 1.4: one value-scaling object per band (pystac's setter takes a single one)
-        spec.properties["value_scaling"] = [v.to_dict() for v in scaling]
-        return spec
-
-    inputs = [window_input("local", f"{window_px} px window at full resolution")]
+    ]
     if factor:
         inputs.append(
-            window_input(
-                "global",
-                f"{factor * window_px} px window centred on the local one, "
+            _ModelInput(
+                name="global",
+                bands=bands,
+                input=window,
+                value_scaling=scaling,
+                description=f"{factor * window_px} px window centred on the local one, "
                 f"downsampled x{factor} to {window_px} px",
             )
         )
-    output = ModelOutput.create(
+    output = _ModelOutput(
         name="classes",
-        tasks=["semantic-segmentation"],
-        result=ResultStructure.create(
+        tasks={"semantic-segmentation"},
+        result=ModelResult(
             shape=[-1, len(classes), window_px, window_px],
             dim_order=["batch", "channel", "height", "width"],
             data_type="float32",
         ),
+        classes=[MLMClassification(**c) for c in class_list(classes)],
         description="class logits of the local window; argmax gives the class index",
     )
-    output.properties["classification:classes"] = class_list(classes)
-    MLMExtension.ext(item, add_if_missing=True).apply(
+    pretrained = bool((hyperparameters or {}).get("pretrained"))
+    properties = _ModelProperties(
         name=model_name,
         architecture=architecture,
-        tasks=["semantic-segmentation"],
+        tasks={"semantic-segmentation"},
         input=inputs,
         output=[output],
         framework="pytorch",
         framework_version=version("torch"),
+        accelerator=None,  # MLM: null = no specific accelerator required
+        accelerator_constrained=False,
+        accelerator_summary="CPU or CUDA GPU, chosen at run time",
         total_parameters=int(total_parameters),
-        pretrained=bool((hyperparameters or {}).get("pretrained")),
-        hyperparameters=Hyperparameters(dict(hyperparameters)) if hyperparameters else None,
+        pretrained=pretrained,
+        hyperparameters=dict(hyperparameters) if hyperparameters else None,
     )
+    MLModelExtension.ext(item, add_if_missing=True)  # declares the MLM 1.5.2 schema
+    item.properties.update(properties.model_dump(mode="json", by_alias=True))
+    if not pretrained:  # MLM: a model trained from scratch says so with an explicit null
+        item.properties["mlm:pretrained_source"] = None
     item.properties["processing:software"] = _software()
     item.stac_extensions.append(PROCESSING_SCHEMA)
-    item.stac_extensions.append(EO_SCHEMA)  # the weights asset's input bands (below)
     if metrics:
         item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
     weights = pystac.Asset(
         weights_url,
         title="model weights",
         media_type=SAFETENSORS_TYPE,
-        roles=["mlm:model", "data"],
-        # the input bands, where MLM 1.4 looks for the names its inputs refer to
-        extra_fields={"mlm:artifact_type": "safetensors", "eo:bands": [{"name": b} for b in bands]},
+        roles=["mlm:model", "mlm:weights", "data"],
+        extra_fields={"mlm:artifact_type": SAFETENSORS_ARTIFACT},
     )
     item.add_asset("weights", weights)
+    # the input bands, where MLM looks for the names its inputs refer to
+    EOExtension.ext(weights, add_if_missing=True).bands = [Band.create(name=b) for b in bands]
     _add_file_info(weights)
+    for link in _training_links(training_data):
+        item.add_link(link)
     return item

@@ -54,8 +54,12 @@ def connect_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         verbose = logging.getLogger("relaymap").isEnabledFor(logging.INFO)
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        # a private cluster serves no Jobs API: no dashboard process taking a core's share
+        own = {"include_dashboard": False} if target == "local" else {}
         ray.init(
-            address=address or os.environ.get("RAY_ADDRESS") or "local",
+            address=target,
+            **own,
             ignore_reinit_error=True,
             log_to_driver=verbose,
             # the driver's Ray loggers too: quiet means errors only

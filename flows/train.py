@@ -588,6 +588,11 @@ def export(
             "pretrained": config.model.pretrained is not None,
         },
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        training_data=[
+            (role, s.url, s.attrs.source_items)
+            for role, urls in (("training", config.data.train), ("validation", config.data.val))
+            for s in map(open_scene, urls)
+        ],
     )
     item.properties["relaymap:checkpoint"] = exported
     add_training_report(item, spec, history or [], run_url, exported["step"])

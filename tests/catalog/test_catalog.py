@@ -45,8 +45,17 @@ def _write_map(url: str, seed: int = 0) -> None:
         dst.write(data)
 
 
-@pytest.fixture
-def model(tmp_path):
+#: ``(role, store URL, source item ids, self hrefs)``: a store whose sources are known, one
+#: that knows one of two, and one from before stores recorded hrefs.
+TRAINING_DATA = [
+    ("training", "s3://bucket/scenes/a.zarr", ["S2A_1"]),
+    ("training", "s3://bucket/scenes/b.zarr", ["S2A_1", "S2B_2"]),
+    ("training", "s3://bucket/scenes/a.zarr", ["S2A_1"]),  # listed twice, linked once
+    ("validation", "s3://bucket/scenes/c.zarr", ["S2A_3"]),
+]
+
+
+def _model(tmp_path, hyperparameters=None):
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(4.0)}, weights)
     return model_item(
@@ -64,9 +73,15 @@ def model(tmp_path):
             factor=4,
         ),
         total_parameters=4_969_896,
-        hyperparameters={"lr": 1e-4},
+        hyperparameters=hyperparameters or {"lr": 1e-4},
         metrics={"val_miou": 0.61},
+        training_data=TRAINING_DATA,
     )
+
+
+@pytest.fixture
+def model(tmp_path):
+    return _model(tmp_path)
 
 
 def _map(url, sample, model, item_id="map-sample-00"):
@@ -117,9 +132,66 @@ class TestItems:
             "trees",
             "town",
         ]
+        assert p["mlm:input"][1]["description"].startswith("256 px window")
+        out = p["mlm:output"][0]
+        assert out["result"]["shape"] == [-1, 3, 64, 64] and out["description"]
+        assert out["classification:classes"][0] == {
+            "value": 0,
+            "name": "water",
+            "description": "water",
+            "color_hint": "2B6FD3",
+        }
+        assert p["mlm:framework"] == "pytorch" and p["mlm:framework_version"]
+        assert p["mlm:accelerator"] is None and p["mlm:accelerator_constrained"] is False
+        assert p["mlm:total_parameters"] == 4_969_896
+        assert p["mlm:hyperparameters"] == {"lr": 1e-4}
+        assert p["mlm:pretrained"] is False and p["mlm:pretrained_source"] is None
+        assert p["relaymap:metrics"] == {"val_miou": 0.61}
         weights = model.assets["weights"].to_dict()
         assert "mlm:model" in weights["roles"] and weights["file:checksum"].startswith("1220")
-        assert any("mlm" in e for e in model.stac_extensions)
+        assert weights["mlm:artifact_type"] == "safetensors.torch.save_file"
+        assert [b["name"] for b in weights["eo:bands"]] == ["blue", "green", "red", "nir"]
+        assert "https://stac-extensions.github.io/mlm/v1.5.2/schema.json" in model.stac_extensions
+
+    def test_model_item_links_its_training_data(self, model):
+        """The scene stores it learnt from (lasting as the run does), each once, with their
+        source items named."""
+        links = [(ln.target, ln.media_type, ln.title) for ln in model.links]
+        assert all(ln.rel == "derived_from" for ln in model.links)
+        assert links == [
+            (
+                "s3://bucket/scenes/a.zarr",
+                "application/vnd+zarr",
+                "training data: scene store of S2A_1",
+            ),
+            (
+                "s3://bucket/scenes/b.zarr",
+                "application/vnd+zarr",
+                "training data: scene store of S2A_1, S2B_2",
+            ),
+            (
+                "s3://bucket/scenes/c.zarr",
+                "application/vnd+zarr",
+                "validation data: scene store of S2A_3",
+            ),
+        ]
+
+    @pytest.mark.parametrize("pretrained", [False, True])
+    def test_model_item_is_valid_mlm(self, tmp_path, pretrained):
+        """The item, as a static catalog stores it, validates against MLM 1.5.2 (and core,
+        eo, file, processing), offline."""
+        from tests.stac_validate import validate_tree
+
+        model = _model(tmp_path, hyperparameters={"lr": 1e-4, "pretrained": pretrained})
+        p = model.properties
+        assert p["mlm:pretrained"] is pretrained
+        # from scratch: an explicit null source; pretrained: the source may be omitted
+        assert ("mlm:pretrained_source" in p) is not pretrained
+        StaticCatalog(str(tmp_path / "catalog")).add_items([model])
+        assert validate_tree(tmp_path / "catalog") == []
+        del model.assets["weights"].extra_fields["eo:bands"]  # the schema is really checked
+        StaticCatalog(str(tmp_path / "bad")).add_items([model])
+        assert any("mlm" in e for e in validate_tree(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("where", ["file", "s3"])

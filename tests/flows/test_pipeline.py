@@ -22,9 +22,11 @@ from relaymap.flows.pipeline import (
     PipelineParams,
     SceneQuery,
     TrainParams,
+    TrainSpec,
     infer_flow,
     ingest_flow,
     mapping_pipeline,
+    train_config,
     train_flow,
 )
 from relaymap.flows.train import DataConfig, TrainConfig
@@ -381,3 +383,37 @@ def test_every_option_reaches_the_worker_of_a_ray_job(ray_cluster, scenes, tmp_p
         "failed": {},
     }
     _the_worker_saw_every_option(catalog, _map_id(scenes))
+
+
+def test_every_model_option_is_set_the_same_way_in_the_pipeline(tmp_path):
+    """The pipeline's training spec takes a training config's model keys (less the sizes the
+    data gives); a name alone still works."""
+    import numpy as np
+
+    from tests.flows.stores import array_store
+
+    store = array_store(
+        str(tmp_path / "a.zarr"),
+        np.zeros((3, 64, 64), np.float32),
+        np.zeros((64, 64), np.uint8),
+        num_classes=5,
+    )
+    options = {
+        "name": "swinv2_nano_relay",
+        "factor": 8,
+        "relays": 2,
+        "relay_mode": "parallel",
+        "relay_bias": "zero",
+        "relay_init_std": 1.0,
+        "relay_blocks": 3,
+        "head": "fpn",
+        "separate_patch_embed": False,
+        "drop_path_rate": 0.2,
+    }
+    spec = TrainSpec.model_validate({"train_items": ["a"], "model": options})
+    config = train_config(str(tmp_path), None, spec, {"a": store.url})
+    assert config.model == ModelConfig(**options, num_classes=5, in_chans=3)
+    by_name = TrainSpec.model_validate({"train_items": ["a"], "model": "swinv2_nano_fusion"})
+    assert by_name.model.name == "swinv2_nano_fusion" and by_name.model.factor == 4
+    with pytest.raises(ValueError, match="num_classes"):
+        TrainSpec.model_validate({"train_items": ["a"], "model": {**options, "num_classes": 5}})
