@@ -2,6 +2,7 @@
 
     python bench/context.py [--seeds 0,1,2] [--steps 400] [--ablations] [--jobs 2]
                             [--json results.json]
+    python bench/context.py --report results.json   # the tables again
 
 Each seed draws its own sample scenes (``relaymap.ingest.sample``) and its own model init.
 The scenes hold classes that look alike up close and differ by their surroundings (forest vs
@@ -199,23 +200,59 @@ def main() -> None:
                     f"context {100 * ctx:.1f} ({r['seconds']:.0f} s)",
                     flush=True,
                 )
+    minutes = (time.perf_counter() - t0) / 60
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+        doc = {"args": vars(args), "minutes": minutes, "runs": runs}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    report(vars(args), runs, minutes)
+
+
+def report(args: dict, runs: list[dict], minutes: float) -> None:
+    """Markdown tables: mean ± sd over seeds per model and variant; for the variants, the
+    change from ``swinv2_nano_relay`` paired by seed."""
+    from relaymap.ingest.sample import CLASSES
+
+    names = [c.name for c in CLASSES]
+    labels = list(dict.fromkeys(r["label"] for r in runs))
     print(
-        f"\n# {args.steps} steps x batch {args.batch}, lr {args.lr} warm-up + cosine, local "
-        f"{args.window_px} px + global {4 * args.window_px}↓4, features {args.feature_px} px, "
-        f"{args.houses} houses/scene, {args.scenes - 2} training / 2 held-out {args.size_px} "
-        f"px scenes per seed, seeds {args.seeds}; mean ± sd over seeds; "
-        f"{(time.perf_counter() - t0) / 60:.1f} min"
+        f"\n# {args['steps']} steps x batch {args['batch']}, lr {args['lr']} warm-up + cosine, "
+        f"local {args['window_px']} px + global {4 * args['window_px']}↓4, features "
+        f"{args['feature_px']} px, {args['houses']} houses/scene, {args['scenes'] - 2} training "
+        f"/ 2 held-out {args['size_px']} px scenes per seed, seeds {args['seeds']}; mean ± sd "
+        f"over seeds; {minutes:.1f} min"
     )
     print("| model | mIoU | context | " + " | ".join(names) + " |")
     print("|---|---:|---:|" + "---:|" * len(names))
-    for label, *_ in variants:
+    for label in labels:
+        if label.startswith("relay: "):
+            continue
         mine = [r for r in runs if r["label"] == label]
         cells = [_mean_sd([r["miou"] for r in mine]), _mean_sd([r["context"] for r in mine])]
         cells += [_mean_sd([r["iou"][k] for r in mine]) for k in range(len(names))]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    base = {r["seed"]: r for r in runs if r["label"] == "swinv2_nano_relay"}
+    variants = [lb for lb in labels if lb.startswith("relay: ")]
+    if not variants or not base:
+        return
+    print("\n| swinv2_nano_relay variant | mIoU | Δ mIoU (paired) | context | Δ context (paired) |")
+    print("|---|---:|---:|---:|---:|")
+    for label in ["swinv2_nano_relay", *variants]:
+        mine = [r for r in runs if r["label"] == label and r["seed"] in base]
+        d_miou = [r["miou"] - base[r["seed"]]["miou"] for r in mine]
+        d_ctx = [r["context"] - base[r["seed"]]["context"] for r in mine]
+        print(
+            f"| {label.removeprefix('relay: ')} | {_mean_sd([r['miou'] for r in mine])} | "
+            f"{_mean_sd(d_miou)} | {_mean_sd([r['context'] for r in mine])} | {_mean_sd(d_ctx)} |"
+        )
+
+
+def _from_json(path: str) -> None:
+    doc = json.loads(Path(path).read_text())
+    report(doc["args"], doc["runs"], doc.get("minutes", float("nan")))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":
+        _from_json(sys.argv[2])  # the tables again, from a --json file
+    else:
+        main()
