@@ -159,6 +159,25 @@ def target_geobox(
     return GeoBox.from_bbox(bounds, crs=crs, resolution=resolution)
 
 
+def _decode(
+    raw: np.ndarray, clear: np.ndarray | None = None, *, nodata, scale: float, offset: float
+) -> np.ndarray:
+    """Raw asset values -> float32 physical values, NaN where nodata or not ``clear``, in
+    one pass over the chunk (the xarray arithmetic took a copy per operation)."""
+    out = raw.astype(np.float32)
+    if scale != 1:
+        out *= np.float32(scale)
+    if offset:
+        out += np.float32(offset)
+    bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+    if nodata is not None and not np.isnan(nodata):
+        bad |= raw == nodata
+    if clear is not None:
+        bad |= ~clear
+    out[bad] = np.nan
+    return out
+
+
 def load_scene(
     items: Sequence[pystac.Item],
     bands: Sequence[str],
@@ -218,14 +237,18 @@ def load_scene(
             chunks={"x": chunk_px, "y": chunk_px},
             groupby="id",
         )
-        clear = ~ds[mask_asset].isel(time=0, drop=True).isin(list(mask_values)) if masked else True
+        clear = ~ds[mask_asset].isel(time=0, drop=True).isin(list(mask_values)) if masked else None
         per_band = []
         for band in bands:
             nodata, scale, offset = band_encoding(item, band)
             raw = ds[names[band]].isel(time=0, drop=True)
-            value = raw.astype("float32") * np.float32(scale) + np.float32(offset)
-            invalid = raw == nodata if nodata is not None and not np.isnan(nodata) else False
-            per_band.append(value.where(~invalid & raw.notnull() & clear))
+            args = [raw] if clear is None else [raw, clear]
+            per_band.append(
+                xr.apply_ufunc(
+                    _decode, *args, kwargs={"nodata": nodata, "scale": scale, "offset": offset},
+                    dask="parallelized", output_dtypes=[np.float32],
+                )
+            )  # fmt: skip
         layers.append(xr.concat(per_band, dim="band"))
     if composite == "median" and len(layers) > 1:
         stack = xr.concat(layers, dim="time").chunk({"time": -1})
