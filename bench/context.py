@@ -78,17 +78,16 @@ def train_model(job: dict):
     """A model trained from scratch as ``job`` says (see :func:`main`), in this process."""
     import torch
 
-    from relay_models import RelayLoss, create_model, train_step, warmup_cosine
+    from relay_models import ModelOptions, RelayLoss, create_model, train_step, warmup_cosine
     from relaymap.flows.dataset import Augment, WindowPairDataset, data_spec
     from relaymap.ingest import open_scene
 
     train_urls = job["train"]
     options = {"name": job["model"], **job["model_options"]}
-    probe = create_model(**options, num_classes=job["num_classes"], in_chans=4)
     spec = data_spec(
         [open_scene(u) for u in train_urls],
         window_px=job["window_px"],
-        factor=probe.config.global_factor,
+        factor=ModelOptions(**options).global_factor,
     )
     torch.manual_seed(job["seed"])
     model = create_model(**options, num_classes=spec.num_classes, in_chans=4, spec=spec)
@@ -146,8 +145,6 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def make_job(args, urls: list[str], seed: int, label: str, model: str, mo=None, lo=None) -> dict:
     """One training run: ``model`` with model options ``mo`` and loss options ``lo``."""
-    from relaymap.ingest.sample import CLASSES
-
     return dict(
         label=label,
         model=model,
@@ -156,7 +153,6 @@ def make_job(args, urls: list[str], seed: int, label: str, model: str, mo=None, 
         seed=seed,
         train=urls[:-2],
         test=urls[-2:],
-        num_classes=len(CLASSES),
         window_px=args.window_px,
         steps=args.steps,
         batch=args.batch,

@@ -31,7 +31,6 @@ from relay_models.spec import DataSpec
 from .storage import filesystem, gdal_env, normalize_url
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
-EO_SCHEMA = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
 #: Classification 1.1 (what MLM 1.4/1.5 validate their classes against; every class has a
 #: ``value``, ``name`` and ``description``). pystac's class writes 2.0.
 CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"

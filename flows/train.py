@@ -14,6 +14,7 @@ default, and the model item says which one it is.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -183,10 +184,8 @@ def read_best(run_url: str, *, weights: bool = True) -> dict | None:
     except FileNotFoundError:
         return None
     if weights:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "model.pt"
-            path.write_bytes(read_bytes(join(run_url, "best", "model.pt")))
-            best["model"] = torch.load(path, map_location="cpu", weights_only=True)
+        data = io.BytesIO(read_bytes(join(run_url, "best", "model.pt")))
+        best["model"] = torch.load(data, map_location="cpu", weights_only=True)
     return best
 
 
