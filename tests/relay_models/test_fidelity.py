@@ -124,3 +124,15 @@ def test_zero_init_extra_band_leaves_the_rgb_response_alone():
     assert torch.equal(four[:, :3], rgb) and not four[:, 3].any()
     x = torch.randn(1, 4, 8, 8)
     assert torch.allclose(F.conv2d(x, four, stride=4), F.conv2d(x[:, :3], rgb, stride=4))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("relay_bias", "half"), ("relay_init_std", 0.0), ("relay_blocks", 0)]
+)
+def test_bad_relay_options_name_the_key(key, value):
+    from pydantic import ValidationError
+
+    from relay_models import ModelConfig
+
+    with pytest.raises(ValidationError, match=key):
+        ModelConfig(name="swinv2_nano_relay", num_classes=2, **{key: value})
