@@ -6,9 +6,12 @@ For each scene size, writes a 4-band uint16 scene as four COGs on a local Seawee
 server, then runs, each in a fresh subprocess (so peak RSS is its own):
 
 * ``read``: plain ``rasterio`` read of the four COGs into memory (the lower bound);
-* ``ingest``: ``load_scene`` + ``write_scene`` (level 0 and x2/x4/x8) to ``s3://`` Zarr.
+* ``ingest``: ``ingest_items`` (the product's path: ``load_scene`` + ``write_scene``,
+  level 0 and x2/x4/x8) to ``s3://`` Zarr.
 
-Prints seconds, MB/s of source pixels (uint16) and peak RSS, and the ingest/read ratio.
+Prints seconds, MB/s of source pixels (uint16), peak RSS, the CPU seconds of the step's
+process and of the S3 server (which shares this machine's cores), and the ingest/read
+ratio.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def make_scene(size: int, prefix: str) -> dict:
     import numpy as np
     import pystac
     import rasterio
+    from odc.geo.geobox import GeoBox
     from rasterio.shutil import copy as rio_copy
     from rasterio.transform import from_origin
     from rasterio.windows import Window
@@ -46,10 +50,13 @@ def make_scene(size: int, prefix: str) -> dict:
 
     transform = from_origin(500000, 4900000, 10, 10)
     rng = np.random.default_rng(0)
+    # the raster's true footprint: odc-stac reads a chunk only from items whose geometry
+    # meets it (a point here once made every chunk but one read nothing)
+    footprint = GeoBox((size, size), transform, "EPSG:32633").footprint("EPSG:4326")
     item = pystac.Item(
         f"bench-{size}",
-        {"type": "Point", "coordinates": [15.0, 44.0]},
-        [14.9, 43.9, 15.1, 44.1],
+        footprint.json,
+        list(footprint.boundingbox),
         None,
         {"start_datetime": "2024-06-01T00:00:00Z", "end_datetime": "2024-06-01T00:00:00Z"},
     )
@@ -103,42 +110,44 @@ def run_read(item: dict) -> None:
 
     from relaymap.catalog.storage import gdal_env
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with rasterio.Env(**gdal_env()):
         arrays = []
         for band in BANDS:
             with rasterio.open(item["assets"][band]["href"]) as src:
                 arrays.append(src.read(1))
     total = int(sum(a.sum(dtype=np.int64) for a in arrays))  # touch every pixel
-    print(
-        json.dumps({"seconds": time.perf_counter() - t0, "rss_mb": _peak_rss_mb(), "check": total})
-    )
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": _peak_rss_mb(), "check": total}))
 
 
 def run_ingest(item: dict, out_url: str, chunk_px: int) -> None:
     import pystac
 
-    from relaymap.ingest import load_scene, write_scene
+    from relaymap.ingest import ingest_items
 
-    t0 = time.perf_counter()
-    image = load_scene([pystac.Item.from_dict(item)], BANDS)
-    store = write_scene(out_url, image, chunk_px=chunk_px, overwrite=True)
-    print(
-        json.dumps(
-            {
-                "seconds": time.perf_counter() - t0,
-                "rss_mb": _peak_rss_mb(),
-                "levels": list(store.attrs.levels_done),
-            }
-        )
-    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    store = ingest_items(
+        [pystac.Item.from_dict(item)], out_url, BANDS, label_asset=None, chunk_px=chunk_px,
+        overwrite=True,
+    )  # fmt: skip
+    seconds, cpu, rss = time.perf_counter() - t0, time.process_time() - c0, _peak_rss_mb()
+    valid = int(store.valid(0).sum())  # untimed: every source pixel arrived
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": rss, "valid_px": valid}))
 
 
-def _child(mode: str, item: dict, env: dict, **kw) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process we started (the S3 server)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _child(mode: str, item: dict, env: dict, server_pid: int, **kw) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import bench.ingest as b; "
         f"b.run_{mode}(json.loads(sys.stdin.read()), **{kw!r})"
     )
+    server0 = _cpu_seconds(server_pid)
     out = subprocess.run(
         [sys.executable, "-c", code],
         input=json.dumps(item),
@@ -147,7 +156,8 @@ def _child(mode: str, item: dict, env: dict, **kw) -> dict:
         env={**os.environ, **env},
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result | {"server_cpu": _cpu_seconds(server_pid) - server0}
 
 
 def main() -> None:
@@ -159,24 +169,31 @@ def main() -> None:
     from relaymap.catalog.local_s3 import seaweedfs
 
     print(f"# {os.cpu_count()} CPUs; SeaweedFS S3 on loopback; chunk {args.chunk_px} px")
-    print(f"{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}{'vs read':>9}")
+    print(
+        f"{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}{'CPU s':>8}"
+        f"{'S3 CPU s':>10}{'vs read':>9}"
+    )
     with seaweedfs(buckets=("bench",)) as s3:
         os.environ.update(s3.env())  # this script's own process: make_scene writes to it
         for size in (int(s) for s in args.sizes.split(",")):
             item = make_scene(size, f"s3://bench/cogs-{size}")
             mb = size * size * len(BANDS) * 2 / 1e6
-            read = _child("read", item, s3.env())
+            read = _child("read", item, s3.env(), s3.pid)
             ingest = _child(
                 "ingest",
                 item,
                 s3.env(),
+                s3.pid,
                 out_url=f"s3://bench/store-{size}.zarr",
                 chunk_px=args.chunk_px,
             )
+            if ingest["valid_px"] != size * size:
+                raise SystemExit(f"the store holds {ingest['valid_px']} of {size**2} pixels")
             for name, r in (("read", read), ("ingest", ingest)):
                 print(
                     f"{size:>7}{name:>8}{r['seconds']:>9.1f}{mb / r['seconds']:>8.0f}"
-                    f"{r['rss_mb']:>13.0f}{r['seconds'] / read['seconds']:>8.2f}x"
+                    f"{r['rss_mb']:>13.0f}{r['cpu']:>8.1f}{r['server_cpu']:>10.1f}"
+                    f"{r['seconds'] / read['seconds']:>8.2f}x"
                 )
 
 

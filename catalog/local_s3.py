@@ -26,6 +26,8 @@ class S3Server:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    #: The server process (benchmarks read its CPU time), None for a remote server.
+    pid: int | None = None
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables pointing at this server."""
@@ -84,7 +86,7 @@ def seaweedfs(buckets: tuple[str, ...] = ("relaymap-test",)) -> Iterator[S3Serve
         ]
         log = open(Path(tmp, "weed.log"), "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        server = S3Server(f"http://127.0.0.1:{s3_port}", ACCESS_KEY, SECRET_KEY)
+        server = S3Server(f"http://127.0.0.1:{s3_port}", ACCESS_KEY, SECRET_KEY, pid=proc.pid)
         try:
             _wait_for_buckets(server, buckets, proc)
             yield server

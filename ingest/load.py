@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import dask.array as da
 import numpy as np
 import odc.stac
 import pystac
@@ -159,22 +160,26 @@ def target_geobox(
     return GeoBox.from_bbox(bounds, crs=crs, resolution=resolution)
 
 
-def _decode(
-    raw: np.ndarray, clear: np.ndarray | None = None, *, nodata, scale: float, offset: float
-) -> np.ndarray:
-    """Raw asset values -> float32 physical values, NaN where nodata or not ``clear``, in
-    one pass over the chunk (the xarray arithmetic took a copy per operation)."""
-    out = raw.astype(np.float32)
-    if scale != 1:
-        out *= np.float32(scale)
-    if offset:
-        out += np.float32(offset)
-    bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
-    if nodata is not None and not np.isnan(nodata):
-        bad |= raw == nodata
-    if clear is not None:
-        bad |= ~clear
-    out[bad] = np.nan
+def _decode_bands(*blocks: np.ndarray, encodings: Sequence[tuple], masked: bool) -> np.ndarray:
+    """One chunk of every band, raw asset values -> ``(band, y, x)`` float32 physical
+    values, NaN where nodata or (with a mask block last) not clear. One pass per band,
+    straight into the output: a task per chunk that needs every band's block keeps dask
+    from loading the whole scene band by band before it can combine them."""
+    clear = blocks[-1] if masked else None
+    raws = blocks[:-1] if masked else blocks
+    out = np.empty((len(raws), *raws[0].shape), dtype=np.float32)
+    for band, raw, (nodata, scale, offset) in zip(out, raws, encodings, strict=True):
+        band[...] = raw
+        if scale != 1:
+            band *= np.float32(scale)
+        if offset:
+            band += np.float32(offset)
+        bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+        if nodata is not None and not np.isnan(nodata):
+            bad |= raw == nodata
+        if clear is not None:
+            bad |= ~clear
+        band[bad] = np.nan
     return out
 
 
@@ -237,19 +242,19 @@ def load_scene(
             chunks={"x": chunk_px, "y": chunk_px},
             groupby="id",
         )
-        clear = ~ds[mask_asset].isel(time=0, drop=True).isin(list(mask_values)) if masked else None
-        per_band = []
-        for band in bands:
-            nodata, scale, offset = band_encoding(item, band)
-            raw = ds[names[band]].isel(time=0, drop=True)
-            args = [raw] if clear is None else [raw, clear]
-            per_band.append(
-                xr.apply_ufunc(
-                    _decode, *args, kwargs={"nodata": nodata, "scale": scale, "offset": offset},
-                    dask="parallelized", output_dtypes=[np.float32],
-                )
-            )  # fmt: skip
-        layers.append(xr.concat(per_band, dim="band"))
+        raws = [ds[names[band]].isel(time=0, drop=True) for band in bands]
+        if masked:
+            raws.append(~ds[mask_asset].isel(time=0, drop=True).isin(list(mask_values)))
+        data = da.map_blocks(
+            _decode_bands,
+            *(r.data for r in raws),
+            encodings=[band_encoding(item, band) for band in bands],
+            masked=masked,
+            new_axis=0,
+            chunks=((len(bands),), *raws[0].data.chunks),
+            dtype=np.float32,
+        )
+        layers.append(xr.DataArray(data, dims=("band", "y", "x"), coords=raws[0].coords))
     if composite == "median" and len(layers) > 1:
         stack = xr.concat(layers, dim="time").chunk({"time": -1})
         image = stack.median("time", skipna=True)

@@ -11,6 +11,11 @@ from .labels import classes_from_stac, load_labels
 from .load import load_scene
 from .store import SceneStore, write_scene
 
+#: Read chunk side: a whole scene is read once, so large chunks (fewer requests per byte)
+#: beat the store's; 2048 px ingests ~12% faster than 1024 on S3 (bench/ingest.py) for
+#: ~250 MB more peak memory at 10000^2.
+READ_CHUNK_PX = 2048
+
 
 def ingest_items(
     items: Sequence[pystac.Item],
@@ -40,7 +45,9 @@ def ingest_items(
                 f"or ingest without labels (label_asset=None)"
             )
         classes = classes_from_stac(table)
-    image = load_scene(items, bands)
+    image = load_scene(items, bands, chunk_px=READ_CHUNK_PX)
     if classes is not None:
-        labels = load_labels(items, image.odc.geobox, classes, asset=label_asset)
+        labels = load_labels(
+            items, image.odc.geobox, classes, asset=label_asset, chunk_px=READ_CHUNK_PX
+        )
     return write_scene(url, image, labels, classes=classes, **write_kw)
