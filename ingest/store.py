@@ -335,9 +335,8 @@ def write_scene(
         # one pass over the sources (or, finishing an interrupted store, over level 0):
         # every missing level, each halved from the level above (before rounding to
         # counts) while its chunks are in memory, and the band statistics. xarray writes
-        # metadata and coordinates; the pixels go through one da.store, which (unlike
-        # several to_zarr delayeds) computes each source chunk once. Few passes over
-        # level 0 matter more than anything else here: memory bandwidth is the limit.
+        # metadata and coordinates; the pixels of a strip go through one da.store, which
+        # (unlike several to_zarr delayeds) computes each source chunk once.
         start = min(set(range(num_levels + 1)) - done)
         if start == 0:
             img, lab = image.data, None if labels is None else labels.data
