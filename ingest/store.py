@@ -116,11 +116,11 @@ def level_chunk_px(chunk_px: int, level: int) -> int:
     return max(chunk_px >> level, min(chunk_px, 128))
 
 
-def strip_rows(chunk_px: int, num_levels: int) -> int:
-    """Level-0 rows written per step: whole chunks at every level, and at least 2048 (the
-    ingest's read chunk), so a strip never reads a source chunk twice."""
+def strip_rows(chunk_px: int, num_levels: int, source_rows: int) -> int:
+    """Level-0 rows written per step: whole store chunks at every level and whole source
+    chunks (``source_rows`` high), so a strip never writes a chunk or reads one twice."""
     whole = max(level_chunk_px(chunk_px, lv) << lv for lv in range(num_levels + 1))
-    return whole * -(-2048 // whole)
+    return math.lcm(whole, source_rows)
 
 
 def _pad_even(arr: da.Array, fill: float) -> da.Array:
@@ -340,17 +340,17 @@ def write_scene(
         start = min(set(range(num_levels + 1)) - done)
         if start == 0:
             img, lab = image.data, None if labels is None else labels.data
+            level0 = img
         else:
             top = _open_level(url, 0)
             img = top["image"].data
             lab = top["label"].data if "label" in top else None
-        sources, targets, levels = [], [], []
+        source_rows = img.chunks[1][0]
+        writes = []  # (pixels, zarr array, level)
         for level in range(num_levels + 1):
             if level:  # halved in the source's (larger) chunks, split for the store
                 img = _halve(img, halve_mean, np.nan)
                 lab = None if lab is None else _halve(lab, halve_mode, IGNORE)
-            elif start == 0:
-                level0 = img
             if level < start:
                 continue
             cpx = level_chunk_px(chunk_px, level)
@@ -361,21 +361,17 @@ def write_scene(
                 root = zarr.open_group(native(url), mode="r+")
                 root.attrs["multiscales"] = multiscales(num_levels)
             group = zarr.open_group(native(url), path=_level_group(level), mode="r+")
-            sources.append(stored)
-            targets.append(group["image"])
-            levels.append(level)
+            writes.append((stored, group["image"], level))
             if lab is not None:
-                sources.append(lab.rechunk((cpx, cpx)))
-                targets.append(group["label"])
-                levels.append(level)
+                writes.append((lab.rechunk((cpx, cpx)), group["label"], level))
         # strip by strip of level-0 rows: reads cannot run ahead of the (slower) writes
         # by more than a strip, so memory is bounded by the scene's width, not its area
-        height, step = gbox.shape[0], strip_rows(chunk_px, num_levels)
+        height, step = gbox.shape[0], strip_rows(chunk_px, num_levels, source_rows)
         moments = np.zeros((len(bands), 3))
         for r0 in range(0, height, step):
             r1 = min(r0 + step, height)
             stores = []
-            for src, tgt, level in zip(sources, targets, levels, strict=True):
+            for src, tgt, level in writes:
                 rows = slice(-(-r0 // 2**level), -(-r1 // 2**level))
                 region = (slice(None),) * (src.ndim - 2) + (rows, slice(None))
                 stores.append(da.store(src[region], tgt, regions=region, lock=False, compute=False))

@@ -97,7 +97,7 @@ def test_a_store_written_in_strips_equals_one_written_at_once(store, monkeypatch
     import relaymap.ingest.store as store_module
 
     item, scene = store
-    monkeypatch.setattr(store_module, "strip_rows", lambda chunk_px, num_levels: 96)
+    monkeypatch.setattr(store_module, "strip_rows", lambda chunk_px, num_levels, source_rows: 96)
     image = load_scene([item], BANDS, chunk_px=64)
     classes = classes_from_stac(item.assets["labels"].extra_fields["classification:classes"])
     labels = load_labels([item], image.odc.geobox, classes, chunk_px=64)
