@@ -41,7 +41,7 @@ from relaymap.ingest.grid import MAX_AREA_KM2, AreaGrid, area_grid, read_area
 from relaymap.ingest.load import band_source, missing_bands
 from relaymap.ingest.periods import Every, Period, parse_periods
 
-from .cells import CellMapper, geobox_to_dict
+from .cells import CELLS_IN_FLIGHT, CellMapper, geobox_to_dict
 from .class_areas import class_area_rows, plot_class_areas, write_table
 from .cog import NODATA
 from .infer import remove_generations, tile_overlap
@@ -319,7 +319,14 @@ def run_tasks(
     ).map_batches(
         CellMapper,
         fn_constructor_kwargs={"model_url": model_url, "use_gpu": use_gpu},
-        compute=ActorPoolStrategy(size=min(opts.workers, len(tasks))),
+        # two cells per actor at once: one composites while the other runs the model
+        # (CellMapper's model lock); no more are queued, so idle actors get the next cell
+        compute=ActorPoolStrategy(
+            size=min(opts.workers, len(tasks)),
+            max_tasks_in_flight_per_actor=CELLS_IN_FLIGHT,
+            max_concurrent_calls_per_actor=CELLS_IN_FLIGHT,
+            enable_true_multi_threading=True,
+        ),
         batch_size=1,
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
     )

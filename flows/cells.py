@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,16 @@ def geobox_from_dict(d: dict[str, Any]) -> GeoBox:
     return GeoBox(tuple(d["shape"]), Affine(*d["transform"]), d["crs"])
 
 
+#: Cells in flight per actor: while one holds the model, the next is composited (reads,
+#: decodes) and the previous one's COG is written, so I/O hides behind the forward pass.
+CELLS_IN_FLIGHT = 2
+
+
 class CellMapper:
     """Ray Data actor: loads the model once, then maps one ``(cell, period)`` task per
-    call (:func:`map_cell`)."""
+    call (:func:`map_cell`). Up to :data:`CELLS_IN_FLIGHT` calls run at once, in threads;
+    only one at a time runs the model (``model_lock``), so memory holds at most that many
+    cells and the model's threads are never shared."""
 
     def __init__(self, model_url: str, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -63,20 +72,32 @@ class CellMapper:
         # OMP_NUM_THREADS): never more threads than the actor's share of the node
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         dask.config.set(scheduler="threads", num_workers=max(1, int(cpus)))
+        self.model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         out = [
-            json.dumps(map_cell(self.model, self.info, json.loads(t), self.device))
+            json.dumps(
+                map_cell(
+                    self.model, self.info, json.loads(t), self.device, model_lock=self.model_lock
+                )
+            )
             for t in batch["task"]
         ]
         return {"result": out}
 
 
 def map_cell(
-    model: torch.nn.Module, info: ModelInfo, task: dict[str, Any], device: torch.device
+    model: torch.nn.Module,
+    info: ModelInfo,
+    task: dict[str, Any],
+    device: torch.device,
+    *,
+    model_lock: AbstractContextManager | None = None,
 ) -> dict[str, Any]:
     """Map one task (see :func:`relaymap.flows.area.plan`); returns a small result:
-    ``status`` (``mapped``, ``nodata`` or ``failed``), the item as JSON, pixel counts."""
+    ``status`` (``mapped``, ``nodata`` or ``failed``), the item as JSON, pixel counts.
+    ``model_lock`` is held only while the model runs: the composite before it and the
+    COG upload after it run alongside another cell's forward pass."""
     t0 = time.perf_counter()
     spec = info.spec
     opts = MapOptions.model_validate(task["options"])
@@ -105,6 +126,10 @@ def map_cell(
         image, warnings = composite(items, spec.bands, padded, recipe, chunk_px=1024)
         result["warnings"] = warnings
         store = write_scene(task["store"], image, overwrite=True)
+        # the padded cell in memory (bounded by the cell size): tiles read slices, not zarr
+        # chunks again and again
+        h_px, w_px = store.shape(0)
+        image = store.read_box((0, 0, h_px, w_px))[0]
         stages["composite"] = time.perf_counter() - t0
         crop = (halo, halo, halo + h, halo + w)
         clear = int(store.valid(0)[crop[0] : crop[2], crop[1] : crop[3]].sum())
@@ -126,24 +151,23 @@ def map_cell(
                 Path(tmp), cell, spec.class_table(), probabilities=opts.probabilities
             )
             try:
-                t1 = time.perf_counter()
-                # the padded cell in memory (bounded by the cell size): tiles read slices,
-                # not zarr chunks again and again
-                h_px, w_px = store.shape(0)
-                image = store.read_box((0, 0, h_px, w_px))[0]
-                tiles_run, _ = predict_source(
-                    model,
-                    ArrayPyramid(image, num_levels=store.num_levels),
-                    crop_sink(writer.sink, crop),
-                    tile_px=opts.tile_px,
-                    overlap_px=opts.overlap_px,
-                    crop=crop,
-                    batch_size=opts.batch_size,
-                    device=device,
-                )
+                waiting = time.perf_counter()
+                with model_lock or nullcontext():
+                    t1 = time.perf_counter()
+                    stages["wait"] = t1 - waiting
+                    tiles_run, _ = predict_source(
+                        model,
+                        ArrayPyramid(image, num_levels=store.num_levels),
+                        crop_sink(writer.sink, crop),
+                        tile_px=opts.tile_px,
+                        overlap_px=opts.overlap_px,
+                        crop=crop,
+                        batch_size=opts.batch_size,
+                        device=device,
+                    )
+                    stages["predict"] = time.perf_counter() - t1
             finally:
                 writer.close()
-            stages["predict"] = time.perf_counter() - t1
             publish(Path(tmp), urls, spec.class_table(), compress=opts.compress)
         fault_point("area:cell-uploaded")  # crash tests: a COG no item points at yet
         item = _item(task, info, store, urls, writer.counts, cell)

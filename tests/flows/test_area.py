@@ -7,10 +7,12 @@ import csv
 import datetime as dt
 import io
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import rasterio
+import torch
 from PIL import Image
 
 from relaymap.catalog import StaticCatalog, serve_stac
@@ -193,3 +195,75 @@ def test_seam_free_cells_equal_one_larger_cell(source, tmp_path, monkeypatch):
     moved = small.mosaics["2026-01"].replace(str(tmp_path / "small"), str(tmp_path / "moved"))
     shutil.rmtree(tmp_path / "small")
     assert np.array_equal(_read(moved), a)
+
+
+class _RecordingLock:
+    """The model lock, logging who asks for, holds and returns it. Its first holder waits
+    (inside) until the other cell asks for it: both cells are in flight at a defined point."""
+
+    def __init__(self, log: list) -> None:
+        self.lock, self.log = threading.Lock(), log
+        self.held, self.second_ask = threading.Event(), threading.Event()
+
+    def __enter__(self) -> None:
+        self.log.append(("ask", threading.current_thread().name))
+        if self.held.is_set():
+            self.second_ask.set()
+        self.lock.acquire()
+        self.log.append(("hold", threading.current_thread().name))
+        if not self.held.is_set():
+            self.held.set()
+            # a bound only a broken map_cell reaches (it no longer asks for the lock)
+            assert self.second_ask.wait(600), "the second cell never asked for the model"
+
+    def __exit__(self, *exc) -> None:
+        self.log.append(("return", threading.current_thread().name))
+        self.lock.release()
+
+
+def test_aoi_cells_in_flight_composite_while_the_other_runs_the_model(source, monkeypatch):
+    """Two cells in one actor at once (Ray Data runs CellMapper's calls in threads): the
+    second composites while the first holds the model, and the model never runs for both."""
+    from relaymap.flows import cells
+    from relaymap.flows.area import plan
+    from relaymap.flows.trained import load_trained
+
+    cfg = config(source["api"], source["model"], "s3://relaymap-test/area-inflight")
+    tasks = [t for t in plan(cfg).tasks if t["period"] == "2026-01"][:2]
+    info, model = load_trained(cfg.model)
+    log: list[tuple[str, str]] = []
+    lock = _RecordingLock(log)
+    real = cells.composite
+
+    def composite(*a, **k):
+        if threading.current_thread().name == "cell1":  # starts once cell0 has the model
+            assert lock.held.wait(600), "cell0 never got the model"
+        log.append(("composite", threading.current_thread().name))
+        out = real(*a, **k)
+        log.append(("composited", threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(cells, "composite", composite)
+    results: dict[str, dict] = {}
+
+    def run(task):
+        results[threading.current_thread().name] = cells.map_cell(
+            model, info, task, torch.device("cpu"), model_lock=lock
+        )
+
+    threads = [
+        threading.Thread(target=run, args=(t,), name=f"cell{i}") for i, t in enumerate(tasks)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = [results.get(f"cell{i}", {}).get("status") for i in range(2)]
+    assert statuses == ["mapped", "mapped"], results
+    # the model: held by one cell at a time
+    holds = [(e, who) for e, who in log if e in ("hold", "return")]
+    assert holds == [("hold", "cell0"), ("return", "cell0"), ("hold", "cell1"), ("return", "cell1")]
+    # cell1 composited (and then asked for the model) while cell0 held it
+    order = [("hold", "cell0"), ("composite", "cell1"), ("composited", "cell1")]
+    order += [("ask", "cell1"), ("return", "cell0")]
+    assert sorted(order, key=log.index) == order, log
