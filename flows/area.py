@@ -331,9 +331,11 @@ def run_tasks(
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
     )
     with tqdm(total=len(tasks), unit="cell", desc="mapping cells", disable=not progress) as bar:
-        for row in ds.iter_rows():
-            bar.update(1)
-            yield json.loads(row["result"])
+        # no prefetch: iter_rows holds each result until the next one is in (a cell late)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
+            for result in batch["result"]:
+                bar.update(1)
+                yield json.loads(result)
 
 
 def map_area(
