@@ -65,6 +65,24 @@ class TestRegistry:
         out = model(*_inputs(model))
         assert out.local.shape == out.global_.shape == (2, 5, SIDE, SIDE)
 
+    @pytest.mark.parametrize("name", ["swinv2_nano_relay", "vit_small_relay"])
+    def test_convt_head_is_its_transposed_convolution(self, name):
+        """The head computes its ``ConvTranspose2d`` as a matmul: same outputs, same
+        gradients, same state-dict keys."""
+        torch.manual_seed(0)
+        head = create_model(name, num_classes=5, in_chans=4).decode_head
+        conv = head.proj
+        assert {k for k, _ in head.named_parameters()} == {"proj.weight", "proj.bias"}
+        x = torch.randn(3, conv.in_channels, 2, 3, requires_grad=True)
+        fast, slow = head([x]), conv(x)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(slow)
+        grads = [
+            torch.autograd.grad((y * g).sum(), (x, conv.weight, conv.bias)) for y in (fast, slow)
+        ]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
     def test_other_side_lengths(self):
         model = create_model("vit_small_relay", num_classes=2).eval()
         with torch.no_grad():
