@@ -10,7 +10,9 @@ times count ``map_area`` after Ray is up (actor start-up included). Side by side
 
 1. ``--cells`` cells of ``--cell-px`` with 1 worker and with 2 workers; every worker is one
    Ray actor with 1 CPU and one torch thread (reported), so the ratio is the job's
-   parallelism, not torch's threading.
+   parallelism, not torch's threading. An actor holds two cells at once: the next one
+   composites while one runs the model (stage seconds are summed over cells, so they
+   overlap).
 2. Model only: the bare forward pass (1 thread, batch 8) over the tiles of one tiling of
    the same area pixels (64 px tiles, 16 px overlap, as the job), timed here on random
    tensors; divided by run 1's time with 1 worker: area mapping vs model throughput.
