@@ -332,7 +332,7 @@ def run_tasks(
     )
     with tqdm(total=len(tasks), unit="cell", desc="mapping cells", disable=not progress) as bar:
         # no prefetch: iter_rows holds each result until the next one is in (a cell late)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             for result in batch["result"]:
                 bar.update(1)
                 yield json.loads(result)

@@ -132,7 +132,7 @@ def map_cell(
         image = store.read_box((0, 0, h_px, w_px))[0]
         stages["composite"] = time.perf_counter() - t0
         crop = (halo, halo, halo + h, halo + w)
-        clear = int(store.valid(0)[crop[0] : crop[2], crop[1] : crop[3]].sum())
+        clear = int(np.isfinite(image[:, crop[0] : crop[2], crop[1] : crop[3]]).all(0).sum())
         if clear == 0:
             result["status"] = "nodata"
             result["seconds"] = time.perf_counter() - t0
