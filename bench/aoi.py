@@ -14,8 +14,11 @@ times count ``map_area`` after Ray is up (actor start-up included). Side by side
    composites while one runs the model (stage seconds are summed over cells, so they
    overlap).
 2. Model only: the bare forward pass (1 thread, batch 8) over the tiles of one tiling of
-   the same area pixels (64 px tiles, 16 px overlap, as the job), timed here on random
-   tensors; divided by run 1's time with 1 worker: area mapping vs model throughput.
+   the same area pixels (64 px tiles, 16 px overlap, as the job), timed in a process of its
+   own on random tensors; divided by run 1's time with 1 worker: area mapping vs model
+   throughput. The same loop in two processes at once gives this machine's ceiling for the
+   2-worker figure (two busy cores run each slower than one alone: shared caches, clocks,
+   the hypervisor's neighbours), alternated with the one-process timing.
 3. Peak driver RSS mapping 4 cells and 36 cells of ``--mem-cell-px`` (1 worker).
 4. Seams: 2x2 cells of ``--mem-cell-px`` against the same pixels as one cell of twice the
    side: the fraction of identical class pixels.
@@ -37,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MARGIN_PX = 200
+#: Tiles per forward pass (the default ``MapOptions.batch_size``): the job and the bare model.
+BATCH = 8
 DATE = dt.datetime(2026, 1, 10, 10, tzinfo=dt.UTC)
 COLLECTION = "sentinel-2-l2a-sample"
 
@@ -95,7 +100,7 @@ def run(cfg: dict) -> None:
                 "tiles": sum(t["tiles"] for t in result.done),
                 "stages": {
                     k: sum(t["stage_seconds"].get(k, 0.0) for t in result.done)
-                    for k in ("composite", "predict", "write")
+                    for k in ("wait", "composite", "predict", "write")
                 },
                 "threads": sorted({t["threads"] for t in result.done}),
                 "mosaic": result.mosaics.get("2026-01"),
@@ -116,26 +121,57 @@ def child(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def model_only_seconds(area_px: int, name: str, batches: int = 30) -> tuple[float, int]:
-    """Seconds for the forward passes over one 64/16 tiling of an ``area_px`` square
-    (1 thread, batch 8), extrapolated from ``batches`` timed batches; and the tile count."""
+def forward_loop(name: str, batch: int, batches: int) -> None:
+    """Child process: build the model (1 torch thread), say ``ready``, wait for a line on
+    stdin, then time ``batches`` forward passes of ``batch`` 64 px tiles; print seconds."""
     import torch
 
     from relay_models import create_model
-    from relay_models.inference import plan_tiles
 
     torch.set_num_threads(1)
-    n = len(plan_tiles((area_px, area_px), 64, 16))
     model = create_model(name, num_classes=6, in_chans=4).eval()
-    x = torch.randn(8, 4, 64, 64)
+    x = torch.randn(batch, 4, 64, 64)
     with torch.inference_mode():
         for _ in range(3):
             model.predict_local(x, x)
+        print("ready", flush=True)
+        sys.stdin.readline()
         t0 = time.perf_counter()
         for _ in range(batches):
             model.predict_local(x, x).softmax(1)
-        per_batch = (time.perf_counter() - t0) / batches
-    return per_batch * n / 8, n
+    print(time.perf_counter() - t0, flush=True)
+
+
+def forward_seconds(name: str, batch: int, batches: int, procs: int) -> list[float]:
+    """Seconds of :func:`forward_loop` in ``procs`` processes started at the same moment."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import bench.aoi as b; "
+    code += f"b.forward_loop({name!r}, {batch}, {batches})"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(procs)
+    ]
+    for c in children:
+        assert c.stdout.readline().strip() == "ready"
+    for c in children:  # all built and warm: go
+        c.stdin.write("go\n")
+        c.stdin.flush()
+    seconds = [float(c.communicate()[0]) for c in children]
+    if any(c.returncode for c in children):
+        raise RuntimeError("a forward-pass process failed")
+    return seconds
+
+
+def bare_model(name: str, batch: int, batches: int = 40, rounds: int = 2) -> tuple[float, float]:
+    """The bare forward pass, one process alone and two at once, alternated ``rounds``
+    times: seconds per batch alone, and two processes' throughput over one's (this
+    machine's ceiling for the job's 2-worker figure: both wall-clock, both finish)."""
+    one = two = 0.0
+    for _ in range(rounds):
+        one += forward_seconds(name, batch, batches, 1)[0]
+        two += max(forward_seconds(name, batch, batches, 2))
+    return one / (rounds * batches), 2 * one / two
 
 
 def main() -> None:
@@ -147,6 +183,7 @@ def main() -> None:
     args = p.parse_args()
     cols, rows = map(int, args.cells.split("x"))
 
+    from relay_models.inference import plan_tiles
     from relaymap.catalog import serve_stac
     from relaymap.ingest.sample import make_s2_area
 
@@ -173,7 +210,7 @@ def main() -> None:
             "source": {"stac_api": api, "collections": [COLLECTION]},
             "out": str(work / out),
             "grid": {"cell_px": cell_px, "crs": "EPSG:32633"},
-            "options": {"workers": workers, "quicklook": False},
+            "options": {"workers": workers, "quicklook": False, "batch_size": BATCH},
         }
 
     rows_out = []
@@ -182,7 +219,9 @@ def main() -> None:
         one = child(cfg("w1", args.cell_px, cols, 1))
         two = child(cfg("w2", args.cell_px, cols, 2))
         area_px = cols * args.cell_px
-        bare, area_tiles = model_only_seconds(area_px, args.model)
+        area_tiles = len(plan_tiles((area_px, area_px), 64, 16))
+        per_batch, ceiling = bare_model(args.model, BATCH)
+        bare = per_batch * area_tiles / BATCH
         small = child(cfg("m4", args.mem_cell_px, 2, 1))
         large = child(cfg("m36", args.mem_cell_px, 6, 1))
         seam_small = child(cfg("s4", args.mem_cell_px, 2, 1))
@@ -216,6 +255,7 @@ def main() -> None:
         print(f"{k.ljust(width)}  {v}")
     print()
     print(f"2 workers / 1 worker: {one['seconds'] / two['seconds']:.2f}")
+    print(f"bare model, 2 processes / 1 process: {ceiling:.2f} (this machine's ceiling)")
     print(f"end-to-end vs model-only: {bare / one['seconds']:.2f}")
     print(f"driver RSS 36 cells / 4 cells: {large['driver_rss_mb'] / small['driver_rss_mb']:.2f}")
     print(f"seamless: {100 * same:.2f}% of pixels identical (2x2 cells vs one cell)")

@@ -126,7 +126,7 @@ class AreaResult:
     mosaics: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     #: Per task run: cell, period, status, node, torch threads, tiles run, seconds (and
-    #: per stage: composite, predict, write).
+    #: per stage: wait for a lock, composite, predict, write).
     done: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:

@@ -62,7 +62,9 @@ class CellMapper:
     """Ray Data actor: loads the model once, then maps one ``(cell, period)`` task per
     call (:func:`map_cell`). Up to :data:`CELLS_IN_FLIGHT` calls run at once, in threads;
     only one at a time runs the model (``model_lock``), so memory holds at most that many
-    cells and the model's threads are never shared."""
+    cells and the model's threads are never shared, and only one at a time composites
+    (``composite_lock``: on an actor's first two calls, the first cell is not slowed by the
+    second's)."""
 
     def __init__(self, model_url: str, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -72,15 +74,12 @@ class CellMapper:
         # OMP_NUM_THREADS): never more threads than the actor's share of the node
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         dask.config.set(scheduler="threads", num_workers=max(1, int(cpus)))
-        self.model_lock = threading.Lock()
+        self.model_lock, self.composite_lock = threading.Lock(), threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        locks = {"model_lock": self.model_lock, "composite_lock": self.composite_lock}
         out = [
-            json.dumps(
-                map_cell(
-                    self.model, self.info, json.loads(t), self.device, model_lock=self.model_lock
-                )
-            )
+            json.dumps(map_cell(self.model, self.info, json.loads(t), self.device, **locks))
             for t in batch["task"]
         ]
         return {"result": out}
@@ -93,11 +92,14 @@ def map_cell(
     device: torch.device,
     *,
     model_lock: AbstractContextManager | None = None,
+    composite_lock: AbstractContextManager | None = None,
 ) -> dict[str, Any]:
     """Map one task (see :func:`relaymap.flows.area.plan`); returns a small result:
     ``status`` (``mapped``, ``nodata`` or ``failed``), the item as JSON, pixel counts.
     ``model_lock`` is held only while the model runs: the composite before it and the
-    COG upload after it run alongside another cell's forward pass."""
+    COG upload after it run alongside another cell's forward pass. ``composite_lock`` is
+    held while the cell is composited: two cells in flight composite one after the other,
+    so the first reaches the model as soon as it can."""
     t0 = time.perf_counter()
     spec = info.spec
     opts = MapOptions.model_validate(task["options"])
@@ -122,15 +124,18 @@ def map_cell(
     stages = result["stage_seconds"]
     try:
         items = [pystac.Item.from_dict(d, migrate=False) for d in task["items"]]
-        # 1024 px read chunks: a third less dask overhead than 512 (measured, bench/aoi.py)
-        image, warnings = composite(items, spec.bands, padded, recipe, chunk_px=1024)
-        result["warnings"] = warnings
-        store = write_scene(task["store"], image, overwrite=True)
-        # the padded cell in memory (bounded by the cell size): tiles read slices, not zarr
-        # chunks again and again
-        h_px, w_px = store.shape(0)
-        image = store.read_box((0, 0, h_px, w_px))[0]
-        stages["composite"] = time.perf_counter() - t0
+        with composite_lock or nullcontext():
+            t1 = time.perf_counter()
+            stages["wait"] = t1 - t0
+            # 1024 px read chunks: a third less dask overhead than 512 (bench/aoi.py)
+            image, warnings = composite(items, spec.bands, padded, recipe, chunk_px=1024)
+            result["warnings"] = warnings
+            store = write_scene(task["store"], image, overwrite=True)
+            # the padded cell in memory (bounded by the cell size): tiles read slices, not
+            # zarr chunks again and again
+            h_px, w_px = store.shape(0)
+            image = store.read_box((0, 0, h_px, w_px))[0]
+            stages["composite"] = time.perf_counter() - t1
         crop = (halo, halo, halo + h, halo + w)
         clear = int(np.isfinite(image[:, crop[0] : crop[2], crop[1] : crop[3]]).all(0).sum())
         if clear == 0:
@@ -154,7 +159,7 @@ def map_cell(
                 waiting = time.perf_counter()
                 with model_lock or nullcontext():
                     t1 = time.perf_counter()
-                    stages["wait"] = t1 - waiting
+                    stages["wait"] += t1 - waiting
                     tiles_run, _ = predict_source(
                         model,
                         ArrayPyramid(image, num_levels=store.num_levels),

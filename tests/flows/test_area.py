@@ -198,32 +198,37 @@ def test_seam_free_cells_equal_one_larger_cell(source, tmp_path, monkeypatch):
 
 
 class _RecordingLock:
-    """The model lock, logging who asks for, holds and returns it. Its first holder waits
-    (inside) until the other cell asks for it: both cells are in flight at a defined point."""
+    """A lock of ``CellMapper`` (``what``: model or composite), logging who asks for, holds
+    and returns it. Its first holder waits (inside) until the other cell asks for it: both
+    cells are in flight at a defined point."""
 
-    def __init__(self, log: list) -> None:
-        self.lock, self.log = threading.Lock(), log
+    def __init__(self, log: list, what: str) -> None:
+        self.lock, self.log, self.what = threading.Lock(), log, what
         self.held, self.second_ask = threading.Event(), threading.Event()
 
+    def _log(self, event: str) -> None:
+        self.log.append((f"{event} {self.what}", threading.current_thread().name))
+
     def __enter__(self) -> None:
-        self.log.append(("ask", threading.current_thread().name))
+        self._log("ask")
         if self.held.is_set():
             self.second_ask.set()
         self.lock.acquire()
-        self.log.append(("hold", threading.current_thread().name))
+        self._log("hold")
         if not self.held.is_set():
             self.held.set()
             # a bound only a broken map_cell reaches (it no longer asks for the lock)
-            assert self.second_ask.wait(600), "the second cell never asked for the model"
+            assert self.second_ask.wait(600), f"the second cell never asked for the {self.what}"
 
     def __exit__(self, *exc) -> None:
-        self.log.append(("return", threading.current_thread().name))
+        self._log("return")
         self.lock.release()
 
 
 def test_aoi_cells_in_flight_composite_while_the_other_runs_the_model(source, monkeypatch):
     """Two cells in one actor at once (Ray Data runs CellMapper's calls in threads): the
-    second composites while the first holds the model, and the model never runs for both."""
+    second composites while the first holds the model; the model never runs for both, and
+    the two never composite at once (the first cell reaches the model sooner)."""
     from relaymap.flows import cells
     from relaymap.flows.area import plan
     from relaymap.flows.trained import load_trained
@@ -232,12 +237,12 @@ def test_aoi_cells_in_flight_composite_while_the_other_runs_the_model(source, mo
     tasks = [t for t in plan(cfg).tasks if t["period"] == "2026-01"][:2]
     info, model = load_trained(cfg.model)
     log: list[tuple[str, str]] = []
-    lock = _RecordingLock(log)
+    model_lock, composite_lock = _RecordingLock(log, "model"), _RecordingLock(log, "composite")
     real = cells.composite
 
     def composite(*a, **k):
         if threading.current_thread().name == "cell1":  # starts once cell0 has the model
-            assert lock.held.wait(600), "cell0 never got the model"
+            assert model_lock.held.wait(600), "cell0 never got the model"
         log.append(("composite", threading.current_thread().name))
         out = real(*a, **k)
         log.append(("composited", threading.current_thread().name))
@@ -248,22 +253,33 @@ def test_aoi_cells_in_flight_composite_while_the_other_runs_the_model(source, mo
 
     def run(task):
         results[threading.current_thread().name] = cells.map_cell(
-            model, info, task, torch.device("cpu"), model_lock=lock
+            model,
+            info,
+            task,
+            torch.device("cpu"),
+            model_lock=model_lock,
+            composite_lock=composite_lock,
         )
 
     threads = [
         threading.Thread(target=run, args=(t,), name=f"cell{i}") for i, t in enumerate(tasks)
     ]
-    for t in threads:
-        t.start()
+    threads[0].start()  # cell1 comes second: once cell0 holds the composite lock
+    assert composite_lock.held.wait(600), "cell0 never asked to composite"
+    threads[1].start()
     for t in threads:
         t.join()
     statuses = [results.get(f"cell{i}", {}).get("status") for i in range(2)]
     assert statuses == ["mapped", "mapped"], results
-    # the model: held by one cell at a time
-    holds = [(e, who) for e, who in log if e in ("hold", "return")]
-    assert holds == [("hold", "cell0"), ("return", "cell0"), ("hold", "cell1"), ("return", "cell1")]
-    # cell1 composited (and then asked for the model) while cell0 held it
-    order = [("hold", "cell0"), ("composite", "cell1"), ("composited", "cell1")]
-    order += [("ask", "cell1"), ("return", "cell0")]
+    for what in ("model", "composite"):  # each lock: held by one cell at a time
+        holds = [(e, who) for e, who in log if e in (f"hold {what}", f"return {what}")]
+        expected = [(f"{e} {what}", f"cell{i}") for i in range(2) for e in ("hold", "return")]
+        assert holds == expected, log
+    # cell1 composited (and then asked for the model) while cell0 held the model
+    order = [("hold model", "cell0"), ("composite", "cell1"), ("composited", "cell1")]
+    order += [("ask model", "cell1"), ("return model", "cell0")]
+    assert sorted(order, key=log.index) == order, log
+    # cell1 asked to composite before cell0 did, and waited until cell0 was done
+    order = [("ask composite", "cell1"), ("composite", "cell0"), ("composited", "cell0")]
+    order += [("return composite", "cell0"), ("composite", "cell1")]
     assert sorted(order, key=log.index) == order, log
