@@ -337,6 +337,8 @@ def model_item(
         hyperparameters=dict(hyperparameters) if hyperparameters else None,
     )
     MLModelExtension.ext(item, add_if_missing=True)  # declares the MLM 1.5.2 schema
+    # mlm:output carries classification:classes objects: declare the extension they follow
+    item.stac_extensions.append(CLASSIFICATION_SCHEMA)
     item.properties.update(properties.model_dump(mode="json", by_alias=True))
     if not pretrained:  # MLM: a model trained from scratch says so with an explicit null
         item.properties["mlm:pretrained_source"] = None

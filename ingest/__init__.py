@@ -15,10 +15,12 @@ from .errors import (
     GridError,
     IngestError,
     MissingAssetError,
+    NoImageryError,
     NoItemsFound,
     PeriodError,
     StacApiError,
     StoreError,
+    UnknownCollectionError,
 )
 from .labels import LabelClass, classes_from_stac, classes_from_table, load_labels
 from .load import load_scene
@@ -34,11 +36,13 @@ __all__ = [
     "IngestError",
     "LabelClass",
     "MissingAssetError",
+    "NoImageryError",
     "NoItemsFound",
     "PeriodError",
     "SceneStore",
     "StacApiError",
     "StoreError",
+    "UnknownCollectionError",
     "classes_from_stac",
     "classes_from_table",
     "ingest_items",

@@ -11,6 +11,14 @@ class StacApiError(IngestError):
     """A STAC API cannot be reached or answered with an error."""
 
 
+class UnknownCollectionError(IngestError):
+    """A collection the STAC API does not have (the message lists those it has)."""
+
+
+class NoImageryError(IngestError):
+    """No source item touches the area in any period: nothing to map, nothing written."""
+
+
 class NoItemsFound(IngestError):
     """A search matched no item."""
 

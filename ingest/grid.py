@@ -67,7 +67,7 @@ def read_area(area: str | Mapping[str, Any], crs: str = "EPSG:4326") -> Geometry
                 ) from None
             if not (x0 < x1 and y0 < y1):
                 raise AreaError(f"area bbox {area!r} is empty: need minx < maxx and miny < maxy")
-            return box(x0, y0, x1, y1, crs)
+            return _on_earth(box(x0, y0, x1, y1, crs), area)
         try:
             doc = json.loads(text) if text.startswith("{") else json.loads(read_bytes(text))
         except (OSError, ValueError) as e:
@@ -79,6 +79,19 @@ def read_area(area: str | Mapping[str, Any], crs: str = "EPSG:4326") -> Geometry
         raise AreaError(f"area {str(area)[:80]!r} is empty (zero area)")
     if not geom.is_valid:
         geom = geom.buffer(0)
+    return _on_earth(geom, area)
+
+
+def _on_earth(geom: Geometry, area: Any) -> Geometry:
+    """``geom``, if lon/lat coordinates lie within [-180, 180] x [-90, 90]."""
+    if geom.crs is not None and geom.crs.geographic:
+        x0, y0, x1, y1 = geom.boundingbox
+        if not (-180 <= x0 < x1 <= 180 and -90 <= y0 < y1 <= 90):
+            raise AreaError(
+                f"area {str(area)[:80]!r} lies outside lon/lat [-180, 180] x [-90, 90] "
+                f"(bounds {x0:g},{y0:g},{x1:g},{y1:g}); give lon/lat degrees, or GeoJSON "
+                "with its CRS"
+            )
     return geom
 
 

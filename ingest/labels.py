@@ -30,7 +30,7 @@ from relay_models.windows import IGNORE
 from relaymap.catalog.storage import normalize_url, read_bytes, redact
 
 from .errors import CorruptRasterError, IngestError
-from .load import configure_odc, rio_env
+from .load import configure_odc, pixel_metres, resampling, rio_env
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,14 @@ def _from_items(
 ) -> xr.DataArray:
     configure_odc()
     nodata = (items[0].assets[asset].extra_fields.get("raster:bands") or [{}])[0].get("nodata")
+    with rio_env(), rasterio.open(items[0].assets[asset].href) as src:
+        native_m = pixel_metres(src.transform, src.crs)
     ds = odc.stac.load(
         list(items),
         bands=[asset],
         geobox=gbox,
-        resampling="nearest",
+        # finer labels onto this grid: the majority class of each cell
+        resampling=resampling(native_m, pixel_metres(gbox.transform, str(gbox.crs)), classes=True),
         chunks={"x": chunk_px, "y": chunk_px},
         groupby="id",
     )

@@ -12,8 +12,9 @@ from requests.exceptions import RequestException
 
 from relaymap.catalog.storage import redact
 
-from .errors import MissingAssetError, NoItemsFound, StacApiError
+from .errors import MissingAssetError, NoItemsFound, StacApiError, UnknownCollectionError
 from .load import missing_bands
+from .profiles import ReadOptions
 
 
 def open_api(api_url: str) -> pystac_client.Client:
@@ -22,6 +23,35 @@ def open_api(api_url: str) -> pystac_client.Client:
         return pystac_client.Client.open(api_url)
     except (APIError, RequestException, OSError) as e:
         raise StacApiError(f"cannot reach the STAC API at {api_url}: {redact(str(e))}") from None
+
+
+#: How many of a source's collections an error message lists.
+LISTED_COLLECTIONS = 30
+
+
+def check_collections(client: pystac_client.Client, api_url: str, wanted: Sequence[str]) -> None:
+    """Every collection in ``wanted`` is on the API, else one error listing what it has."""
+    try:
+        missing = [c for c in wanted if _collection(client, c) is None]
+        if not missing:
+            return
+        have = sorted(c.id for c in client.get_collections())
+    except (APIError, RequestException, OSError) as e:
+        raise StacApiError(f"cannot list the collections of {api_url}: {redact(str(e))}") from None
+    shown = ", ".join(have[:LISTED_COLLECTIONS]) or "none"
+    more = f" and {len(have) - LISTED_COLLECTIONS} more" if len(have) > LISTED_COLLECTIONS else ""
+    raise UnknownCollectionError(
+        f"no collection {', '.join(map(repr, missing))} on {api_url}; it has {shown}{more}"
+    )
+
+
+def _collection(client: pystac_client.Client, cid: str):
+    try:
+        return client.get_collection(cid)
+    except APIError as e:  # a 404 on APIs that answer so
+        if getattr(e, "status_code", None) == 404 or "404" in str(e):
+            return None
+        raise
 
 
 def search(
@@ -34,6 +64,7 @@ def search(
     max_cloud_cover: float | None = None,
     max_items: int | None = None,
     require_assets: Sequence[str] = (),
+    read: ReadOptions | None = None,
 ) -> list[pystac.Item]:
     """Items of a STAC API search, sorted by datetime then id.
 
@@ -46,15 +77,19 @@ def search(
         max_cloud_cover: keep items with ``eo:cloud_cover`` at most this (percent); sent as
             a ``query`` when the API conforms to it, else applied to the results.
         max_items: stop after this many items.
-        require_assets: bands every item must have (asset keys, or band names or common
-            names of multi-band assets).
+        require_assets: model bands every item must give (as its source profile and
+            ``read`` find them: asset keys, band names or common names).
+        read: the source profile and overrides (see :mod:`relaymap.ingest.profiles`).
 
     Raises:
         StacApiError: the API is unreachable or rejects the search.
+        UnknownCollectionError: a collection the API does not have.
         NoItemsFound: nothing matched (the message repeats the search).
         MissingAssetError: an item lacks one of ``require_assets``.
     """
     client = open_api(api_url)
+    if collections:
+        check_collections(client, api_url, collections)
     params: dict[str, Any] = dict(
         collections=collections,
         bbox=bbox,
@@ -76,7 +111,7 @@ def search(
         cloud = f", eo:cloud_cover <= {max_cloud_cover}" if max_cloud_cover is not None else ""
         raise NoItemsFound(f"no STAC item on {api_url} matches {asked}{cloud}")
     for item in items:
-        missing = missing_bands(item, require_assets)
+        missing = missing_bands(item, require_assets, read)
         if missing:
             raise MissingAssetError(
                 f"item {item.id} has no asset {', '.join(missing)}; it has "

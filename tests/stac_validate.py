@@ -51,6 +51,8 @@ def errors(doc: dict) -> Iterator[str]:
     if core is None:
         yield f"{doc.get('id')}: unknown type {doc.get('type')!r}"
         return
+    for prefix in undeclared(doc):
+        yield f"{doc.get('id')}: uses {prefix}:* fields without declaring the extension"
     for url in [core, *doc.get("stac_extensions", [])]:
         try:
             schema = registry().contents(url.rstrip("#"))
@@ -61,6 +63,44 @@ def errors(doc: dict) -> Iterator[str]:
         for e in validator.iter_errors(doc):
             where = "/".join(map(str, e.absolute_path))
             yield f"{doc.get('id')}: {url.rsplit('/', 3)[-3]}: {where}: {e.message[:300]}"
+
+
+#: Field prefixes of the extensions we write, and the folder of their vendored schema: a
+#: document that uses a prefix must declare that extension (as outside validators check).
+PREFIXES = {
+    "classification": "classification",
+    "eo": "eo",
+    "raster": "raster",
+    "proj": "projection",
+    "file": "file",
+    "processing": "processing",
+    "mlm": "mlm",
+}
+
+
+def _keys(node) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _keys(v)
+
+
+def undeclared(doc: dict) -> list[str]:
+    """Extension prefixes a document uses (in properties, assets, summaries, item assets)
+    without declaring the extension."""
+    declared = " ".join(doc.get("stac_extensions", []))
+    used = {
+        k.split(":", 1)[0]
+        for part in ("properties", "assets", "summaries", "item_assets")
+        for k in _keys(doc.get(part, {}))
+        if ":" in k
+    }
+    if any(":" in k for k in doc if k not in ("stac_extensions",)):
+        used |= {k.split(":", 1)[0] for k in doc if ":" in k}
+    return sorted(p for p in used if p in PREFIXES and f"/{PREFIXES[p]}/" not in declared)
 
 
 def validate_tree(root: Path) -> list[str]:

@@ -1,14 +1,15 @@
-"""Per-band encodings, including Sentinel-2's processing-baseline offset."""
+"""Per-band encodings from the metadata and the source profile, including Sentinel-2's
+processing-baseline offset, and multi-band assets."""
 
 from __future__ import annotations
 
 import pystac
 import pytest
 
-from relaymap.ingest.load import band_encoding
+from relaymap.ingest.profiles import plan_read
 
 
-def _item(baseline: str | None, raster: dict) -> pystac.Item:
+def _item(baseline: str | None, raster: dict | None, key: str = "red", collection=None):
     props = {"s2:processing_baseline": baseline} if baseline else {}
     item = pystac.Item(
         "s2",
@@ -16,30 +17,41 @@ def _item(baseline: str | None, raster: dict) -> pystac.Item:
         None,
         None,
         {**props, "start_datetime": "2024-01-01T00:00:00Z", "end_datetime": "2024-01-01T00:00:00Z"},
+        collection=collection,
     )
-    item.add_asset("B04", pystac.Asset("file:///x.tif", extra_fields={"raster:bands": [raster]}))
+    fields = {"raster:bands": [raster]} if raster is not None else {}
+    item.add_asset(key, pystac.Asset("file:///x.tif", extra_fields=fields))
+    if key == "B04":
+        item.add_asset("SCL", pystac.Asset("file:///scl.tif"))
     return item
 
 
 @pytest.mark.parametrize(
-    ("baseline", "raster", "expected"),
+    ("baseline", "raster", "key", "collection", "expected"),
     [
         # baseline 04.00+: DN = 10000 * reflectance + 1000, metadata without an offset
-        ("04.00", {"nodata": 0, "scale": 1e-4}, (0.0, 1e-4, -0.1)),
-        ("05.09", {"nodata": 0, "scale": 1e-4}, (0.0, 1e-4, -0.1)),
+        ("04.00", {"nodata": 0, "scale": 1e-4}, "red", None, (0.0, 1e-4, -0.1)),
+        ("05.09", {"nodata": 0, "scale": 1e-4}, "red", None, (0.0, 1e-4, -0.1)),
         # older baselines: no offset
-        ("02.14", {"nodata": 0, "scale": 1e-4}, (0.0, 1e-4, 0.0)),
+        ("02.14", {"nodata": 0, "scale": 1e-4}, "red", None, (0.0, 1e-4, 0.0)),
         # the provider already wrote the offset: it is used as is, never applied twice
-        ("04.00", {"nodata": 0, "scale": 1e-4, "offset": -0.1}, (0.0, 1e-4, -0.1)),
-        # no scale: DN units, so the offset is -1000 DN
-        ("04.00", {"nodata": 0}, (0.0, 1.0, -1000.0)),
-        (None, {}, (None, 1.0, 0.0)),
+        ("04.00", {"nodata": 0, "scale": 1e-4, "offset": -0.1}, "red", None, (0.0, 1e-4, -0.1)),
+        # an unknown catalog without a scale: DN units, so the offset is -1000 DN
+        ("04.00", {"nodata": 0}, "red", None, (0.0, 1.0, -1000.0)),
+        (None, {}, "red", None, (None, 1.0, 0.0)),
+        # Planetary Computer's layout (B04, SCL, no raster:bands): the profile's 1e-4 and
+        # nodata 0, the baseline offset in reflectance
+        ("05.11", None, "B04", "sentinel-2-l2a", (0.0, 1e-4, -0.1)),
+        ("02.12", None, "B04", "sentinel-2-l2a", (0.0, 1e-4, 0.0)),
+        # Earth Search's layout, the metadata without a scale: the profile's
+        ("05.00", {"nodata": 0}, "red", "sentinel-2-c1-l2a", (0.0, 1e-4, -0.1)),
     ],
 )
-def test_band_encoding(baseline, raster, expected):
-    nodata, scale, offset = band_encoding(_item(baseline, raster), "B04")
-    assert (nodata, scale) == expected[:2]
-    assert offset == pytest.approx(expected[2])
+def test_profile_band_encoding(baseline, raster, key, collection, expected):
+    (read,) = plan_read(_item(baseline, raster, key, collection), ["red"]).bands
+    assert read.asset == key
+    assert (read.nodata, read.scale) == expected[:2]
+    assert read.offset == pytest.approx(expected[2])
 
 
 @pytest.mark.parametrize("metadata", ["eo:bands", "bands"])
