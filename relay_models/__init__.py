@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from . import geometry
-from .attention_maps import relay_attention_maps
+from .attention_maps import relay_attention_maps, relay_read_shares
 from .config import FrozenConfig, ModelConfig, ModelOptions
 from .factory import create_model
 from .inference import predict_array, predict_tiles, to_classes
@@ -48,6 +48,7 @@ __all__ = [
     "predict_tiles",
     "read_saved",
     "relay_attention_maps",
+    "relay_read_shares",
     "save_model",
     "split_name",
     "to_classes",

@@ -36,8 +36,22 @@ class ModelOptions(FrozenConfig):
     #: Swin V2 position bias of a pair involving a relay: ``mid`` (``16 * sigmoid(0) = 8``,
     #: ours) or ``zero`` (the authors' code); see ``docs/fidelity.md``.
     relay_bias: Literal["mid", "zero"] = "mid"
-    #: Standard deviation of the relay tokens' initial values (authors' code: 1).
-    relay_init_std: float = Field(default=0.02, gt=0)
+    #: Swin V2: how each window's copy of the relays is pooled over the windows after
+    #: attention: ``mean`` (the authors' code), ``softmax`` (each window weighted by its
+    #: share of the relay's attention mass: one softmax over every window's tokens) or
+    #: ``max``; see ``docs/fidelity.md``.
+    relay_pool: Literal["mean", "softmax", "max"] = "mean"
+    #: Swin V2: post-norm of the relays' attention update: ``shared`` (the block's
+    #: ``norm1``, zero-initialised as every Swin V2 res-post-norm; the authors' code) or
+    #: ``own`` (a LayerNorm per block initialised to ones); see ``docs/fidelity.md``.
+    relay_norm: Literal["shared", "own"] = "shared"
+    #: Swin V2: initial weight of every block's residual post-norms (timm's and the
+    #: authors' init: 0, each block an identity until trained); see ``docs/fidelity.md``.
+    post_norm_init: float = Field(default=0.0, ge=0.0)
+    #: Standard deviation of the relay tokens' initial values, drawn from a normal truncated
+    #: at +-2 (1: the authors' unit normal, default since issue 29; 0.02: timm's token init,
+    #: the default before); see ``docs/fidelity.md``.
+    relay_init_std: float = Field(default=1.0, gt=0)
     #: Blocks in which the global branch runs and relays carry its context (the first N);
     #: then the local branch goes on alone. ``None``: every block (the paper's).
     relay_blocks: int | None = Field(default=None, ge=1)

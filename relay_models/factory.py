@@ -19,7 +19,10 @@ def create_model(
     relays: int = 4,
     relay_mode: str = "sequential",
     relay_bias: str = "mid",
-    relay_init_std: float = 0.02,
+    relay_pool: str = "mean",
+    relay_norm: str = "shared",
+    post_norm_init: float = 0.0,
+    relay_init_std: float = 1.0,
     relay_blocks: int | None = None,
     pretrained: str | os.PathLike | None = None,
     head: str = "convt",
@@ -33,13 +36,21 @@ def create_model(
     Args:
         name: a name from :func:`list_models`: ``{swinv2_{nano,tiny,small,base},
             vit_{small,base}}`` (sliding window) with an optional suffix ``_relay``,
-            ``_registers``, ``_fusion`` (decision fusion) or ``_downsample``.
+            ``_registers``, ``_fusion`` (decision fusion), ``_downsample`` or
+            ``_relayfusion`` (a hybrid: the relay model with decision fusion of its own
+            global logits).
         num_classes: output classes K.
         in_chans: input bands (see :mod:`relay_models.weights` for pretrained adaptation).
         relays: relay tokens R for ``_relay`` / ``_registers`` (ignored by the others).
         relay_mode: ``sequential`` (global then local, default) or ``parallel`` (``_relay``).
         relay_bias: Swin V2 bias of relay pairs: ``mid`` (8, ours) or ``zero`` (authors').
-        relay_init_std: standard deviation of the relay tokens' initial values.
+        relay_pool: Swin V2 pooling of the windows' relay copies after attention: ``mean``
+            (authors'), ``softmax`` (one softmax over all windows' tokens) or ``max``.
+        relay_norm: Swin V2 post-norm of the relays' attention update: ``shared`` with the
+            patches (zero-initialised; authors') or ``own`` (initialised to ones).
+        post_norm_init: Swin V2 initial weight of the blocks' residual post-norms (timm: 0).
+        relay_init_std: standard deviation of the relay tokens' initial values (normal
+            truncated at +-2; 1: the authors' unit normal, the default).
         relay_blocks: run the global branch (and so relay context) in the first N blocks
             only; ``None``: all (``_relay``).
         pretrained: timm-format backbone checkpoint: path, URL or ``hf-hub:ORG/NAME``
@@ -66,6 +77,9 @@ def create_model(
         relays=relays,
         relay_mode=relay_mode,
         relay_bias=relay_bias,
+        relay_pool=relay_pool,
+        relay_norm=relay_norm,
+        post_norm_init=post_norm_init,
         relay_init_std=relay_init_std,
         relay_blocks=relay_blocks,
         head=head,

@@ -14,6 +14,7 @@ from .segmenter import (
     DecisionFusionSegmenter,
     DownsamplingSegmenter,
     RegistersSegmenter,
+    RelayFusionSegmenter,
     RelaySegmenter,
     Segmenter,
     SlidingWindowSegmenter,
@@ -66,6 +67,7 @@ VARIANTS: dict[str, tuple[type[Segmenter], bool]] = {
     "_registers": (RegistersSegmenter, True),
     "_fusion": (DecisionFusionSegmenter, False),
     "_downsample": (DownsamplingSegmenter, False),
+    "_relayfusion": (RelayFusionSegmenter, True),
 }
 
 
@@ -92,6 +94,9 @@ def build_model(
     relays: int,
     relay_mode: str,
     relay_bias: str,
+    relay_pool: str,
+    relay_norm: str,
+    post_norm_init: float,
     relay_init_std: float,
     relay_blocks: int | None,
     head: str,
@@ -108,7 +113,7 @@ def build_model(
     if has_relays and relays < 1:
         raise ValueError(f"{name} needs relays >= 1, got {relays}")
     # only a model that embeds both windows with relays can use a second patch projection
-    separate = separate_patch_embed and seg_cls is RelaySegmenter
+    separate = separate_patch_embed and issubclass(seg_cls, RelaySegmenter)
     kwargs = dict(
         spec.kwargs,
         in_chans=in_chans,
@@ -118,15 +123,26 @@ def build_model(
     )
     if spec.cls is SwinTransformerV2:
         kwargs["relay_bias"] = relay_bias
+        kwargs["relay_pool"] = relay_pool
+        kwargs["relay_norm"] = relay_norm
+        kwargs["post_norm_init"] = post_norm_init
     elif relay_bias != "mid":
         raise ValueError(f"relay_bias={relay_bias!r} applies to Swin V2 models only")
+    elif relay_pool != "mean":
+        # one attention over the whole window: there are no per-window copies to pool
+        raise ValueError(f"relay_pool={relay_pool!r} applies to Swin V2 models only")
+    elif relay_norm != "shared":
+        # pre-norm blocks: nothing gates the relays' updates at initialisation
+        raise ValueError(f"relay_norm={relay_norm!r} applies to Swin V2 models only")
+    elif post_norm_init != 0.0:
+        raise ValueError(f"post_norm_init={post_norm_init} applies to Swin V2 models only")
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     backbone = spec.cls(**kwargs)
     decode_head: nn.Module = create_head(head, backbone.feature_info, num_classes)
     extra = (
         {"relay_mode": relay_mode, "relay_blocks": relay_blocks}
-        if seg_cls is RelaySegmenter
+        if issubclass(seg_cls, RelaySegmenter)
         else {}
     )
     return seg_cls(backbone, decode_head, factor=factor, **extra)

@@ -136,6 +136,34 @@ class RelaySegmenter(Segmenter):
         return self.forward_head(self._features(local, global_)["local"])[0]
 
 
+class RelayFusionSegmenter(RelaySegmenter):
+    """A hybrid, not the paper's model: the relay model, whose local prediction is then fused
+    with its own global decision as decision fusion does (the mean of the local logits and
+    the upsampled global logits over the local window)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        decode_head: nn.Module,
+        *,
+        factor: int = 4,
+        relay_mode: RelayMode = "sequential",
+        relay_blocks: int | None = None,
+    ) -> None:
+        if relay_blocks is not None:
+            raise ValueError("a _relayfusion model needs the global logits: relay_blocks=None")
+        super().__init__(backbone, decode_head, factor=factor, relay_mode=relay_mode)
+
+    def forward(self, local: torch.Tensor, global_: torch.Tensor) -> RelayOutput:
+        """Two ``(B, C, L, L)`` windows -> fused local and global ``(B, K, L, L)`` logits."""
+        out = super().forward(local, global_)
+        return RelayOutput(local=(out.local + self._crop_up(out.global_)) / 2, global_=out.global_)
+
+    def predict_local(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+        """The fused local logits (the global branch is decoded: the fusion needs it)."""
+        return self(local, global_).local
+
+
 class RegistersSegmenter(Segmenter):
     """Registers baseline: relay tokens on the local window alone; the global input is
     accepted (same call as a relay model) and ignored."""

@@ -9,7 +9,8 @@ by key. Relay additions, all new keys: ``relay_tokens`` ``(R, D0)``; ``layers.{i
 (``Linear(dim, 2*dim)`` at each patch merging); ``patch_embed_global`` (separate projection
 for the global window). Relays are appended to *every* attention window with a zero
 relative-position input to the bias (see :meth:`WindowAttention.position_bias`) and no shift
-mask, averaged over windows after attention, then share the block's res-post-norm and MLP.
+mask, pooled over windows after attention (the authors' code: averaged; see
+:meth:`WindowAttention.pool_relays`), then share the block's res-post-norm and MLP.
 
 Read bottom-up: window helpers, attention, block, patch merging, stage, backbone.
 """
@@ -26,6 +27,9 @@ from torch import nn
 
 from ._backbone import Backbone, Step, Transition
 from ._layers import DropPath, Mlp, PatchEmbed, drop_path_rates, init_linear
+
+#: Ways to pool the windows' relay copies after attention (``WindowAttention.pool_relays``).
+RELAY_POOLS: tuple[str, ...] = ("mean", "softmax", "max")
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -100,6 +104,8 @@ class WindowAttention(nn.Module):
 
     #: Bias of a pair involving a relay: ``mid`` (ours) or ``zero`` (the authors' code).
     relay_bias: str = "mid"
+    #: How the windows' copies of the relays are pooled (:data:`RELAY_POOLS`).
+    relay_pool: str = "mean"
 
     def position_bias(self, ws: int, num_relays: int = 0) -> torch.Tensor:
         """Relative position bias ``(nH, T, T)``, ``T = ws*ws + R``: ``16 * sigmoid(cpb)``.
@@ -117,6 +123,32 @@ class WindowAttention(nn.Module):
             return F.pad(16 * torch.sigmoid(raw), (0, num_relays, 0, num_relays))
         return 16 * torch.sigmoid(F.pad(raw, (0, num_relays, 0, num_relays)))
 
+    def pool_relays(
+        self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """One relay update from every window's copy, by :attr:`relay_pool`.
+
+        Args:
+            q: ``(B, nW, nH, R, d)`` scaled relay queries (the same in every window).
+            k: ``(B, nW, nH, T, d)`` normalised keys of each window.
+            out: ``(B, nW, nH, R, d)`` each window's attention output for its relay copy.
+            bias: the relay rows of the additive bias, ``(nH, R, T)`` or ``(nW, nH, R, T)``.
+
+        Returns:
+            ``(B, nH, R, d)``: ``mean`` over windows (the authors' code); ``softmax``: each
+            window weighted by its share of the relay's softmax mass, ``Z_w / sum(Z)`` with
+            ``Z_w = sum_j exp(q.k_j + b_j)`` over the window's tokens, which is one softmax
+            over the tokens of all windows together (the relays' own keys, present in every
+            window, counted once per window); ``max``: the largest value over windows, per
+            channel.
+        """
+        if self.relay_pool == "mean":
+            return out.mean(1)
+        if self.relay_pool == "max":
+            return out.amax(1)
+        lse = torch.logsumexp(q @ k.transpose(-2, -1) + bias, dim=-1)  # B, nW, nH, R
+        return (torch.softmax(lse, dim=1).unsqueeze(-1) * out).sum(1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -124,7 +156,7 @@ class WindowAttention(nn.Module):
         mask: torch.Tensor | None,
         num_relays: int = 0,
         need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Attend within windows.
 
         Args:
@@ -132,10 +164,13 @@ class WindowAttention(nn.Module):
             ws: window side in tokens.
             mask: ``(nW, N, N)`` additive shift mask or ``None``.
             num_relays: R; relay pairs get the ``relay_bias`` and are never masked.
-            need_weights: also return the relay-to-patch attention (explicit softmax).
+            need_weights: also return the attention (explicit softmax).
 
         Returns:
-            ``(B, nW, N + R, C)`` and, if asked, ``(B, nW, R, N)`` attention averaged over heads.
+            ``(B, nW, N, C)`` patch tokens; ``(B, R, C)`` relays pooled over the windows
+            (:meth:`pool_relays`), or ``None`` without relays; and, if asked, the
+            ``(B, nW, N + R, N + R)`` attention averaged over heads (rows: queries, patches
+            then relays).
         """
         b, nw, t, c = x.shape
         qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
@@ -150,11 +185,16 @@ class WindowAttention(nn.Module):
         weights = None
         if need_weights and num_relays:
             attn = torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1)  # B, nW, nH, T, T
-            weights = attn[..., -num_relays:, :-num_relays].mean(2)
+            weights = attn.mean(2)
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        return self.proj(out.transpose(2, 3).reshape(b, nw, t, c)), weights
+        n = t - num_relays
+        patches = self.proj(out[..., :n, :].transpose(2, 3).reshape(b, nw, n, c))
+        if not num_relays:
+            return patches, None, weights
+        pooled = self.pool_relays(q[..., n:, :], k, out[..., n:, :], bias[..., n:, :])
+        return patches, self.proj(pooled.transpose(1, 2).reshape(b, num_relays, c)), weights
 
 
 class SwinTransformerV2Block(nn.Module):
@@ -170,6 +210,7 @@ class SwinTransformerV2Block(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         pretrained_window_size: int = 0,
+        relay_norm: bool = False,
     ) -> None:
         super().__init__()
         self.window_size = window_size
@@ -180,9 +221,14 @@ class SwinTransformerV2Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim)
         self.drop_path2 = DropPath(drop_path)
-        #: When a list, each forward with relays appends a relay-to-patch attention map
-        #: ``(B, H, W)`` (mean over heads and relays), for :mod:`relay_models.attention_maps`.
-        self.capture: list[torch.Tensor] | None = None
+        #: The relays' own post-norm after attention (``relay_norm="own"``), initialised to
+        #: ones unlike ``norm1``; ``None``: relays share ``norm1`` (the authors' code).
+        self.relay_norm1 = nn.LayerNorm(dim) if relay_norm else None
+        #: When a list, each forward with relays appends ``{"map": (B, H, W), "reads":
+        #: (B, H, W)}``: the relays' attention on each patch (mean over heads and relays) and
+        #: each patch's attention on the relays (summed over relays, mean over heads), for
+        #: :mod:`relay_models.attention_maps`.
+        self.capture: list[dict[str, torch.Tensor]] | None = None
 
     def window_and_shift(self, h: int, w: int) -> tuple[int, int]:
         """Window side and shift at a ``h x w`` map: a map no larger than the window is one
@@ -207,16 +253,23 @@ class SwinTransformerV2Block(nn.Module):
             copies = relays.unsqueeze(1).expand(-1, windows.shape[1], -1, -1)
             windows = torch.cat([windows, copies], dim=2)  # B, nW, N+R, C
         mask = shift_mask(hp, wp, ws, shift, x.device) if shift else None
-        out, weights = self.attn(windows, ws, mask, num_relays, self.capture is not None)
+        out, relay_out, weights = self.attn(windows, ws, mask, num_relays, self.capture is not None)
         n = ws * ws
-        x = window_reverse(out[:, :, :n], ws, hp, wp)[:, :h, :w]
+        x = window_reverse(out, ws, hp, wp)[:, :h, :w]
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         if weights is not None:
-            amap = window_reverse(weights.mean(2).unsqueeze(-1), ws, hp, wp)[:, :h, :w, 0]
-            self.capture.append(torch.roll(amap, shifts=(shift, shift), dims=(1, 2)).detach())
-        # each window updated its own copy of the relays: average them over the image
-        relay_out = out[:, :, n:].mean(1) if relays is not None else None
+            per_patch = torch.stack(
+                [
+                    weights[..., n:, :n].mean(2),  # relays -> each patch: B, nW, N
+                    weights[..., :n, n:].sum(3),  # each patch -> relays
+                ],
+                dim=-1,
+            )
+            maps = window_reverse(per_patch, ws, hp, wp)[:, :h, :w]
+            maps = torch.roll(maps, shifts=(shift, shift), dims=(1, 2)).detach()
+            self.capture.append({"map": maps[..., 0], "reads": maps[..., 1]})
+        # each window updated its own copy of the relays: pooled over the image (attn)
         return x, relay_out
 
     def forward(
@@ -227,7 +280,7 @@ class SwinTransformerV2Block(nn.Module):
         attn_x, attn_r = self._attn(x, relays)
         tokens = (x + self.drop_path1(self.norm1(attn_x))).reshape(b, h * w, c)
         if relays is not None:
-            relays = relays + self.drop_path1(self.norm1(attn_r))
+            relays = relays + self.drop_path1((self.relay_norm1 or self.norm1)(attn_r))
             tokens = torch.cat([tokens, relays], dim=1)  # B, HW+R, C
         tokens = tokens + self.drop_path2(self.norm2(self.mlp(tokens)))
         if relays is not None:
@@ -268,6 +321,7 @@ class SwinTransformerV2Stage(nn.Module):
         drop_path: list[float],
         mlp_ratio: float = 4.0,
         pretrained_window_size: int = 0,
+        relay_norm: bool = False,
     ) -> None:
         super().__init__()
         self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
@@ -282,6 +336,7 @@ class SwinTransformerV2Stage(nn.Module):
                 mlp_ratio=mlp_ratio,
                 drop_path=drop_path[i],
                 pretrained_window_size=pretrained_window_size,
+                relay_norm=relays and relay_norm,
             )
             for i in range(depth)
         )
@@ -309,8 +364,18 @@ class SwinTransformerV2(Backbone):
         window_size: attention window side in tokens (clamped to small maps).
         relays: relay tokens R (0: plain backbone, no relay parameters).
         separate_patch_embed: give the global window its own patch projection (needs relays).
-        relay_init_std: standard deviation of the relay tokens' initial values.
+        relay_init_std: standard deviation of the relay tokens' initial values (normal
+            truncated at +-2).
         relay_bias: position bias of relay pairs, ``mid`` or ``zero`` (``WindowAttention``).
+        relay_pool: how the windows' relay copies are pooled after attention: ``mean``,
+            ``softmax`` or ``max`` (:meth:`WindowAttention.pool_relays`).
+        relay_norm: post-norm of the relays' attention update: ``shared`` (the block's
+            ``norm1``, zero-initialised like every Swin V2 res-post-norm: the authors' code)
+            or ``own`` (a LayerNorm of their own per block, initialised to ones, so what
+            relays gather reaches them at full scale from the first step).
+        post_norm_init: initial weight of every block's residual post-norms (timm: 0, so
+            every block starts as an identity and nothing reaches a token through attention,
+            relays included, until those weights grow).
         drop_path_rate: stochastic depth at the last block.
         pretrained_window_sizes: per-stage pretraining windows (0: same as ``window_size``).
     """
@@ -326,8 +391,11 @@ class SwinTransformerV2(Backbone):
         window_size: int = 8,
         relays: int = 0,
         separate_patch_embed: bool = True,
-        relay_init_std: float = 0.02,
+        relay_init_std: float = 1.0,
         relay_bias: str = "mid",
+        relay_pool: str = "mean",
+        relay_norm: str = "shared",
+        post_norm_init: float = 0.0,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.1,
         pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0),
@@ -359,6 +427,7 @@ class SwinTransformerV2(Backbone):
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     mlp_ratio=mlp_ratio,
                     pretrained_window_size=pretrained_window_sizes[i],
+                    relay_norm=relay_norm == "own",
                 )
                 for i in range(len(depths))
             )
@@ -370,19 +439,26 @@ class SwinTransformerV2(Backbone):
         ]
         if relay_bias not in ("mid", "zero"):
             raise ValueError(f"relay_bias must be 'mid' or 'zero', got {relay_bias!r}")
+        if relay_norm not in ("shared", "own"):
+            raise ValueError(f"relay_norm must be 'shared' or 'own', got {relay_norm!r}")
+        if relay_pool not in RELAY_POOLS:
+            raise ValueError(f"relay_pool must be one of {RELAY_POOLS}, got {relay_pool!r}")
         for m in self.modules():
             if isinstance(m, WindowAttention):
                 m.relay_bias = relay_bias
+                m.relay_pool = relay_pool
         self.relay_init_std = relay_init_std
+        self.post_norm_init = post_norm_init
         self.init_weights()
 
     def init_weights(self) -> None:
-        """timm's init: truncated-normal linears, zero res-post-norms, relays like tokens."""
+        """timm's init: truncated-normal linears, res-post-norms at ``post_norm_init`` (timm:
+        0, every block an identity), relays at ``relay_init_std``."""
         self.apply(init_linear)
         for stage in self.layers:
             for blk in stage.blocks:
                 for norm in (blk.norm1, blk.norm2):
-                    nn.init.zeros_(norm.weight)
+                    nn.init.constant_(norm.weight, self.post_norm_init)
                     nn.init.zeros_(norm.bias)
         if self.relay_tokens is not None:
             nn.init.trunc_normal_(self.relay_tokens, std=self.relay_init_std)

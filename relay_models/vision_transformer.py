@@ -49,13 +49,13 @@ class Attention(nn.Module):
         self, x: torch.Tensor, num_relays: int = 0, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, T, D)`` tokens laid out ``[relays; cls; patches]`` -> ``(B, T, D)`` and, if
-        asked, the relay-to-patch attention ``(B, R, N)`` averaged over heads."""
+        asked, the ``(B, T, T)`` attention averaged over heads."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         weights = None
         if need_weights and num_relays:
             attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
-            weights = attn[:, :, :num_relays, num_relays + 1 :].mean(1)
+            weights = attn.mean(1)
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -75,9 +75,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
-        #: When a list, each step with relays appends a relay-to-patch attention map
-        #: ``(B, h, w)`` (mean over heads and relays), for :mod:`relay_models.attention_maps`.
-        self.capture: list[torch.Tensor] | None = None
+        #: When a list, each step with relays appends ``{"map": (B, h, w), "reads": (B, h,
+        #: w)}``: the relays' attention on each patch (mean over heads and relays) and each
+        #: patch's attention on the relays (summed), for :mod:`relay_models.attention_maps`.
+        self.capture: list[dict[str, torch.Tensor]] | None = None
 
     def forward(
         self, x: torch.Tensor, num_relays: int = 0
@@ -98,7 +99,9 @@ class Block(nn.Module):
             parts.insert(0, relays)
         tokens, weights = self(torch.cat(parts, dim=1), r)  # B, R+1+hw, D
         if weights is not None:
-            self.capture.append(weights.mean(1).reshape(b, h, w).detach())
+            amap = weights[:, :r, r + 1 :].mean(1).reshape(b, h, w).detach()
+            reads = weights[:, r + 1 :, :r].sum(2).reshape(b, h, w).detach()
+            self.capture.append({"map": amap, "reads": reads})
         new_relays = tokens[:, :r] if relays is not None else None
         return (tokens[:, r : r + 1], tokens[:, r + 1 :].reshape(b, h, w, d)), new_relays
 
@@ -115,7 +118,8 @@ class VisionTransformer(Backbone):
         num_heads: attention heads.
         relays: relay tokens R (0: plain backbone).
         separate_patch_embed: give the global window its own patch projection.
-        relay_init_std: standard deviation of the relay tokens' initial values.
+        relay_init_std: standard deviation of the relay tokens' initial values (normal
+            truncated at +-2).
         drop_path_rate: stochastic depth at the last block.
     """
 
@@ -130,7 +134,7 @@ class VisionTransformer(Backbone):
         num_heads: int = 6,
         relays: int = 0,
         separate_patch_embed: bool = True,
-        relay_init_std: float = 0.02,
+        relay_init_std: float = 1.0,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
     ) -> None:

@@ -34,7 +34,10 @@ from .vision_transformer import VisionTransformer, resample_pos_embed
 log = logging.getLogger(__name__)
 
 #: Keys of parameters relaymap adds to a timm backbone; a timm checkpoint cannot have them.
-NEW_KEY = re.compile(r"^(relay_tokens|patch_embed_global\..*|layers\.\d+\.relay_proj\..*)$")
+NEW_KEY = re.compile(
+    r"^(relay_tokens|patch_embed_global\..*|layers\.\d+\.relay_proj\..*"
+    r"|layers\.\d+\.blocks\.\d+\.relay_norm1\..*)$"
+)
 #: Classification-head keys of timm checkpoints: not used by a segmentation model.
 CLASSIFIER_KEY = re.compile(r"^(head(\.fc)?\.(weight|bias)|fc_norm\..*|head_drop\..*)$")
 #: Non-persistent buffers some checkpoints carry.
