@@ -1,6 +1,6 @@
 """Area mapping: job parallelism, pipeline overhead, driver memory, seams.
 
-    python bench/aoi.py [--cell-px 1536] [--cells 2x2] [--mem-cell-px 96]
+    python bench/aoi.py [--cell-px 1512] [--cells 2x2] [--mem-cell-px 112]
                         [--model swinv2_nano_relay]
 
 A randomly initialised ``--model`` (saved as training saves one) maps synthetic
@@ -14,7 +14,7 @@ times count ``map_area`` after Ray is up (actor start-up included). Side by side
    composites while one runs the model (stage seconds are summed over cells, so they
    overlap).
 2. Model only: the bare forward pass (1 thread, batch 8) over the tiles of one tiling of
-   the same area pixels (64 px tiles, 16 px overlap, as the job), timed in a process of its
+   the same area pixels (64 px tiles, 8 px overlap, as the job), timed in a process of its
    own on random tensors; divided by run 1's time with 1 worker: area mapping vs model
    throughput. The same loop in two processes at once gives this machine's ceiling for the
    2-worker figure (two busy cores run each slower than one alone: shared caches, clocks,
@@ -176,9 +176,9 @@ def bare_model(name: str, batch: int, batches: int = 40, rounds: int = 2) -> tup
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cell-px", type=int, default=1536)
+    p.add_argument("--cell-px", type=int, default=1512)
     p.add_argument("--cells", default="2x2", help="COLSxROWS of the speed area")
-    p.add_argument("--mem-cell-px", type=int, default=96)
+    p.add_argument("--mem-cell-px", type=int, default=112)
     p.add_argument("--model", default="swinv2_nano_relay", help="a relay model name")
     args = p.parse_args()
     cols, rows = map(int, args.cells.split("x"))
@@ -219,7 +219,7 @@ def main() -> None:
         one = child(cfg("w1", args.cell_px, cols, 1))
         two = child(cfg("w2", args.cell_px, cols, 2))
         area_px = cols * args.cell_px
-        area_tiles = len(plan_tiles((area_px, area_px), 64, 16))
+        area_tiles = len(plan_tiles((area_px, area_px), 64, 8))
         per_batch, ceiling = bare_model(args.model, BATCH)
         bare = per_batch * area_tiles / BATCH
         small = child(cfg("m4", args.mem_cell_px, 2, 1))

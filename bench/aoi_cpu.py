@@ -1,6 +1,6 @@
 """Where an area-mapping run's time goes: timestamps in the driver, CPU seconds per process.
 
-    python bench/aoi_cpu.py [--cell-px 1536] [--cells 2] [--model swinv2_tiny_relay]
+    python bench/aoi_cpu.py [--cell-px 1512] [--cells 2] [--model swinv2_tiny_relay]
 
 ``bench/aoi.py``'s area (``--cells`` x ``--cells`` cells, synthetic Sentinel-2 L2A-like
 items, a local STAC API), mapped with 1 and with 2 workers, each in a fresh process on a
@@ -108,7 +108,7 @@ def child(cfg: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cell-px", type=int, default=1536)
+    p.add_argument("--cell-px", type=int, default=1512)
     p.add_argument("--cells", type=int, default=2, help="cells a side")
     p.add_argument("--model", default="swinv2_tiny_relay", help="a relay model name")
     args = p.parse_args()

@@ -1,22 +1,27 @@
-"""Ingest throughput and memory: COGs on a local S3 -> Zarr scene store with levels.
+"""Ingest throughput and memory: COGs -> Zarr scene store with levels, on local disk or S3.
 
-    python bench/ingest.py [--sizes 5000,10000] [--chunk-px 512]
+    python bench/ingest.py [--sizes 5000,10000] [--chunk-px 512] [--where local,s3]
+                           [--repeat 1] [--float]
 
-For each scene size, writes a 4-band uint16 scene as four COGs on a local SeaweedFS S3
-server, then runs, each in a fresh subprocess (so peak RSS is its own):
+For each scene size and place (``local``: COGs and store in a local folder; ``s3``: on a
+local SeaweedFS S3 server, which shares this machine's cores), writes a 4-band uint16
+scene as four COGs, then runs, each in a fresh subprocess (so peak RSS is its own),
+``--repeat`` times in turn:
 
 * ``read``: plain ``rasterio`` read of the four COGs into memory (the lower bound);
 * ``ingest``: ``ingest_items`` (the product's path: ``load_scene`` + ``write_scene``,
-  level 0 and x2/x4/x8) to ``s3://`` Zarr.
+  level 0 and x2/x4/x8; integer sources as int16 counts, no float32 copy);
+* ``float`` (with ``--float``): the same through float32 values, the path before issue 27
+  (``load_scene(counts=False)`` + ``write_scene``).
 
-Prints seconds, MB/s of source pixels (uint16), peak RSS, the CPU seconds of the step's
-process and of the S3 server (which shares this machine's cores), and the ingest/read
-ratio.
+Prints, per place, the median seconds, MB/s of source pixels (uint16), peak RSS, the CPU
+seconds of the step's process and of the S3 server, and each step's ratio to the read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -121,28 +126,35 @@ def run_read(item: dict) -> None:
     print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": _peak_rss_mb(), "check": total}))
 
 
-def run_ingest(item: dict, out_url: str, chunk_px: int) -> None:
+def run_ingest(item: dict, out_url: str, chunk_px: int, counts: bool = True) -> None:
     import pystac
 
-    from relaymap.ingest import ingest_items
+    from relaymap.ingest import ingest_items, load_scene, write_scene
+    from relaymap.ingest.pipeline import READ_CHUNK_PX
 
     t0, c0 = time.perf_counter(), time.process_time()
-    store = ingest_items(
-        [pystac.Item.from_dict(item)], out_url, BANDS, label_asset=None, chunk_px=chunk_px,
-        overwrite=True,
-    )  # fmt: skip
+    items = [pystac.Item.from_dict(item)]
+    if counts:
+        store = ingest_items(
+            items, out_url, BANDS, label_asset=None, chunk_px=chunk_px, overwrite=True
+        )
+    else:  # the float32 detour: what ingest_items did before issue 27
+        image = load_scene(items, BANDS, chunk_px=READ_CHUNK_PX)
+        store = write_scene(out_url, image, chunk_px=chunk_px, overwrite=True)
     seconds, cpu, rss = time.perf_counter() - t0, time.process_time() - c0, _peak_rss_mb()
     valid = int(store.valid(0).sum())  # untimed: every source pixel arrived
     print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": rss, "valid_px": valid}))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process we started (the S3 server)."""
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process we started (the S3 server); 0 without one."""
+    if pid is None:
+        return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _child(mode: str, item: dict, env: dict, server_pid: int, **kw) -> dict:
+def _child(mode: str, item: dict, env: dict, server_pid: int | None, **kw) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import bench.ingest as b; "
         f"b.run_{mode}(json.loads(sys.stdin.read()), **{kw!r})"
@@ -160,41 +172,81 @@ def _child(mode: str, item: dict, env: dict, server_pid: int, **kw) -> dict:
     return result | {"server_cpu": _cpu_seconds(server_pid) - server0}
 
 
+STEPS = ("read", "ingest", "float")
+
+
+def measure(
+    size: int,
+    prefix: str,
+    env: dict,
+    server_pid: int | None,
+    *,
+    chunk_px: int = 512,
+    repeat: int = 1,
+    steps: tuple[str, ...] = ("read", "ingest"),
+) -> dict[str, dict]:
+    """Median of ``repeat`` runs of each step, the steps taking turns, on a ``size``
+    square scene written under ``prefix`` (a folder URL)."""
+    import statistics
+
+    item = make_scene(size, f"{prefix}/cogs-{size}")
+    runs: dict[str, list[dict]] = {s: [] for s in steps}
+    for _ in range(repeat):
+        for step in steps:
+            if step == "read":
+                r = _child("read", item, env, server_pid)
+            else:
+                out = f"{prefix}/store-{size}-{step}.zarr"
+                kw = {"out_url": out, "chunk_px": chunk_px, "counts": step == "ingest"}
+                r = _child("ingest", item, env, server_pid, **kw)
+                if r["valid_px"] != size * size:
+                    raise SystemExit(f"the store holds {r['valid_px']} of {size**2} pixels")
+            runs[step].append(r)
+    keys = ("seconds", "cpu", "rss_mb", "server_cpu")
+    return {
+        s: {k: statistics.median(r[k] for r in rs) for k in keys} | {"runs": len(rs)}
+        for s, rs in runs.items()
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="5000,10000")
     p.add_argument("--chunk-px", type=int, default=512, help="store chunk side")
+    p.add_argument("--where", default="local,s3", help="local and/or s3")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each step, in turn")
+    p.add_argument("--float", action="store_true", help="also the float32 path (before)")
     args = p.parse_args()
+    steps = STEPS if args.float else STEPS[:2]
 
     from relaymap.catalog.local_s3 import seaweedfs
 
-    print(f"# {os.cpu_count()} CPUs; SeaweedFS S3 on loopback; chunk {args.chunk_px} px")
+    print(f"# {os.cpu_count()} CPUs; chunk {args.chunk_px} px; median of {args.repeat} run(s)")
     print(
-        f"{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}{'CPU s':>8}"
-        f"{'S3 CPU s':>10}{'vs read':>9}"
+        f"{'where':>6}{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}"
+        f"{'CPU s':>8}{'S3 CPU s':>10}{'vs read':>9}"
     )
-    with seaweedfs(buckets=("bench",)) as s3:
-        os.environ.update(s3.env())  # this script's own process: make_scene writes to it
-        for size in (int(s) for s in args.sizes.split(",")):
-            item = make_scene(size, f"s3://bench/cogs-{size}")
-            mb = size * size * len(BANDS) * 2 / 1e6
-            read = _child("read", item, s3.env(), s3.pid)
-            ingest = _child(
-                "ingest",
-                item,
-                s3.env(),
-                s3.pid,
-                out_url=f"s3://bench/store-{size}.zarr",
-                chunk_px=args.chunk_px,
-            )
-            if ingest["valid_px"] != size * size:
-                raise SystemExit(f"the store holds {ingest['valid_px']} of {size**2} pixels")
-            for name, r in (("read", read), ("ingest", ingest)):
-                print(
-                    f"{size:>7}{name:>8}{r['seconds']:>9.1f}{mb / r['seconds']:>8.0f}"
-                    f"{r['rss_mb']:>13.0f}{r['cpu']:>8.1f}{r['server_cpu']:>10.1f}"
-                    f"{r['seconds'] / read['seconds']:>8.2f}x"
-                )
+    for where in args.where.split(","):
+        with contextlib.ExitStack() as stack:
+            if where == "s3":
+                s3 = stack.enter_context(seaweedfs(buckets=("bench",)))
+                os.environ.update(s3.env())  # this process too: make_scene writes to it
+                prefix, env, pid = "s3://bench", s3.env(), s3.pid
+            else:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-"))
+                prefix, env, pid = f"file://{tmp}", {}, None
+            for size in (int(s) for s in args.sizes.split(",")):
+                res = measure(
+                    size, prefix, env, pid, chunk_px=args.chunk_px, repeat=args.repeat,
+                    steps=steps,
+                )  # fmt: skip
+                mb = size * size * len(BANDS) * 2 / 1e6
+                for name, r in res.items():
+                    print(
+                        f"{where:>6}{size:>7}{name:>8}{r['seconds']:>9.1f}"
+                        f"{mb / r['seconds']:>8.0f}{r['rss_mb']:>13.0f}{r['cpu']:>8.1f}"
+                        f"{r['server_cpu']:>10.1f}{r['seconds'] / res['read']['seconds']:>8.2f}x"
+                    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from relay_models.config import FrozenConfig
+from relay_models.precision import Precision
 from relaymap.catalog.storage import check_id
 
 #: An id that becomes part of a path or URL (run names, collections, item ids): validated
@@ -23,9 +24,21 @@ class MapOptions(FrozenConfig):
         default=None, ge=32, description="Tile side in pixels (default: the model's window)."
     )
     overlap_px: int | None = Field(
-        default=None, ge=0, description="Overlap of neighbouring tiles (default: a quarter tile)."
+        default=None,
+        ge=0,
+        description="Overlap of neighbouring tiles (default: an eighth of a tile).",
     )
-    batch_size: int = Field(default=8, ge=1, description="Tiles per forward pass.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tiles per forward pass (default: by tile size, 32 for 64 px tiles, 8 from "
+        "128 px).",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="Forward-pass precision: auto is bf16 autocast on CUDA and on CPUs with "
+        "native bf16 matmuls (AMX, AVX512-BF16), fp32 elsewhere; blending stays fp32.",
+    )
     workers: int = Field(
         default=2, ge=1, description="Model actors (one GPU each on a GPU cluster, else 1 CPU)."
     )

@@ -47,6 +47,8 @@ from relay_models import (
     train_step,
     warmup_cosine,
 )
+from relay_models.precision import Precision
+from relay_models.precision import autocast as precision_autocast
 from relaymap.catalog import StaticCatalog, model_item, open_catalog
 from relaymap.catalog.faults import fault_point
 from relaymap.catalog.storage import (
@@ -112,6 +114,10 @@ class RunConfig(FrozenConfig):
     storage_url: str = "relaymap-runs"
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
+    #: Forward-pass precision: ``auto`` is bf16 autocast on CUDA and on CPUs with native
+    #: bf16 matmuls (AMX, AVX512-BF16), fp32 elsewhere; weights and optimiser stay fp32
+    #: (:mod:`relay_models.precision`). A resumed run may change it.
+    precision: Precision = "auto"
     max_failures: int = Field(default=1, ge=0)
     checkpoint_every: int = Field(default=50, ge=1)
     val_every: int = Field(default=50, ge=1)
@@ -278,7 +284,7 @@ def train_loop_per_worker(raw: dict) -> None:
         persistent_workers=config.data.loader_workers > 0,
     )
     tiles = TileDataset(config.data.val, spec) if config.data.val else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    autocast = precision_autocast(run.precision, device)
     batches = _batches(loader, device)
     num_nodes, seen, t0 = _num_nodes(world), 0, time.perf_counter()
     net.train()
@@ -302,6 +308,7 @@ def train_loop_per_worker(raw: dict) -> None:
                 torch.utils.data.DataLoader(mine, batch_size=optim.batch_size),
                 spec.num_classes,
                 device=device,
+                precision=run.precision,
             )
             cm.all_reduce()
             metrics |= {
@@ -460,6 +467,7 @@ def progress(config: TrainConfig, history: list[dict]) -> Iterator[ReportQueue]:
 OPERATIONAL = {
     "num_workers",
     "use_gpu",
+    "precision",
     "max_failures",
     "checkpoint_every",
     "val_every",

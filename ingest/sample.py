@@ -71,30 +71,58 @@ S2_EXTENSIONS = [
 CONTEXT_PAIRS: tuple[tuple[str, str], ...] = (("forest", "park"), ("lake", "river"))
 
 
+def _lerp(values: np.ndarray, at: np.ndarray, axis: int) -> np.ndarray:
+    """``np.interp(at, arange(n), values)`` along ``axis`` of ``values``, for every line at
+    once, with ``np.interp``'s arithmetic (``slope * (x - j) + v[j]``): the same numbers as
+    a loop of ``np.interp`` calls, without the loop."""
+    n = values.shape[axis]
+    j = np.minimum(np.floor(at).astype(np.intp), n - 2)
+    lo, hi = np.take(values, j, axis=axis), np.take(values, j + 1, axis=axis)
+    frac = at - j
+    frac = frac if axis == values.ndim - 1 else frac.reshape(-1, *([1] * (values.ndim - 1 - axis)))
+    return (hi - lo) * frac + lo
+
+
 def _smooth(shape: tuple[int, int], cell_px: float, rng: np.random.Generator) -> np.ndarray:
     """Smooth noise in [-1, 1]: random values on a ``cell_px`` lattice, bilinear between."""
     h, w = shape
     gh, gw = int(h / cell_px) + 2, int(w / cell_px) + 2
     grid = rng.uniform(-1, 1, (gh, gw))
     ys, xs = np.arange(h) / cell_px, np.arange(w) / cell_px
-    rows = np.array([np.interp(xs, np.arange(gw), grid[i]) for i in range(gh)])
-    return np.array([np.interp(ys, np.arange(gh), rows[:, j]) for j in range(w)]).T
+    return _lerp(_lerp(grid, xs, axis=1), ys, axis=0)
 
 
-def _blob_field(shape, n, radius_px, rng, allowed=None, wobble=0.3) -> np.ndarray:
+def _blob_field(shape, n, radius_px, rng, allowed=None, wobble=0.3, reach=None) -> np.ndarray:
     """Distance to the nearest of ``n`` wobbly round blobs, in blob radii (< 1 inside),
-    centres drawn where ``allowed``."""
+    centres drawn where ``allowed``.
+
+    ``reach``: compute each blob only over the box where its value can be below ``reach``
+    (``inf`` beyond every box): the same field wherever it is below ``reach``, so the same
+    result for any threshold under it, at a cost that follows the blobs' area instead of
+    ``n`` times the scene's. None: every blob over the whole scene."""
     h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
     field = np.full(shape, np.inf)
     edge = _smooth(shape, radius_px / 2, rng) * wobble
+    yy = xx = None
     for _ in range(n):
         for _try in range(50):
             cy, cx = rng.uniform(0, h), rng.uniform(0, w)
             if allowed is None or allowed[int(cy), int(cx)]:
                 break
         r = radius_px * rng.uniform(0.7, 1.3)
-        field = np.minimum(field, np.hypot(yy - cy, xx - cx) / r - edge)
+        if reach is None:
+            if yy is None:
+                yy, xx = np.mgrid[0:h, 0:w]
+            field = np.minimum(field, np.hypot(yy - cy, xx - cx) / r - edge)
+            continue
+        half = r * (reach + wobble) + 1  # |edge| <= wobble: beyond, the value is >= reach
+        y0, y1 = max(0, int(cy - half)), min(h, int(cy + half) + 1)
+        x0, x1 = max(0, int(cx - half)), min(w, int(cx + half) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        by, bx = np.mgrid[y0:y1, x0:x1]
+        box = field[y0:y1, x0:x1]
+        np.minimum(box, np.hypot(by - cy, bx - cx) / r - edge[y0:y1, x0:x1], out=box)
     return field
 
 
@@ -108,17 +136,25 @@ def make_layout(
     idx = {c.name: i for i, c in enumerate(CLASSES)}
     cls = np.full(shape, idx["cropland"], dtype=np.uint8)
     n_towns = max(1, round(size_px**2 / (6 * feature_px) ** 2))
-    town_field = _blob_field(shape, n_towns, 2.2 * feature_px, rng)
+    reach = 2.0  # above every threshold used below (1.4 the largest)
+    town_field = _blob_field(shape, n_towns, 2.2 * feature_px, rng, reach=reach)
     towns = town_field < 1
     rural = town_field > 1.4  # a margin of fields around every town
     cls[towns] = idx["urban"]
     parks = (
-        _blob_field(shape, 2 * n_towns, 0.6 * feature_px, rng, allowed=town_field < 0.6) < 1
+        _blob_field(
+            shape, 2 * n_towns, 0.6 * feature_px, rng, allowed=town_field < 0.6, reach=reach
+        )
+        < 1
     ) & towns
     cls[parks] = idx["park"]
-    forests = (_blob_field(shape, 3 * n_towns, 0.6 * feature_px, rng, allowed=rural) < 1) & rural
+    forest_field = _blob_field(
+        shape, 3 * n_towns, 0.6 * feature_px, rng, allowed=rural, reach=reach
+    )
+    forests = (forest_field < 1) & rural
     cls[forests] = idx["forest"]
-    lake = (_blob_field(shape, 1, 0.8 * feature_px, rng, allowed=rural & ~forests) < 1) & rural
+    lake_field = _blob_field(shape, 1, 0.8 * feature_px, rng, allowed=rural & ~forests, reach=reach)
+    lake = (lake_field < 1) & rural
     cls[lake] = idx["lake"]
     # a river crossing the scene, about as wide as a park
     yy, xx = np.mgrid[0:size_px, 0:size_px].astype(float)
@@ -282,6 +318,8 @@ def make_sample_scenes(
             pystac.TemporalExtent([[items[0].datetime, items[-1].datetime]]),
         ),
         license="CC0-1.0",
+        # the summaries use these extensions' fields: declared, as validators require
+        stac_extensions=[S2_EXTENSIONS[0], CLASSIFICATION_SCHEMA],
         summaries=pystac.Summaries(
             {
                 "classification:classes": LABEL_CLASSES,
@@ -305,6 +343,66 @@ def save_collection(collection: pystac.Collection, out_url: str) -> None:
     atomic_write(col_href, json.dumps(collection.to_dict(transform_hrefs=False)).encode())
 
 
+@dataclass(frozen=True)
+class SyntheticChange:
+    """A known land-cover change in :func:`make_s2_area`'s imagery: from date ``since`` on,
+    the ``from_class`` pixels of a ``side_px`` square (a field) become ``to_class``.
+
+    The square is the one inside ``within`` (``(y0, x0, y1, x1)`` pixels of the area; default
+    the whole area) whose surroundings (the square and ``clearance_px`` around it) hold the
+    most ``from_class`` pixels, searched on a lattice of a quarter side, so it is a function
+    of the layout alone (no random draw).
+    """
+
+    #: Index into ``dates`` of the first date showing the change.
+    since: int = 1
+    from_class: str = "cropland"
+    to_class: str = "urban"
+    side_px: int = 64
+    within: tuple[int, int, int, int] | None = None
+    #: Prefer a square with this many pixels of ``from_class`` around it too (a field amid
+    #: fields, not one beside a town).
+    clearance_px: int = 0
+
+
+def s2_area_layout(size_px: int, feature_px: int = 48, seed: int = 0) -> np.ndarray:
+    """The class-index layout (indices into :data:`CLASSES`) :func:`make_s2_area` draws for
+    these arguments (before any :class:`SyntheticChange`)."""
+    return make_layout(size_px, feature_px, np.random.default_rng(seed))
+
+
+def change_mask(cls: np.ndarray, change: SyntheticChange) -> np.ndarray:
+    """``(H, W)`` bool: the pixels of layout ``cls`` that ``change`` turns into its class."""
+    names = [c.name for c in CLASSES]
+    for name in (change.from_class, change.to_class):
+        if name not in names:
+            raise ValueError(f"unknown class {name!r}; the classes are {', '.join(names)}")
+    src = cls == names.index(change.from_class)
+    y0, x0, y1, x1 = change.within or (0, 0, *cls.shape)
+    side, step = change.side_px, max(1, change.side_px // 4)
+    if side > min(y1 - y0, x1 - x0):
+        raise ValueError(f"a {side} px change does not fit in {change.within or cls.shape}")
+    c = change.clearance_px
+    # the from_class pixels of every candidate box at once, from a summed-area table; the
+    # first best in row-major order, as a scan with a strict "better" keeps it
+    table = np.zeros((cls.shape[0] + 1, cls.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = src.cumsum(0).cumsum(1)
+    ys, xs = np.arange(y0, y1 - side + 1, step), np.arange(x0, x1 - side + 1, step)
+    top, bottom = np.maximum(0, ys - c), np.minimum(cls.shape[0], ys + side + c)
+    left, right = np.maximum(0, xs - c), np.minimum(cls.shape[1], xs + side + c)
+    counts = (
+        table[bottom[:, None], right[None, :]]
+        - table[top[:, None], right[None, :]]
+        - table[bottom[:, None], left[None, :]]
+        + table[top[:, None], left[None, :]]
+    )
+    iy, ix = np.unravel_index(np.argmax(counts), counts.shape)
+    at = (int(ys[iy]), int(xs[ix]))
+    mask = np.zeros(cls.shape, dtype=bool)
+    mask[at[0] : at[0] + side, at[1] : at[1] + side] = True
+    return mask & src
+
+
 #: Sentinel-2 L2A scene classification (SCL) codes used by :func:`make_s2_area`.
 SCL_SHADOW, SCL_VEGETATION, SCL_BARE, SCL_WATER, SCL_CLOUD = 3, 4, 5, 6, 9
 #: L2A from processing baseline 04.00: DN = 10000 * reflectance + 1000.
@@ -312,11 +410,10 @@ S2_OFFSET_DN = 1000
 
 
 def _scl(cls: np.ndarray) -> np.ndarray:
-    names = np.array([c.name for c in CLASSES])[cls]
-    scl = np.full(cls.shape, SCL_VEGETATION, dtype=np.uint8)
-    scl[np.isin(names, ["urban", "cropland"])] = SCL_BARE
-    scl[np.isin(names, ["lake", "river"])] = SCL_WATER
-    return scl
+    """The SCL code of each class index (a lookup table: no per-pixel class names)."""
+    code = {"urban": SCL_BARE, "cropland": SCL_BARE, "lake": SCL_WATER, "river": SCL_WATER}
+    table = np.array([code.get(c.name, SCL_VEGETATION) for c in CLASSES], dtype=np.uint8)
+    return table[cls]
 
 
 def make_s2_area(
@@ -329,6 +426,7 @@ def make_s2_area(
     seed: int = 0,
     cloudy: float = 0.25,
     collection_id: str = "sentinel-2-l2a-sample",
+    change: SyntheticChange | None = None,
 ) -> pystac.Collection:
     """Sentinel-2 L2A-like items over one square area, as a public catalog serves them.
 
@@ -338,7 +436,8 @@ def make_s2_area(
     by common name (``blue``, ``green``, ``red``, ``nir``, ``scl``), uint16 with
     ``raster:bands`` scale 1e-4 and offset -0.1 (the post-2022 baseline), nodata 0;
     items carry ``eo:cloud_cover`` and declare their extensions. The land cover is the
-    same on every date (:func:`make_layout`), so maps of different dates should agree.
+    same on every date (:func:`make_layout`), so maps of different dates should agree,
+    except where ``change`` says.
 
     Args:
         out_url: folder for the COGs and the STAC JSON.
@@ -348,17 +447,25 @@ def make_s2_area(
         feature_px, seed: as :func:`make_sample_scenes`.
         cloudy: fraction of the first item's pixels under cloud.
         collection_id: the items' collection.
+        change: a known change from one of the dates on (default: none, the land cover is
+            the same on every date); :func:`change_mask` of :func:`s2_area_layout` gives
+            its pixels. The random draws are the same with or without it.
 
     Returns:
         The collection with its items, written under ``out_url`` (absolute hrefs).
     """
     out_url = normalize_url(out_url)
     rng = np.random.default_rng(seed)
-    cls = make_layout(size_px, feature_px, rng)
+    first = make_layout(size_px, feature_px, rng)
+    changed = change_mask(first, change) if change else None
     to_lonlat = Transformer.from_crs(CRS, "EPSG:4326", always_xy=True)
     part = round(size_px * 0.65)
     items = []
-    for when in dates:
+    for d, when in enumerate(dates):
+        cls = first
+        if change is not None and d >= change.since:
+            cls = first.copy()
+            cls[changed] = [c.name for c in CLASSES].index(change.to_class)
         dn = render(cls, rng, feature_px).astype(np.int32) + S2_OFFSET_DN
         for orbit, x_off in ((0, 0), (1, size_px - part)):
             item_id = f"S2-{when:%Y%m%d}-{orbit}"

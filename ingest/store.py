@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -52,12 +53,13 @@ from relaymap.catalog.storage import exists, join, native, normalize_url, redact
 
 from .errors import CorruptRasterError, StoreError
 from .labels import LabelClass
+from .load import COUNT_FILL, COUNT_SCALE
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 #: Reflectance encoding: int16 counts of 1e-4, -32768 = no data (CF scale/offset/fill).
-REFLECTANCE_SCALE, REFLECTANCE_FILL = 1e-4, -32768
+REFLECTANCE_SCALE, REFLECTANCE_FILL = COUNT_SCALE, COUNT_FILL
 ATTR = "relaymap"
 
 
@@ -89,6 +91,36 @@ def encode_reflectance(x: da.Array) -> da.Array:
         return np.where(np.isfinite(b), out, REFLECTANCE_FILL).astype(np.int16)
 
     return x.map_blocks(enc, dtype=np.int16)
+
+
+def encode_counts(x: da.Array) -> da.Array:
+    """float counts (levels halved from int16 counts; NaN = no data) -> int16 counts."""
+
+    def enc(b: np.ndarray) -> np.ndarray:
+        out = np.rint(np.clip(b, -32767, 32767))
+        return np.where(np.isfinite(b), out, REFLECTANCE_FILL).astype(np.int16)
+
+    return x.map_blocks(enc, dtype=np.int16)
+
+
+def halve_counts(block: np.ndarray) -> np.ndarray:
+    """:func:`relay_models.windows.halve_mean` of int16 counts (``REFLECTANCE_FILL`` = no
+    data): ``(..., h, w)`` float32 means in counts, NaN where none is valid. The same
+    numbers as ``halve_mean`` of the counts as floats, without a float copy of level 0."""
+    quads = (
+        block[..., ::2, ::2],
+        block[..., 1::2, ::2],
+        block[..., ::2, 1::2],
+        block[..., 1::2, 1::2],
+    )
+    total = np.zeros(quads[0].shape, dtype=np.float32)
+    count = np.zeros(total.shape, dtype=np.uint8)
+    for q in quads:
+        ok = q != REFLECTANCE_FILL
+        total += np.where(ok, q, 0)
+        count += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.float32(np.nan)).astype(np.float32)
 
 
 def decode(values: np.ndarray, array: zarr.Array) -> np.ndarray:
@@ -131,13 +163,23 @@ def _pad_even(arr: da.Array, fill: float) -> da.Array:
 def _halve(arr: da.Array, fn, fill: float) -> da.Array:
     arr = _pad_even(arr, fill)
     # chunks must be even so 2x2 cells never straddle a chunk boundary
-    even = tuple(
-        tuple(c + c % 2 if i < len(ch) - 1 else c for i, c in enumerate(ch))
-        for ch in arr.chunks[-2:]
-    )
+    even = tuple(_even_chunks(ch) for ch in arr.chunks[-2:])
     arr = arr.rechunk(arr.chunks[:-2] + even)
     out_chunks = arr.chunks[:-2] + tuple(tuple(c // 2 for c in ch) for ch in arr.chunks[-2:])
     return arr.map_blocks(fn, chunks=out_chunks, dtype=arr.dtype)
+
+
+def _even_chunks(chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunk sizes of an even total with every boundary moved up to an even offset (and
+    chunks that this empties dropped): the same total, every chunk even."""
+    total, edges, acc = sum(chunks), [0], 0
+    for c in chunks[:-1]:
+        acc += c
+        edge = acc + acc % 2
+        if edges[-1] < edge < total:
+            edges.append(edge)
+    edges.append(total)
+    return tuple(b - a for a, b in itertools.pairwise(edges))
 
 
 def _dataset(
@@ -171,13 +213,16 @@ def _dataset(
     return ds
 
 
-def _encoding(ds: xr.Dataset, bands: int, chunk_px: int, scaled: bool) -> dict[str, dict]:
+def _encoding(
+    ds: xr.Dataset, bands: int, chunk_px: int, scaled: bool, cf: dict[str, float] | None = None
+) -> dict[str, dict]:
     enc = {"image": {"chunks": (bands, chunk_px, chunk_px), "compressors": [_compressor()]}}
     if scaled:
+        cf = cf or {"scale_factor": REFLECTANCE_SCALE, "add_offset": 0.0}
         enc["image"] |= {
             "dtype": "int16",
-            "scale_factor": REFLECTANCE_SCALE,
-            "add_offset": 0.0,
+            "scale_factor": float(cf["scale_factor"]),
+            "add_offset": float(cf["add_offset"]),
             "_FillValue": REFLECTANCE_FILL,
         }
     if "label" in ds:
@@ -272,7 +317,9 @@ def write_scene(
 
     Args:
         url: the store's URL (``file://``, ``s3://`` ...).
-        image: ``(band, y, x)`` float32 from :func:`ingest.load_scene` (lazy is best).
+        image: ``(band, y, x)`` from :func:`ingest.load_scene` (lazy is best): float32
+            physical values, or int16 counts with their CF ``attrs["encoding"]``
+            (``load_scene(counts=True)``), stored as they are.
         labels: ``(y, x)`` uint8 from :func:`ingest.load_labels` on the same grid, or None.
         classes: the label classes, recorded in the attributes.
         num_levels: downsampled levels to add (3: x2, x4, x8).
@@ -338,24 +385,41 @@ def write_scene(
         # metadata and coordinates; the pixels of a strip go through one da.store, which
         # (unlike several to_zarr delayeds) computes each source chunk once.
         start = min(set(range(num_levels + 1)) - done)
+        # int16 counts from load_scene(counts=True) are stored as they are, with their CF
+        # scale/offset; their levels are halved from the counts (no float copy of level 0)
+        cf = image.attrs.get("encoding") if image.dtype == np.int16 else None
+        if cf is None and image.dtype.kind in "iu":  # integers without an encoding: values
+            image = image.astype(np.float32)
         if start == 0:
             img, lab = image.data, None if labels is None else labels.data
             level0 = img
-        else:
-            top = _open_level(url, 0)
+        else:  # level 0 as stored: counts stay counts
+            top = _open_level(url, 0, raw=True)
             img = top["image"].data
             lab = top["label"].data if "label" in top else None
+            if img.dtype == np.int16:
+                cf = {k: float(top["image"].attrs[k]) for k in ("scale_factor", "add_offset")}
         source_rows = img.chunks[1][0]
         writes = []  # (pixels, zarr array, level)
         for level in range(num_levels + 1):
             if level:  # halved in the source's (larger) chunks, split for the store
-                img = _halve(img, halve_mean, np.nan)
+                if img.dtype == np.int16:
+                    img = _halve(img, halve_counts, REFLECTANCE_FILL)
+                else:
+                    img = _halve(img, halve_mean, np.nan)
                 lab = None if lab is None else _halve(lab, halve_mode, IGNORE)
             if level < start:
                 continue
             cpx = level_chunk_px(chunk_px, level)
-            stored = (encode_reflectance(img) if scaled else img).rechunk((-1, cpx, cpx))
-            _write_level(url, img, lab, gbox, level, bands, chunk_px, scaled=scaled)
+            if img.dtype == np.int16:
+                stored = img
+            elif cf is not None:
+                stored = encode_counts(img)
+            else:
+                stored = encode_reflectance(img) if scaled else img
+            stored = stored.rechunk((-1, cpx, cpx))
+            meta = img.astype(np.float32) if img.dtype == np.int16 else img  # never computed
+            _write_level(url, meta, lab, gbox, level, bands, chunk_px, scaled=scaled, cf=cf)
             if level == 0:
                 new_attrs.write(url)  # the marker: from here on this folder is ours
                 root = zarr.open_group(native(url), mode="r+")
@@ -381,6 +445,7 @@ def write_scene(
                     _moments,
                     chunks=(strip.chunks[0], (1,) * strip.numblocks[1], (3,) * strip.numblocks[2]),
                     dtype=np.float64,
+                    cf=cf,
                 )
                 _, part = dask.compute(stores, part)
                 moments += part.reshape(len(bands), -1, 3).sum(axis=1)
@@ -407,12 +472,20 @@ def write_scene(
     return open_scene(url)
 
 
-def _moments(block: np.ndarray) -> np.ndarray:
-    """``(bands, 1, 3)``: each band's sum, sum of squares and count of valid pixels."""
+def _moments(block: np.ndarray, cf: dict[str, float] | None = None) -> np.ndarray:
+    """``(bands, 1, 3)``: each band's sum, sum of squares and count of valid pixels, in
+    physical units (int16 counts are decoded by their CF ``cf``)."""
     out = np.empty((block.shape[0], 1, 3))
     for b, band in enumerate(block):
-        v = band[np.isfinite(band)].astype(np.float64)
-        out[b, 0] = v.sum(), v @ v, v.size
+        if cf is None:
+            v = band[np.isfinite(band)].astype(np.float64)
+            out[b, 0] = v.sum(), v @ v, v.size
+            continue
+        # moments of the counts c, then of s * c + o: no per-pixel arithmetic in floats
+        c = band[band != REFLECTANCE_FILL].astype(np.float64)
+        s, o, n = cf["scale_factor"], cf["add_offset"], c.size
+        s1, s2 = c.sum(), c @ c
+        out[b, 0] = s * s1 + o * n, s * s * s2 + 2 * s * o * s1 + o * o * n, n
     return out
 
 
@@ -426,9 +499,10 @@ def _write_level(
     chunk_px: int,
     *,
     scaled: bool,
+    cf: dict[str, float] | None = None,
 ) -> None:
-    """Create a level's group: metadata (CF encoding included) and coordinates; the
-    pixels are stored by the caller."""
+    """Create a level's group: metadata (CF encoding included: ``cf``, else the standard
+    reflectance counts) and coordinates; the pixels are stored by the caller."""
     cpx = level_chunk_px(chunk_px, level)
     ds = _dataset(img, lab, _level_box(gbox, level), bands, cpx, scaled)
     ds.to_zarr(
@@ -438,15 +512,18 @@ def _write_level(
         zarr_format=3,
         consolidated=False,
         compute=False,
-        encoding=_encoding(ds, len(bands), cpx, scaled),
+        encoding=_encoding(ds, len(bands), cpx, scaled, cf),
     )
 
 
-def _open_level(url: str, level: int) -> xr.Dataset:
+def _open_level(url: str, level: int, *, raw: bool = False) -> xr.Dataset:
     """A level as a lazy dataset: image decoded to float32 reflectance (NaN = no data),
-    labels kept uint8 (255 = ignore)."""
+    labels kept uint8 (255 = ignore); ``raw``: the image as stored (int16 counts with their
+    CF attributes)."""
     kw = dict(group=_level_group(level), consolidated=False, zarr_format=3)
     ds = xr.open_zarr(native(url), mask_and_scale=False, **kw)
+    if raw:
+        return ds
     if ds["image"].dtype.kind == "i":  # scaled integers
         decoded = xr.open_zarr(native(url), mask_and_scale=True, **kw)["image"]
         ds["image"] = decoded.astype(np.float32)

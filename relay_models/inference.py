@@ -24,14 +24,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .geometry import Tile, tile_grid
+from .precision import Precision, autocast
 from .spec import DataSpec
 from .stitch import Blend, RowStitcher, Sink
 from .windows import ArrayPyramid, Pyramid, Region, read_window
 
 
 def tile_overlap(tile_px: int, overlap_px: int | None = None) -> int:
-    """The overlap of neighbouring tiles: ``overlap_px``, by default a quarter tile."""
-    return tile_px // 4 if overlap_px is None else overlap_px
+    """The overlap of neighbouring tiles: ``overlap_px``, by default an eighth of a tile.
+
+    An eighth keeps the accuracy of a quarter (the default before issue 27) at 0.78x its
+    tiles: ``bench/overlap.py`` over three seeds, relay and sliding-window models
+    (``docs/fidelity.md``, "Tiles")."""
+    return tile_px // 8 if overlap_px is None else overlap_px
+
+
+#: Tile pixels per forward pass by default (:func:`default_batch_size`): 32 tiles of 64 px.
+BATCH_PIXELS = 32 * 64 * 64
+
+
+def default_batch_size(tile_px: int) -> int:
+    """Tiles per forward pass by default: about :data:`BATCH_PIXELS` pixels, 8 to 64 tiles
+    (8 at 128 px and above, 32 at 64 px, 64 at 32 px). Small tiles need large batches: at
+    64 px a batch of 32 ran the relay model 1.33x faster per CPU second than the batch of 8
+    that used to be the default; at 256 px 8 is already as fast as larger batches
+    (``python bench/speed.py --experiments``, ``docs/benchmarks.md``, "Speed")."""
+    return min(64, max(8, BATCH_PIXELS // tile_px**2))
 
 
 def plan_tiles(
@@ -73,11 +91,16 @@ def predict_tiles(
 
 
 def run_tiles(
-    model: nn.Module, tiles: dict[str, torch.Tensor], device: torch.device | None = None
+    model: nn.Module,
+    tiles: dict[str, torch.Tensor],
+    device: torch.device | None = None,
+    *,
+    precision: Precision = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(N, K, L, L)`` float32 of :func:`read_tiles` output (zeros for tiles
-    without data, which are not run) and the ``(N,)`` bool mask of tiles that ran. On CUDA
-    the model runs in bf16."""
+    without data, which are not run) and the ``(N,)`` bool mask of tiles that ran. The model
+    runs in ``precision`` (:mod:`relay_models.precision`: ``auto`` is bf16 on CUDA and on
+    CPUs with bf16 matmuls, fp32 elsewhere); probabilities are always float32."""
     device = device or next(model.parameters()).device
     valid = tiles["valid"]
     n, size = valid.shape[0], valid.shape[-1]
@@ -87,7 +110,7 @@ def run_tiles(
         local = tiles["local"][ran].to(device)
         glob = tiles.get("global")
         glob = None if glob is None else glob[ran].to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(precision, device):
             probs[ran] = predict_tiles(model, local, glob).float().cpu().numpy()
     return probs, ran
 
@@ -100,16 +123,17 @@ def predict_source(
     tile_px: int | None = None,
     overlap_px: int | None = None,
     crop: tuple[int, int, int, int] | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     blend: Blend = "cosine",
     device: str | torch.device | None = None,
+    precision: Precision = "auto",
     progress: bool = False,
 ) -> tuple[int, int]:
     """Segment a whole :class:`Pyramid` (a scene store, an array) tile by tile; the blended
     rows go to ``sink`` top to bottom (:class:`RowStitcher`).
 
     Args:
-        model, tile_px, overlap_px, batch_size, blend, device, progress: as
+        model, tile_px, overlap_px, batch_size, blend, device, precision, progress: as
             :func:`predict_array`.
         source: the scene, level 0 of ``source.shape(0)`` pixels.
         sink: receives ``(y0, probs, valid)`` rows of the whole scene.
@@ -122,6 +146,7 @@ def predict_source(
     spec: DataSpec = model.spec
     device = torch.device(device) if device else next(model.parameters()).device
     tile_px = tile_px or spec.window_px
+    batch_size = batch_size or default_batch_size(tile_px)
     overlap = tile_overlap(tile_px, overlap_px)
     shape = source.shape(0)
     tiles = plan_tiles(shape, tile_px, overlap)
@@ -144,7 +169,7 @@ def predict_source(
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
             inputs = read_tiles(source, batch, spec)
-            probs, ran = run_tiles(model, inputs, device)
+            probs, ran = run_tiles(model, inputs, device, precision=precision)
             for t, p, r, v in zip(batch, probs, ran, inputs["valid"].numpy(), strict=True):
                 done[id(t)] = (p if r else None, v)
             ran_count += int(ran.sum())
@@ -168,9 +193,10 @@ def predict_array(
     tile_px: int | None = None,
     overlap_px: int | None = None,
     valid: np.ndarray | torch.Tensor | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     blend: Blend = "cosine",
     device: str | torch.device | None = None,
+    precision: Precision = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """Segment a whole in-memory scene with overlapping tiles.
@@ -181,11 +207,15 @@ def predict_array(
         image: ``(C, H, W)`` bands in the spec's units (``spec.mean`` / ``spec.std``), any
             size; NaN = no data.
         tile_px: local window side L (default ``spec.window_px``).
-        overlap_px: overlap between neighbouring tiles (default: a quarter tile).
+        overlap_px: overlap between neighbouring tiles (default: an eighth of a tile,
+            :func:`tile_overlap`).
         valid: optional ``(H, W)`` bool data mask; pixels outside it count as no data.
-        batch_size: tiles per forward pass.
+        batch_size: tiles per forward pass (default: :func:`default_batch_size`).
         blend: ``cosine`` or ``center`` (:mod:`relay_models.stitch`).
         device: where to run the model (default: the model's device).
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16 matmuls,
+            else fp32), ``fp32`` or ``bf16`` (:mod:`relay_models.precision`); blending and
+            the returned probabilities are float32 either way.
         progress: show a tile progress bar.
 
     Returns:
@@ -221,6 +251,7 @@ def predict_array(
         batch_size=batch_size,
         blend=blend,
         device=device,
+        precision=precision,
         progress=progress,
     )
     if not ran:

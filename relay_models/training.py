@@ -15,6 +15,7 @@ from torch import nn
 
 from .losses import LossTerms, RelayLoss
 from .metrics import ConfusionMatrix
+from .precision import Precision, autocast
 from .segmenter import RelayOutput
 
 
@@ -32,6 +33,14 @@ def forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> RelayOutput 
     if "global" in batch:
         return model(batch["local"], batch["global"])
     return model(batch["local"])
+
+
+def _float32(out: RelayOutput | torch.Tensor) -> RelayOutput | torch.Tensor:
+    """Logits as float32 (a bf16 forward pass returns bf16 logits): the loss, its softmax
+    and its reductions run in full precision."""
+    if isinstance(out, RelayOutput):
+        return RelayOutput(*(None if t is None else t.float() for t in out))
+    return out.float()
 
 
 def train_step(
@@ -52,13 +61,18 @@ def train_step(
         loss_fn: the paper's loss.
         optimizer: steps the model's parameters.
         grad_clip: max gradient norm; None: no clipping.
-        autocast: e.g. ``torch.autocast("cuda", torch.bfloat16)``; None: full precision.
+        autocast: the forward pass's precision context, e.g.
+            :func:`relay_models.precision.autocast` (``torch.autocast(device, bfloat16)``
+            on hardware with native bf16, the weights, gradients and optimiser state
+            staying float32); None: full precision. The loss is computed on float32
+            logits either way.
 
     Returns:
         The loss terms, detached (call ``.item()`` only when logging: it syncs a GPU).
     """
     with autocast or contextlib.nullcontext():
-        terms = loss_fn(forward(model, batch), batch["labels"])
+        out = forward(model, batch)
+    terms = loss_fn(_float32(out), batch["labels"])
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     if grad_clip is not None:
@@ -67,23 +81,26 @@ def train_step(
     return LossTerms(*(t.detach() for t in terms))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     num_classes: int,
     *,
     device: torch.device | str = "cpu",
+    precision: Precision = "fp32",
 ) -> ConfusionMatrix:
     """Confusion matrix of the local predictions over ``batches`` (this process only; call
-    :meth:`ConfusionMatrix.all_reduce` to sum over distributed workers). Leaves the model
-    in the mode it found it in."""
+    :meth:`ConfusionMatrix.all_reduce` to sum over distributed workers), the forward pass
+    in ``precision`` (:mod:`relay_models.precision`). Leaves the model in the mode it found
+    it in."""
     cm = ConfusionMatrix(num_classes)
     was_training = model.training
     model.eval()
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        out = forward(model, batch)
+        with autocast(precision, device):
+            out = forward(model, batch)
         logits = out.local if isinstance(out, tuple) else out
         cm.update(logits.argmax(1), batch["labels"])
     model.train(was_training)
