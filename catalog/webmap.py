@@ -1,16 +1,23 @@
 """A local web map of a relaymap catalog: map tiles from the class COGs (titiler), a
-MapLibre GL JS page with layer toggles, opacity, legend, period selector and class query.
+MapLibre GL JS page showing one period at a time (the latest first), or two side by side or
+by swipe, with the imagery under the maps, the change between periods, layer toggles,
+opacity, legends and a class query; an optional base map.
 
 Only rasters registered in the catalog are read: every raster endpoint takes a map id (a
 map item's id in the ``relaymap-maps`` collection, whose ``classes`` asset it reads, or
-``<collection>.<asset>`` for a period mosaic of an area collection); no request names a
-file. Colours come from each map's ``classification:classes``
-(``color_hint``), then the COG's palette, then evenly spaced hues; nodata is transparent.
+``<collection>.<asset>`` for a mosaic asset of an area collection: a period's land cover,
+stable land cover, imagery, or a change between two periods); no request names a file.
+Colours come from each map's ``classification:classes`` (``color_hint``), then the COG's
+palette, then evenly spaced hues; nodata is transparent in the tiles, and the page draws it
+as grey stripes (:data:`NODATA_HATCH`). Imagery is stretched from its 2nd to 98th
+percentiles per band, one stretch for all periods of a collection so they compare.
 
 Endpoints:
 
 * ``GET /`` - the page (files in ``webmap_static/``, served under ``/static``).
-* ``GET /maps.json`` - the maps: id, model, datetime, period, lon/lat bounds, classes, tiles.
+* ``GET /maps.json`` - ``maps``: the class maps (id, model, datetime, period, lon/lat
+  bounds, classes, tiles); ``overlays``: the imagery, stable and change layers (with
+  ``kind``); ``basemap``: the configured base map or null.
 * ``GET /maps/{map_id}/tiles/WebMercatorQuad/{z}/{x}/{y}.png`` - a tile (titiler's
   ``TilerFactory``; ``/info``, ``/point/{lon},{lat}``, ``/WebMercatorQuad/tilejson.json``
   and ``/statistics`` too).
@@ -22,19 +29,20 @@ from __future__ import annotations
 import colorsys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import pystac
 import rasterio
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from rio_tiler.errors import PointOutsideBounds
 from rio_tiler.io import Reader
+from titiler.core.dependencies import ImageRenderingParams
 from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
 from titiler.core.factory import TilerFactory
 
@@ -51,6 +59,15 @@ NODATA = 255
 STATIC_DIR = Path(__file__).with_name("webmap_static")
 #: The tile matrix set the page uses.
 TMS = "WebMercatorQuad"
+#: How the page draws nodata inside a map's bounds: diagonal stripes of these two greys
+#: (the same as the quicklooks'), unlike any class colour and the page's own background.
+NODATA_HATCH = ("#5f6368", "#9aa0a6")
+#: The map's background where nothing is drawn and there is no base map.
+BACKGROUND = "#dde3ea"
+#: Asset roles of an area collection's layers -> the layer's kind.
+ROLE_KINDS = {"mosaic": "classes", "stable": "stable", "change": "change", "visual": "imagery"}
+#: Percentiles of the imagery stretch.
+STRETCH_PERCENTILES = (2, 98)
 
 RGBA = tuple[int, int, int, int]
 
@@ -82,9 +99,19 @@ class MapLayer:
     maxzoom: int
     #: The class COG (never sent to the page).
     href: str
+    #: ``classes`` (land cover), ``stable``, ``change`` or ``imagery``.
+    kind: str = "classes"
+    #: Where it comes from: the map collection or an area collection.
+    source: str = MAP_COLLECTION
+    #: A change's earlier period (its ``period`` is the later one).
+    before: str | None = None
+    #: Imagery: per band ``(low, high)`` stored values shown as black and white.
+    rescale: tuple[tuple[float, float], ...] | None = None
 
-    def colormap(self) -> dict[int, RGBA]:
-        """The tile palette: each class's colour, nodata transparent."""
+    def colormap(self) -> dict[int, RGBA] | None:
+        """The tile palette: each class's colour, nodata transparent (None for imagery)."""
+        if self.kind == "imagery":
+            return None
         cmap: dict[int, RGBA] = {
             c.value: (*bytes.fromhex(c.color[1:]), 255)  # type: ignore[misc]
             for c in self.classes
@@ -98,6 +125,10 @@ class MapLayer:
         d.pop("href")
         d["bounds"] = list(self.bounds)
         d["tiles"] = f"maps/{self.id}/tiles/{TMS}/{{z}}/{{x}}/{{y}}.png"
+        if self.kind != "change":
+            d.pop("before")
+        if self.kind != "imagery":
+            d.pop("rescale")
         return d
 
 
@@ -147,9 +178,11 @@ def _layer(
     when: str | None,
     period: str,
     bbox: Sequence[float] | None = None,
+    **extra: Any,
 ) -> MapLayer:
-    """A map layer from its class raster's asset (a COG, or a mosaic VRT over COGs) and the
-    raster's header (palette, zoom range, and its bounds unless ``bbox`` is given)."""
+    """A map layer from its raster's asset (a COG, or a mosaic VRT over COGs) and the
+    raster's header (palette, zoom range, and its bounds unless ``bbox`` is given); imagery
+    gets its percentile stretch from an overview (at most 512 px)."""
     href = asset.get_absolute_href() or asset.href
     with rasterio.Env(**gdal_env()):
         with rasterio.open(href) as src:
@@ -160,6 +193,13 @@ def _layer(
         with Reader(href) as reader:
             minzoom, maxzoom = reader.minzoom, reader.maxzoom
             west, south, east, north = bbox or reader.get_geographic_bounds("EPSG:4326")
+            if extra.get("kind") == "imagery":
+                stats = reader.statistics(percentiles=list(STRETCH_PERCENTILES), max_size=512)
+                lo, hi = (f"percentile_{p}" for p in STRETCH_PERCENTILES)
+                extra["rescale"] = tuple(
+                    (float(getattr(b, lo)), float(max(getattr(b, hi), getattr(b, lo) + 1)))
+                    for b in stats.values()
+                )
     return MapLayer(
         id=map_id,
         model=model,
@@ -170,6 +210,7 @@ def _layer(
         minzoom=int(minzoom),
         maxzoom=int(maxzoom),
         href=href,
+        **extra,
     )
 
 
@@ -185,26 +226,71 @@ def _item_layer(item: pystac.Item) -> MapLayer:
     )
 
 
+def _kind(asset: pystac.Asset) -> str | None:
+    roles = asset.roles or []
+    return next((kind for role, kind in ROLE_KINDS.items() if role in roles), None)
+
+
 def _mosaic_layers(collection: pystac.Collection) -> Iterator[tuple[tuple, Callable[[], MapLayer]]]:
-    """The period mosaics of an area collection (assets with role ``mosaic``), each as a
-    cache key and a function that makes its layer."""
+    """The layers of an area collection: its period mosaics (assets with role ``mosaic``),
+    stable mosaics (``stable``), imagery (``visual``) and changes (``change``, between
+    ``relaymap:from`` and ``relaymap:to``), each as a cache key and a function that makes
+    its layer."""
     for key, asset in collection.assets.items():
-        if "mosaic" not in (asset.roles or []):
+        kind = _kind(asset)
+        if kind is None:
             continue
         fields = asset.extra_fields
-        period = fields.get("relaymap:period") or key
+        period = fields.get("relaymap:to") or fields.get("relaymap:period") or key
         start = fields.get("start_datetime")
 
-        def make(key=key, asset=asset, period=period, start=start) -> MapLayer:
+        def make(key=key, asset=asset, period=period, start=start, kind=kind) -> MapLayer:
             return _layer(
                 f"{collection.id}.{key}",
                 asset,
                 model=str(collection.extra_fields.get("relaymap:model", "unknown model")),
                 when=start,
                 period=period,
+                kind=kind,
+                source=collection.id,
+                before=asset.extra_fields.get("relaymap:from"),
             )
 
         yield (f"{collection.id}.{key}", asset.href, asset.extra_fields.get("file:checksum")), make
+
+
+def _shared_stretch(layers: dict[str, MapLayer]) -> dict[str, MapLayer]:
+    """One stretch for all imagery of a collection (the mean of its periods' percentiles),
+    so that two periods side by side differ only where their pixels do."""
+    by_source: dict[str, list[MapLayer]] = {}
+    for layer in layers.values():
+        if layer.kind == "imagery" and layer.rescale:
+            by_source.setdefault(layer.source, []).append(layer)
+    out = dict(layers)
+    for group in by_source.values():
+        shared = tuple(
+            tuple(float(v) for v in np.mean([g.rescale[b] for g in group], axis=0))
+            for b in range(len(group[0].rescale))
+        )
+        for g in group:
+            out[g.id] = replace(g, rescale=shared)
+    return out
+
+
+@dataclass(frozen=True)
+class Basemap:
+    """A base map under the maps: an XYZ tile URL template (``{z}/{x}/{y}``) or a MapLibre
+    style URL, and its attribution (shown on the map)."""
+
+    url: str
+    attribution: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "xyz" if "{z}" in self.url else "style"
+
+    def to_json(self) -> dict[str, str]:
+        return {"url": self.url, "attribution": self.attribution, "kind": self.kind}
 
 
 class MapIndex:
@@ -237,6 +323,7 @@ class MapIndex:
                 for key, make in _mosaic_layers(self.catalog.get_collection(cid)):
                     layer = self._cache.get(key) or make()
                     layers[layer.id], cache[key] = layer, layer
+            layers = _shared_stretch(layers)
             self._layers, self._cache, self._loaded = layers, cache, True
             return sorted(layers.values(), key=lambda m: (m.model, m.period, m.id))
 
@@ -254,9 +341,10 @@ class MapIndex:
             raise HTTPException(404, f"no map {map_id!r} in the catalog") from None
 
 
-def create_app(catalog_url: str) -> FastAPI:
+def create_app(catalog_url: str, *, basemap: Basemap | None = None) -> FastAPI:
     """The web map of the catalog at ``catalog_url`` (a static catalog folder or URL, or a
-    STAC API); its maps are the items of the ``relaymap-maps`` collection."""
+    STAC API): the items of the ``relaymap-maps`` collection and the layers of area
+    collections; ``basemap`` under them (default: none, the page works offline)."""
     index = MapIndex(catalog_url)
     app = FastAPI(title="relaymap web map", docs_url=None, redoc_url=None)
 
@@ -264,13 +352,24 @@ def create_app(catalog_url: str) -> FastAPI:
         """The COG of a catalog map: the only way a raster endpoint gets a file."""
         return index.get(map_id).href
 
-    def map_colormap(map_id: Annotated[str, PathParam(description="Map item id")]) -> dict:
+    def map_colormap(map_id: Annotated[str, PathParam(description="Map item id")]) -> dict | None:
         return index.get(map_id).colormap()
+
+    def map_rendering(
+        map_id: Annotated[str, PathParam(description="Map item id")],
+        params: Annotated[ImageRenderingParams, Depends()],
+    ) -> ImageRenderingParams:
+        """Imagery is stretched with its layer's stretch unless the request gives one."""
+        rescale = index.get(map_id).rescale
+        if params.rescale is None and rescale:
+            params.rescale = [tuple(r) for r in rescale]
+        return params
 
     tiler = TilerFactory(
         router_prefix="/maps/{map_id}",
         path_dependency=map_path,
         colormap_dependency=map_colormap,
+        render_dependency=map_rendering,
         environment_dependency=gdal_env,
         add_preview=False,
         add_part=False,
@@ -281,8 +380,16 @@ def create_app(catalog_url: str) -> FastAPI:
 
     @app.get("/maps.json")
     def maps() -> dict[str, Any]:
-        """The catalog's maps (re-read on every call: new maps appear on reload)."""
-        return {"maps": [m.to_json() for m in index.refresh()]}
+        """The catalog's maps (re-read on every call: new maps appear on reload): the class
+        maps, the other layers, the base map."""
+        layers = index.refresh()
+        return {
+            "maps": [m.to_json() for m in layers if m.kind == "classes"],
+            "overlays": [m.to_json() for m in layers if m.kind != "classes"],
+            "basemap": basemap.to_json() if basemap else None,
+            "nodata": list(NODATA_HATCH),
+            "background": BACKGROUND,
+        }
 
     @app.get("/maps/{map_id}/class")
     def class_at(
