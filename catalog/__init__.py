@@ -12,7 +12,7 @@ from .backends import (
 )
 from .items import map_item, model_item, multihash_sha256
 from .server import serve_stac
-from .storage import StorageConfig, StorageError
+from .storage import StorageConfig, StorageError, UnsafeIdError
 
 __all__ = [
     "Catalog",
@@ -22,6 +22,7 @@ __all__ = [
     "StaticCatalog",
     "StorageConfig",
     "StorageError",
+    "UnsafeIdError",
     "map_item",
     "model_item",
     "multihash_sha256",

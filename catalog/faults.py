@@ -1,10 +1,12 @@
 """Fault points for the crash tests: named places where a test makes this process die
 (``kill``: SIGKILL, as an OOM killer or a lost node would) or stop and wait to be killed
-(``pause``), so a fault lands at a defined point instead of racing the work.
+(``pause``), or wait while a test looks at the running system (``hold``), so a fault lands
+at a defined point instead of racing the work.
 
-Off unless ``RELAYMAP_FAULT=<point>[=kill|pause]`` names the point. With
+Off unless ``RELAYMAP_FAULT=<point>[=kill|pause|hold]`` names the point. With
 ``RELAYMAP_FAULT_FILE=<path>`` the fault fires once: the first process to reach the point
-creates that file (holding its pid, which the test then kills by) and later ones pass.
+creates that file (holding its pid, which the test then kills by) and later ones pass. A
+``hold`` goes on when the test deletes that file.
 """
 
 from __future__ import annotations
@@ -34,5 +36,11 @@ def fault_point(name: str) -> None:
         os.close(fd)
     if action in ("", "kill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hold":
+        if not once:
+            raise ValueError(f"{ENV}={spec} needs {ONCE_FILE}: deleting it ends the hold")
+        while os.path.exists(once):
+            time.sleep(0.1)
+        return
     while True:  # pause: the test kills this process by the pid it wrote
         time.sleep(1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ from pydantic import BaseModel, ConfigDict
 
 class StorageError(OSError):
     """A storage location cannot be read or written (message names the URL, no secrets)."""
+
+
+class UnsafeIdError(ValueError):
+    """An id (from a STAC API, a config) that cannot become part of a path or URL."""
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -69,7 +74,7 @@ class StorageConfig(BaseModel):
 
 
 _SECRET = re.compile(
-    r"(?i)(aws_secret_access_key|aws_session_token|secret|password|token|key_id)"
+    r"(?i)(aws_secret_access_key|aws_session_token|secret|password|token|key_id|\bsig)"
     r"(['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}&]+"
 )
 
@@ -84,10 +89,10 @@ def check_id(value: str, what: str = "id") -> str:
     without ``..``); ids come from STAC APIs and configs, untrusted.
 
     Raises:
-        ValueError: naming the bad id and what it was for.
+        UnsafeIdError: naming the bad id and what it was for.
     """
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
-        raise ValueError(
+        raise UnsafeIdError(
             f"{what} {value!r} is not a safe id: use 1-128 ASCII letters, digits, '.', '_' "
             f"or '-', starting with a letter or digit, without '..'"
         )
@@ -159,6 +164,35 @@ def exists(url: str) -> bool:
         return fs.exists(path)
     except TRANSPORT_ERRORS as e:
         raise StorageError(f"cannot reach {url}: {redact(str(e))}") from None
+
+
+def check_writable(url: str) -> None:
+    """Fail now, naming ``url``, if nothing can be written under it: before any compute,
+    and without leaving anything behind (a local folder is not even created).
+
+    Raises:
+        StorageError: the location is under a file, read-only, or unreachable.
+    """
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        folder = path
+        while not os.path.exists(folder):  # the nearest folder that exists
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise StorageError(f"cannot write {url}: {folder} is a file, not a folder")
+        try:  # os.access says yes to root on read-only file systems: try it
+            fd, probe = tempfile.mkstemp(prefix=".relaymap-write-check-", dir=folder)
+        except OSError as e:
+            raise StorageError(f"cannot write {url}: {e.strerror} ({folder})") from None
+        os.close(fd)
+        os.remove(probe)
+        return
+    probe = f"{path.rstrip('/')}/.relaymap-write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except TRANSPORT_ERRORS as e:
+        raise StorageError(f"cannot write {url}: {redact(str(e))}") from None
 
 
 def read_bytes(url: str) -> bytes:
@@ -233,7 +267,6 @@ def atomic_upload(url: str, suffix: str = "") -> Iterator[str]:
     For writers that need a real file (GDAL, rasterio). On error nothing appears at
     ``url`` and the temporary file is removed.
     """
-    import tempfile
 
     fs, path = filesystem(url)
     local = isinstance(fs, LocalFileSystem)

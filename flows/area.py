@@ -20,26 +20,32 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import pystac
+from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry
 from pydantic import Field
 from pystac.extensions.raster import RasterExtension
+from rasterio.errors import NotGeoreferencedWarning
 from tqdm.auto import tqdm
 
 from relay_models.config import FrozenConfig
 from relay_models.geometry import cell_halo, cell_step
-from relay_models.spec import PIXEL_SIZE_TOLERANCE
+from relay_models.spec import PIXEL_SIZE_TOLERANCE, DataSpec
 from relaymap.catalog import ItemNotFound, open_catalog
 from relaymap.catalog.backends import PROVIDER
 from relaymap.catalog.items import CLASSIFICATION_SCHEMA, class_list
-from relaymap.catalog.storage import check_id, join, normalize_url
-from relaymap.ingest import GridError, MissingAssetError, NoItemsFound, search
+from relaymap.catalog.storage import check_id, check_writable, join, normalize_url
+from relaymap.ingest import GridError, NoImageryError, NoItemsFound, search
 from relaymap.ingest.composite import CompositeConfig, intersecting
 from relaymap.ingest.grid import MAX_AREA_KM2, AreaGrid, area_grid, read_area
-from relaymap.ingest.load import band_source, missing_bands
+from relaymap.ingest.load import load_scene
 from relaymap.ingest.periods import Every, Period, parse_periods
+from relaymap.ingest.profiles import ReadOptions, plan_read
+from relaymap.ingest.ranges import check_range
 
 from .cells import CELLS_IN_FLIGHT, CellMapper, geobox_to_dict
 from .class_areas import class_area_rows, plot_class_areas, write_table
@@ -48,6 +54,7 @@ from .infer import remove_generations, tile_overlap
 from .jobs import connect_ray
 from .mosaic import write_mosaic
 from .options import MapOptions, SafeId
+from .timeline import ProductsConfig, derive
 from .trained import ModelError, ModelInfo, read_info
 
 log = logging.getLogger(__name__)
@@ -63,16 +70,20 @@ class GridConfig(FrozenConfig):
 
     #: Pixel size in metres (default: the model's training pixel size).
     resolution: float | None = Field(default=None, gt=0)
-    #: Cell side in pixels; a multiple of the tile stride (and of 8).
-    cell_px: int = Field(default=1536, ge=64)
+    #: Cell side in pixels; a multiple of the tile stride (and of 8). Default: the multiple
+    #: of both nearest :data:`CELL_PX_TARGET` (:func:`default_cell_px`: 1568 px for 256 px
+    #: tiles, 1512 px for 64 px tiles with the default overlap of an eighth of a tile).
+    cell_px: int | None = Field(default=None, ge=64)
     #: Projected CRS of the grid (default: the UTM zone of the area's centroid).
     crs: str | None = None
     #: Refuse larger areas (km2).
     max_area_km2: float = Field(default=MAX_AREA_KM2, gt=0)
 
 
-class SourceConfig(FrozenConfig):
-    """Where the imagery comes from: a STAC API and how its items are composited."""
+class SourceConfig(ReadOptions):
+    """Where the imagery comes from: a STAC API, how its items become the model's bands
+    (the source profile and overrides, :class:`relaymap.ingest.profiles.ReadOptions`) and
+    how they are composited."""
 
     stac_api: str
     collections: list[SafeId] = Field(min_length=1)
@@ -107,6 +118,8 @@ class AreaConfig(FrozenConfig):
     work: str | None = None
     grid: GridConfig = GridConfig()
     options: MapOptions = MapOptions()
+    #: Beyond the cell maps: change between periods, stable maps, imagery, low confidence.
+    products: ProductsConfig = ProductsConfig()
 
 
 @dataclass
@@ -124,6 +137,8 @@ class AreaResult:
     nodes: dict[str, int] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     mosaics: dict[str, str] = field(default_factory=dict)
+    #: Imagery and stable mosaics, changes (:meth:`relaymap.flows.timeline.Derived.summary`).
+    derived: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     #: Per task run: cell, period, status, node, torch threads, tiles run, seconds (and
     #: per stage: wait for a lock, composite, predict, write).
@@ -141,6 +156,7 @@ class AreaResult:
             "mosaics": self.mosaics,
             "class_areas": self.rows,
             "nodes": self.nodes,
+            **self.derived,
         }
 
 
@@ -169,20 +185,49 @@ def _search(
     except NoItemsFound:
         return []
     for item in items:
-        missing = missing_bands(item, bands)
-        if missing:
-            raise MissingAssetError(
-                f"source item {item.id} has no asset {', '.join(missing)} that the model needs "
-                f"(bands {list(bands)}); it has {', '.join(sorted(item.assets))}"
-            )
+        check_id(item.id, f"source STAC item id (from {src.stac_api})")  # ids become hrefs
+        plan_read(item, bands, src.read_options())  # every band found, none ambiguous
     return items
 
 
-def slim(item: pystac.Item, bands: tuple[str, ...], mask: str | None) -> dict[str, Any]:
+#: Pixels per side of the coarse read that checks a source's values before any compute.
+PREFLIGHT_PX = 64
+
+
+def check_source_range(
+    config: AreaConfig, grid: AreaGrid, items: list[pystac.Item], spec: DataSpec
+) -> None:
+    """Read the least cloudy of ``items`` over the area, coarsely (area-averaged, through
+    the same profile, scale, offset and mask as the cells), and refuse the run if its
+    values are far from what the model was trained on: a source without its scale, say,
+    stops here with one line instead of mapping garbage.
+
+    Raises:
+        OutOfRangeError: naming the item, the band and what to set.
+    """
+    if not items:
+        return
+    item = min(items, key=lambda it: (it.properties.get("eo:cloud_cover", 100.0), it.id))
+    overlap = grid.area.to_crs(grid.crs) & Geometry(item.geometry, "EPSG:4326").to_crs(grid.crs)
+    if overlap.is_empty:
+        return
+    x0, y0, x1, y1 = overlap.boundingbox
+    res = max(grid.resolution, max(x1 - x0, y1 - y0) / PREFLIGHT_PX)
+    gbox = GeoBox.from_bbox((x0, y0, x1, y1), crs=grid.crs, resolution=res)
+    image = load_scene([item], spec.bands, geobox=gbox, read=config.source.read_options())
+    with warnings.catch_warnings():  # rasterio's own in-memory step of a decimated read
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        values = image.values
+    where = f"source item {item.id} of {config.source.stac_api}"
+    check_range(values, spec.bands, spec.mean, spec.std, where=where)
+
+
+def slim(item: pystac.Item, bands: tuple[str, ...], read: ReadOptions) -> dict[str, Any]:
     """An item's JSON for a task: only the assets a worker reads (those holding ``bands``,
-    and the ``mask``) and the self link (public Sentinel-2 items carry dozens of assets; a
+    and the mask's) and the self link (public Sentinel-2 items carry dozens of assets; a
     task descriptor should stay a few kB)."""
-    keep = {mask} | {where[0] for b in bands if (where := band_source(item, b))}
+    plan = plan_read(item, bands, read)
+    keep = {plan.mask_asset} | {b.asset for b in plan.bands}
     d = item.to_dict(transform_hrefs=False)
     d["assets"] = {k: v for k, v in d["assets"].items() if k in keep}
     d["links"] = [ln for ln in d["links"] if ln.get("rel") == "self"]
@@ -208,13 +253,27 @@ class Plan:
     empty: list[str]
 
 
+#: The cell side the default grid aims at: large enough that a cell's halo is a small share
+#: of its reads, small enough that one cell's composite and map fit a worker's memory.
+CELL_PX_TARGET = 1536
+
+
+def default_cell_px(step: int, near: int = CELL_PX_TARGET) -> int:
+    """The multiple of ``step`` (:func:`relay_models.geometry.cell_step`: the tile stride
+    and the store levels' 2**3) nearest ``near`` px, and at least one step."""
+    return max(step, round(near / step) * step)
+
+
 def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
     """The driver's plan: model info, grid, periods, the tasks to run and what to skip.
 
     Raises:
         AreaError, PeriodError, GridError: bad area, period or grid settings.
         ModelError: a model that cannot map on this grid.
+        UnknownCollectionError, StacApiError: a collection the source lacks, a source down.
         MissingAssetError: source items without a band the model needs.
+        StorageError: an output location that cannot be written.
+        NoImageryError: no source item touches the area in any period.
     """
     info = read_info(config.model)
     spec = info.spec
@@ -224,43 +283,66 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
     tile_px = opts.tile_px or spec.window_px
     overlap = tile_overlap(tile_px, opts.overlap_px)
     step = cell_step(tile_px, overlap, STORE_LEVELS)
-    if config.grid.cell_px % step:
-        near = max(step, round(config.grid.cell_px / step) * step)
+    cell_px = config.grid.cell_px or default_cell_px(step)
+    if cell_px % step:
         raise GridError(
-            f"cell_px={config.grid.cell_px} must be a multiple of {step} (the tile stride "
+            f"cell_px={cell_px} must be a multiple of {step} (the tile stride "
             f"{tile_px - overlap} and 2**{STORE_LEVELS}) for cells to join without seams; "
-            f"use {near}"
+            f"use {default_cell_px(step, cell_px)}"
         )
     halo = cell_halo(tile_px, overlap, spec.factor, STORE_LEVELS)
     grid = area_grid(
         read_area(config.area),
         resolution=resolution,
-        cell_px=config.grid.cell_px,
+        cell_px=cell_px,
         crs=config.grid.crs,
         max_area_km2=config.grid.max_area_km2,
     )
     periods = parse_periods(config.period, config.every, now=now)
     out = join(normalize_url(config.out), config.collection)
     work = normalize_url(config.work) if config.work else join(out, "composites")
+    for url in dict.fromkeys([normalize_url(config.out), work, catalog_url(config)]):  # first
+        if not url.startswith(("http://", "https://")):  # a STAC API is written through its API
+            check_writable(url)
     catalog = open_catalog(catalog_url(config))
     tasks, skipped, empty = [], {}, []
-    mask = config.source.composite.mask_asset
+    read = config.source.read_options()
     common = {
         "model": info.digest,
         "options": opts.model_dump(mode="json"),
         "composite": config.source.composite.model_dump(mode="json"),
+        "read": read.model_dump(mode="json"),
         "halo": halo,
+        "low_confidence": config.products.low_confidence,
     }
+    found = {period.id: _search(config, grid, period, spec.bands) for period in periods}
+    touching = {  # per period and cell: the items that reach the cell (and its halo)
+        (period.id, cell.id): mine
+        for period in periods
+        for cell in grid.cells
+        if intersecting(
+            mine := intersecting(found[period.id], cell.geobox.pad(halo).extent),
+            cell.geobox.extent,
+        )
+    }
+    for period in periods:  # the values the model will see, one coarse read per period
+        seen = {it.id: it for (pid, _), its in touching.items() if pid == period.id for it in its}
+        check_source_range(config, grid, list(seen.values()), spec)
+    if not touching:  # before anything is written
+        raise NoImageryError(
+            f"no item of {', '.join(config.source.collections)} on {config.source.stac_api} "
+            f"touches the area in {config.period} (every {config.every}); nothing to map"
+        )
     for period in periods:
-        items = _search(config, grid, period, spec.bands)
+        items = found[period.id]
         if config.source.copy_items and items:
             catalog.add_items(items)  # durable copies: their self hrefs are now the catalog's
         for cell in grid.cells:
             item_id = check_id(f"{info.name}-{period.id}-{cell.id}", "map item id")
-            mine = intersecting(items, cell.geobox.pad(halo).extent)
-            if not intersecting(mine, cell.geobox.extent):
+            if (period.id, cell.id) not in touching:
                 empty.append(item_id)
                 continue
+            mine = touching[period.id, cell.id]
             fp = fingerprint(
                 {
                     **common,
@@ -283,7 +365,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
                     "end": period.end.isoformat(),
                     "geobox": geobox_to_dict(cell.geobox),
                     "halo": halo,
-                    "items": [slim(it, spec.bands, mask) for it in mine],
+                    "items": [slim(it, spec.bands, read) for it in mine],
                     "item_id": item_id,
                     "collection": config.collection,
                     "fingerprint": fp,
@@ -291,6 +373,8 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
                     "prefix": join(out, period.id, item_id),
                     "options": common["options"],
                     "composite": common["composite"],
+                    "read": common["read"],
+                    "low_confidence": common["low_confidence"],
                 }
             )
     return Plan(info, grid, periods, tasks, skipped, empty)
@@ -348,9 +432,13 @@ def map_area(
     """Map ``config.area`` for every period with one Ray Data job; register cell items, a
     mosaic per period and the class-area table in ``config.collection``.
 
+    The warnings (cells without imagery, items without a mask) are in the result, for the
+    caller to show once (the CLI prints them, the Prefect task logs them).
+
     Raises:
-        AreaError, PeriodError, GridError, ModelError, MissingAssetError: bad input, before
-        any compute.
+        AreaError, PeriodError, GridError, ModelError, MissingAssetError, StorageError,
+        UnknownCollectionError: bad input, before any compute, nothing written.
+        NoImageryError: no source item touches the area in any period; nothing written.
     """
     import ray
 
@@ -398,10 +486,20 @@ def map_area(
         for it in catalog.search(collections=[config.collection])
         if it.properties.get("relaymap:model") == info.name
     ]
+    if not current:  # nothing mapped, now or before: no empty table, plot or collection
+        result.seconds = time.perf_counter() - t0
+        return result
     result.rows = class_area_rows([p.id for p in periods], info.spec.class_names, current)
     result.collection, result.mosaics = _products(config, info, periods, current, result.rows)
-    for w in result.warnings:
-        log.warning(w)
+    extra = derive(
+        config,
+        info.spec.class_table(),
+        [p.id for p in periods],
+        current,
+        catalog_url=catalog_url(config),
+        address=address,
+    )
+    result.derived, result.warnings = extra.summary(), result.warnings + extra.warnings
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -33,6 +33,8 @@ from relaymap.catalog.items import SAFETENSORS_TYPE
 from relaymap.catalog.storage import join
 from relaymap.ingest import IngestError, write_scene
 from relaymap.ingest.composite import CompositeConfig, composite
+from relaymap.ingest.profiles import ReadOptions
+from relaymap.ingest.ranges import check_range
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
 from .infer import new_generation, scratch_dir
@@ -104,6 +106,7 @@ def map_cell(
     spec = info.spec
     opts = MapOptions.model_validate(task["options"])
     recipe = CompositeConfig.model_validate(task["composite"])
+    read = ReadOptions.model_validate(task["read"])
     cell = geobox_from_dict(task["geobox"])
     halo = task["halo"]
     padded = cell.pad(halo)
@@ -128,7 +131,7 @@ def map_cell(
             t1 = time.perf_counter()
             stages["wait"] = t1 - t0
             # 1024 px read chunks: a third less dask overhead than 512 (bench/aoi.py)
-            image, warnings = composite(items, spec.bands, padded, recipe, chunk_px=1024)
+            image, warnings = composite(items, spec.bands, padded, recipe, read=read, chunk_px=1024)
             result["warnings"] = warnings
             store = write_scene(task["store"], image, overwrite=True)
             # the padded cell in memory (bounded by the cell size): tiles read slices, not
@@ -137,7 +140,10 @@ def map_cell(
             image = store.read_box((0, 0, h_px, w_px))[0]
             stages["composite"] = time.perf_counter() - t1
         crop = (halo, halo, halo + h, halo + w)
-        clear = int(np.isfinite(image[:, crop[0] : crop[2], crop[1] : crop[3]]).all(0).sum())
+        inside = image[:, crop[0] : crop[2], crop[1] : crop[3]]
+        where = f"the composite of cell {task['cell']} in {task['period']}"
+        check_range(inside, spec.bands, spec.mean, spec.std, where=where)
+        clear = int(np.isfinite(inside).all(0).sum())
         if clear == 0:
             result["status"] = "nodata"
             result["seconds"] = time.perf_counter() - t0
@@ -153,7 +159,11 @@ def map_cell(
         }
         with scratch_dir() as tmp, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             writer = MapWriter(
-                Path(tmp), cell, spec.class_table(), probabilities=opts.probabilities
+                Path(tmp),
+                cell,
+                spec.class_table(),
+                probabilities=opts.probabilities,
+                low_confidence=task.get("low_confidence"),
             )
             try:
                 waiting = time.perf_counter()
@@ -169,6 +179,7 @@ def map_cell(
                         crop=crop,
                         batch_size=opts.batch_size,
                         device=device,
+                        precision=opts.precision,
                     )
                     stages["predict"] = time.perf_counter() - t1
             finally:
@@ -176,6 +187,11 @@ def map_cell(
             publish(Path(tmp), urls, spec.class_table(), compress=opts.compress)
         fault_point("area:cell-uploaded")  # crash tests: a COG no item points at yet
         item = _item(task, info, store, urls, writer.counts, cell)
+        pixel_km2 = abs(cell.transform.determinant) / 1e6  # the doubtful part of each class
+        item.properties["relaymap:low_confidence_km2"] = {
+            n: round(float(c) * pixel_km2, 6)
+            for n, c in zip(spec.class_names, writer.low_counts, strict=True)
+        }
         result.update(
             status="mapped",
             item=item.to_dict(transform_hrefs=False),

@@ -6,22 +6,31 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel
 
+from relaymap.flows.change_command import change
 from relaymap.flows.options import MapOptions
-from relaymap.flows.serve import serve
+from relaymap.flows.serve import require_catalog, serve
+
+
+class SettingsError(ValueError):
+    """Bad settings, from flags or a config file: the message names every bad field."""
+
+
+#: Exit codes: 0 done, 1 some work failed (the rest is kept), 2 bad input (one line, nothing
+#: written), 3 nothing to map (no source imagery in the area for any period).
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_IMAGERY = 1, 2, 3
 
 
 def _typed_errors() -> tuple[type[Exception], ...]:
     """The errors that mean bad input or an unreachable service, not a bug."""
-    from pydantic import ValidationError
-
     from relay_models.saved import SavedModelError
-    from relaymap.catalog import CatalogError, ItemNotFound, StorageError
+    from relaymap.catalog import CatalogError, ItemNotFound, StorageError, UnsafeIdError
     from relaymap.flows.jobs import RayJobError
     from relaymap.flows.trained import ModelError
     from relaymap.ingest import IngestError
@@ -31,27 +40,117 @@ def _typed_errors() -> tuple[type[Exception], ...]:
         CatalogError,
         ItemNotFound,
         StorageError,
+        UnsafeIdError,
         ModelError,
         SavedModelError,
         RayJobError,
-        ValidationError,
+        SettingsError,
     )
+
+
+def settings(config_cls: type[BaseModel], data: dict[str, Any], where: str = "") -> Any:
+    """``config_cls`` validated from ``data`` (a config file's mapping with the flags given
+    merged in), or a :class:`SettingsError` naming every bad field on one line, the same
+    for a key in ``--config`` and for a flag."""
+    from pydantic import ValidationError
+
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as e:
+        raise SettingsError(f"{where or 'invalid settings'}: {describe(e)}") from None
+
+
+def describe(error: Any) -> str:
+    """A pydantic ``ValidationError`` on one line: ``field.path: problem`` per error."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(the whole config)"
+        msg = {"extra_forbidden": "unknown key", "missing": "required"}.get(err["type"])
+        if msg is None:
+            value = err.get("input")
+            got = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
+            msg = err["msg"][0].lower() + err["msg"][1:] + got
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """A config file's mapping, validated later together with the flags (see
+    :func:`settings`); ``{}`` without a file."""
+    import yaml
+
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SettingsError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config {path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+#: Options taking a lon/lat box: written ``W,S,E,N`` (as ``--area``) or, still, ``W S E N``.
+BBOX_OPTIONS = ("--bbox",)
+
+
+def _bbox_as_one(args: list[str]) -> list[str]:
+    """``--bbox W S E N`` (four numbers, the old form) -> ``--bbox W,S,E,N``."""
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] in BBOX_OPTIONS and _numbers(args[i + 1 : i + 5]):
+            out.append(",".join(args[i + 1 : i + 5]))
+            i += 5
+            continue
+        i += 1
+    return out
+
+
+def _numbers(values: list[str]) -> bool:
+    try:
+        return len(values) == 4 and all(isinstance(float(v), float) for v in values)
+    except ValueError:
+        return False
+
+
+def parse_bbox(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``W,S,E,N`` in lon/lat -> a tuple of four floats (None when not given)."""
+    from relaymap.ingest.grid import read_area
+
+    if value is None:
+        return None
+    if value.count(",") != 3:
+        raise click.BadParameter(f"{value!r}: give W,S,E,N in lon/lat, e.g. 15.0,43.3,15.2,43.4")
+    return tuple(read_area(value).boundingbox)
 
 
 class _Main(click.Group):
     """A typed error ends the command with one line (what failed, what to do) and exit code
-    2; ``-v`` shows the traceback instead."""
+    2 (3 when there is no imagery to map); ``-v`` shows the traceback instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _bbox_as_one(args))
 
     def invoke(self, ctx: click.Context):
+        from relaymap.ingest import NoImageryError
+
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad flag: one line, with where to find help
+            if e.ctx is None or e.ctx.parent is None:
+                raise
+            click.echo(
+                f"relaymap: {e.format_message()} ({e.ctx.command_path} -h for help)", err=True
+            )
+            ctx.exit(EXIT_BAD_INPUT)
         except _typed_errors() as e:
             if ctx.params.get("verbose"):
                 raise
             lines = str(e).strip().splitlines() or [""]
             more = " (-v for details)" if len(lines) > 1 else ""
             click.echo(f"relaymap: {type(e).__name__}: {lines[0]}{more}", err=True)
-            ctx.exit(2)
+            ctx.exit(EXIT_NO_IMAGERY if isinstance(e, NoImageryError) else EXIT_BAD_INPUT)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,13 +162,14 @@ def main(verbose: bool) -> None:
     if not verbose:  # a quiet console: stages and progress bars, no orchestration chatter
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker notices
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     for name in ("ray", "ray.data", "ray.train", "prefect", "distributed"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # a service that is down is one error line, not a warning per retry first
+    logging.getLogger("urllib3").setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("relaymap").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -128,15 +228,10 @@ def train(config: str, address: str | None) -> None:
     Example:
       relaymap train run.yaml --address head:6379
     """
-    from pydantic import ValidationError
-
     from relaymap.flows.train import TrainConfig
     from relaymap.flows.train import train as run_training
 
-    try:
-        cfg = TrainConfig.from_yaml(config)
-    except (ValidationError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="CONFIG") from None
+    cfg = settings(TrainConfig, read_config(config), config)
     result = run_training(cfg, address=address)
     click.echo(f"weights: {result.weights_url}")
     click.echo(
@@ -175,7 +270,9 @@ def options_of(config_cls: type[BaseModel]) -> Callable:
 @main.command()
 @click.option("--model", "model", default=None, help="Weights (.safetensors) or MLM item (.json).")
 @click.option("--scene", default=None, help="Scene store URL (file://, s3://, or a path).")
-@click.option("--out", default=None, help="Output prefix; products go to OUT/<item id>/.")
+@click.option(
+    "--out", default=None, help="Output prefix; products go to OUT/<item id>/<generation>/."
+)
 @click.option("--catalog", default=None, help="Static catalog URL or STAC API to register in.")
 @click.option("--collection", default=None, help="Map collection [default: relaymap-maps].")
 @click.option("--item-id", default=None, help="Map item id (default: <scene>-<model>).")
@@ -196,20 +293,14 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
       relaymap infer --model runs/run-1/model.safetensors --scene scenes/a.zarr \\
           --out maps --catalog catalog --overlap-px 32 --probabilities
     """
-    from pydantic import ValidationError
-
     from relaymap.flows.infer import InferConfig
     from relaymap.flows.infer import infer as run_inference
 
-    base = InferConfig.from_yaml(config_file).model_dump() if config_file else {}
+    base = read_config(config_file)
     given = {k: v for k, v in flags.items() if v is not None}
     options = {k: given.pop(k) for k in list(given) if k in MapOptions.model_fields}
-    try:
-        cfg = InferConfig.model_validate(
-            {**base, **given, "options": {**base.get("options", {}), **options}}
-        )
-    except ValidationError as e:
-        raise click.BadParameter(str(e)) from None
+    data = {**base, **given, "options": {**(base.get("options") or {}), **options}}
+    cfg = settings(InferConfig, data, config_file or "")
     product = run_inference(cfg, address=address)
     click.echo(f"classes: {product.classes_url}")
     for label, url in (
@@ -224,7 +315,101 @@ def infer(config_file: str | None, address: str | None, **flags) -> None:
     )
 
 
+def read_flags(f: Callable) -> Callable:
+    """The flags that say how a source's items become the model's bands (a source profile
+    and overrides, :class:`relaymap.ingest.profiles.ReadOptions`), for ``map`` and
+    ``ingest``."""
+    from relaymap.ingest.profiles import profile_names
+
+    for option in reversed(
+        [
+            click.option(
+                "--profile",
+                type=click.Choice(profile_names()),
+                default=None,
+                help="Source profile [default: chosen from each item's metadata].",
+            ),
+            click.option(
+                "--band",
+                "band_map",
+                multiple=True,
+                metavar="BAND=ASSET[:N]",
+                help="Which asset (and band, 1-based or by name) gives a model band; repeatable.",
+            ),
+            click.option(
+                "--scale",
+                "scales",
+                multiple=True,
+                metavar="[BAND=]VALUE",
+                help="Scale of a band (or of all) whose metadata has none; repeatable.",
+            ),
+            click.option(
+                "--offset",
+                "offsets",
+                multiple=True,
+                metavar="[BAND=]VALUE",
+                help="Offset of a band (or of all): physical = DN * scale + offset.",
+            ),
+            click.option("--mask-asset", default=None, help="Cloud mask asset [the profile's]."),
+            click.option(
+                "--mask-values", default=None, metavar="V,V,...", help="Mask classes not clear."
+            ),
+            click.option(
+                "--mask-bits", default=None, metavar="B,B,...", help="Mask bits set = not clear."
+            ),
+            click.option("--no-mask", is_flag=True, default=None, help="Load without a mask."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def read_settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """The read flags given (popped from ``flags``) as ReadOptions fields."""
+    out: dict[str, Any] = {}
+    if (profile := flags.pop("profile", None)) is not None:
+        out["profile"] = profile
+    bands = dict(_pair(v, "--band", need_key=True) for v in flags.pop("band_map", ()) or ())
+    scale = dict(_pair(v, "--scale", number=True) for v in flags.pop("scales", ()) or ())
+    offset = dict(_pair(v, "--offset", number=True) for v in flags.pop("offsets", ()) or ())
+    given = (("band_map", bands), ("scale", scale), ("offset", offset))
+    out.update({k: v for k, v in given if v})
+    asset = flags.pop("mask_asset", None)
+    values, bits = flags.pop("mask_values", None), flags.pop("mask_bits", None)
+    if flags.pop("no_mask", None):
+        out["mask"] = None
+    elif asset or values or bits:
+        if not asset:
+            raise click.BadParameter("give the mask's asset too", param_hint="--mask-asset")
+        out["mask"] = {"asset": asset, "values": _ints(values), "bits": _ints(bits)}
+    return out
+
+
+def _pair(value: str, flag: str, *, need_key: bool = False, number: bool = False):
+    key, sep, val = value.rpartition("=")
+    if not sep:
+        if need_key:
+            raise click.BadParameter(f"{value!r}: write BAND=ASSET[:N]", param_hint=flag)
+        key = "*"
+    if number:
+        try:
+            return key, float(val)
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r}: {val!r} is not a number", param_hint=flag
+            ) from None
+    return key, val
+
+
+def _ints(text: str | None) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")] if text else []
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give integers, comma-separated") from None
+
+
 @main.command(name="map")
+@read_flags
 @click.option("--area", default=None, help="GeoJSON polygon file/URL, or W,S,E,N in lon/lat.")
 @click.option("--period", default=None, help="START/END (2026-01/2026-06), one period, or last.")
 @click.option(
@@ -264,13 +449,12 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
           --source https://earth-search.aws.element84.com/v1 --collection sentinel-2-l2a \\
           --out s3://bucket/maps
     """
-    from pydantic import ValidationError
-
     from relaymap.flows.area import AreaConfig, map_area
 
-    base = AreaConfig.from_yaml(config_file).model_dump(exclude_unset=True) if config_file else {}
+    base = read_config(config_file)
     f = {k: v for k, v in flags.items() if v is not None and v != ()}
     options = {k: f.pop(k) for k in list(f) if k in MapOptions.model_fields}
+    read = read_settings(f)
     source = {
         k: v
         for k, v in {
@@ -279,27 +463,23 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
             "max_cloud_cover": f.pop("max_cloud", None),
         }.items()
         if v is not None
-    }
+    } | read
     if "composite" in f:
         source["composite"] = {
-            **base.get("source", {}).get("composite", {}),
+            **((base.get("source") or {}).get("composite") or {}),
             "method": f.pop("composite"),
         }
     grid = {k: f.pop(k) for k in ("resolution", "cell_px", "crs") if k in f}
     if "map_collection" in f:
         f["collection"] = f.pop("map_collection")
-    try:
-        cfg = AreaConfig.model_validate(
-            {
-                **base,
-                **f,
-                "source": {**base.get("source", {}), **source},
-                "grid": {**base.get("grid", {}), **grid},
-                "options": {**base.get("options", {}), **options},
-            }
-        )
-    except ValidationError as e:
-        raise click.BadParameter(str(e)) from None
+    data = {
+        **base,
+        **f,
+        "source": {**(base.get("source") or {}), **source},
+        "grid": {**(base.get("grid") or {}), **grid},
+        "options": {**(base.get("options") or {}), **options},
+    }
+    cfg = settings(AreaConfig, data, config_file or "")
     result = map_area(cfg, address=address, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result.summary(), indent=1))
@@ -315,6 +495,8 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
         click.echo(f"FAILED {item_id}: {err}")
     for pid, url in result.mosaics.items():
         click.echo(f"mosaic {pid}: {url}")
+    for c in result.derived.get("changes", []):
+        click.echo(f"change {c['from']} -> {c['to']}: {c['changed_km2']:.2f} km2, {c['mosaic']}")
     if result.collection is not None:
         click.echo(f"collection: {result.collection.get_self_href() or result.collection.id}")
     click.echo("")
@@ -335,14 +517,9 @@ def pipeline(config: str) -> None:
     Example:
       relaymap pipeline my-aoi.yaml
     """
-    from pydantic import ValidationError
-
     from relaymap.flows.pipeline import PipelineParams, mapping_pipeline
 
-    try:
-        params = PipelineParams.from_yaml(config)
-    except (ValidationError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="CONFIG") from None
+    params = settings(PipelineParams, read_config(config), config)
     click.echo(json.dumps(mapping_pipeline(params), indent=1, default=str))
 
 
@@ -375,6 +552,8 @@ def demo(workdir: str, out: str | None, steps: int) -> None:
     )
     for pid, url in p["mosaics"].items():
         click.echo(f"  mosaic {pid}: {url}")
+    for c in p.get("changes", []):
+        click.echo(f"  change {c['from']} -> {c['to']}: {c['changed_km2']:.2f} km2, {c['mosaic']}")
     click.echo(f"  catalog:    {res.catalog_url}/catalog.json\n")
     _table(
         p["class_areas"],
@@ -389,6 +568,7 @@ CLASS_AREA_COLUMNS = [
     ("period", "period", ""),
     ("class", "class", ""),
     ("area_km2", "area km2", ".2f"),
+    ("low_confidence_km2", "low-confidence km2", ".2f"),
     ("observable_km2", "observable km2", ".2f"),
 ]
 
@@ -405,7 +585,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 @main.command()
 @click.argument("stac_api")
 @click.option("--collection", "collections", multiple=True, required=True, help="Repeatable.")
-@click.option("--bbox", type=(float, float, float, float), default=None, help="W S E N, lon/lat.")
+@click.option("--bbox", callback=parse_bbox, help="W,S,E,N in lon/lat (or W S E N).")
 @click.option("--datetime", "when", default=None, help="RFC 3339 interval: 2024-06-01/2024-06-30")
 @click.option("--max-cloud", type=float, default=None, help="Most eo:cloud_cover, percent.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -422,7 +602,7 @@ def search(
     \b
     Example:
       relaymap search https://earth-search.aws.element84.com/v1 \\
-          --collection sentinel-2-l2a --bbox 15.0 43.3 15.2 43.4 \\
+          --collection sentinel-2-l2a --bbox 15.0,43.3,15.2,43.4 \\
           --datetime 2024-06-01/2024-06-30 --max-cloud 20
     """
     from pyproj import Geod
@@ -467,10 +647,26 @@ def search(
 @click.option("--collection", "collections", multiple=True, required=True, help="Repeatable.")
 @click.option("--out", required=True, help="Stores go to OUT/<item id>.zarr (a path or URL).")
 @click.option("--ids", default=None, help="Only these item ids, comma-separated.")
-@click.option("--bbox", type=(float, float, float, float), default=None, help="W S E N, lon/lat.")
+@click.option("--bbox", callback=parse_bbox, help="W,S,E,N in lon/lat (or W S E N).")
 @click.option("--datetime", "when", default=None, help="RFC 3339 interval.")
-@click.option("--bands", default="blue,green,red,nir", show_default=True, help="In this order.")
+@click.option(
+    "--bands", default=None, help="In this order [default: the model's, else blue,green,red,nir]."
+)
+@click.option(
+    "--resolution",
+    type=float,
+    default=None,
+    help="Pixel size in the source's CRS units [default: the model's, else the source's].",
+)
+@click.option("--model", default=None, help="A model whose bands and pixel size to ingest for.")
+@read_flags
 @click.option("--label-asset", default=None, help="Asset with labels (default: none).")
+@click.option(
+    "--classes",
+    default=None,
+    help="Names of the label values 0..K-1, comma-separated, when the label asset does not "
+    "list them (classification:classes).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ingest(
     stac_api: str,
@@ -479,23 +675,42 @@ def ingest(
     ids: str | None,
     bbox: tuple[float, float, float, float] | None,
     when: str | None,
-    bands: str,
+    bands: str | None,
+    resolution: float | None,
+    model: str | None,
     label_asset: str | None,
+    classes: str | None,
     as_json: bool,
+    **read_flags_given,
 ) -> None:
     """STAC items -> one scene store each (levels, statistics; resumable, idempotent).
+
+    With --resolution (or a --model, whose pixel size it takes), scenes are resampled:
+    area-averaged going coarser (labels: the majority class), bilinear going finer.
 
     \b
     Example:
       relaymap ingest http://localhost:8080 --collection relaymap-sample \\
           --ids sample-03,sample-04 --out scenes --label-asset labels
+      relaymap ingest URL --collection wv2 --out scenes --model model.safetensors \\
+          --band nir=image:7 --scale 0.0001
     """
     from tqdm.auto import tqdm
 
-    from relaymap.catalog.storage import check_id, join, normalize_url
-    from relaymap.ingest import ingest_items
+    from relaymap.catalog.storage import check_id, check_writable, join, normalize_url
+    from relaymap.ingest import MissingAssetError, ingest_items
     from relaymap.ingest import search as stac_search
+    from relaymap.ingest.pipeline import label_classes
+    from relaymap.ingest.profiles import ReadOptions, plan_read
 
+    read = settings(ReadOptions, read_settings(read_flags_given))
+    if model is not None:
+        from relaymap.flows.trained import read_info
+
+        spec = read_info(model).spec
+        bands = bands or ",".join(spec.bands)
+        resolution = resolution or spec.pixel_size
+    band_list = (bands or "blue,green,red,nir").split(",")
     items = stac_search(stac_api, collections=collections, bbox=bbox, datetime=when)
     if ids:
         wanted = ids.split(",")
@@ -505,11 +720,34 @@ def ingest(
             raise click.BadParameter(
                 f"not found on {stac_api}: {', '.join(missing)}", param_hint="--ids"
             )
+    names = classes.split(",") if classes else None
+    # everything that can be checked without reading pixels, before the first store
+    urls = [join(normalize_url(out), f"{check_id(it.id, 'STAC item id')}.zarr") for it in items]
+    for it in items:
+        asset = it.assets.get(label_asset or "")
+        if asset and not names and not asset.extra_fields.get("classification:classes"):
+            raise MissingAssetError(
+                f"item {it.id}: label asset {label_asset!r} has no 'classification:classes'; "
+                "name the label values 0..K-1 with --classes NAME,NAME,... or leave out "
+                "--label-asset"
+            )
+        label_classes(it, label_asset, names)
+        plan_read(it, band_list, read)  # every band found, none ambiguous
+    check_writable(normalize_url(out))
     rows = []
-    for it in tqdm(items, desc="ingest", unit="scene"):
-        url = join(normalize_url(out), f"{check_id(it.id, 'STAC item id')}.zarr")
-        store = ingest_items([it], url, bands.split(","), label_asset=label_asset)
-        rows.append({"id": it.id, "store": store.url, "shape": list(store.shape(0))})
+    with tqdm(total=len(items), desc="ingest", unit="scene") as bar:
+        for it, url in zip(items, urls, strict=True):
+            store = ingest_items(
+                [it],
+                url,
+                band_list,
+                label_asset=label_asset,
+                class_names=names,
+                read=read,
+                resolution=resolution,
+            )
+            rows.append({"id": it.id, "store": store.url, "shape": list(store.shape(0))})
+            bar.update(1)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -530,6 +768,7 @@ def maps(catalog: str, as_json: bool) -> None:
     """
     from relaymap.catalog import open_catalog
 
+    require_catalog(catalog)
     rows = []
     for item in open_catalog(catalog).search():
         if "classes" not in item.assets:  # models and other items
@@ -558,6 +797,9 @@ def maps(catalog: str, as_json: bool) -> None:
         )
     if as_json:
         click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no maps in {catalog}")
         return
     for r in rows:
         r["areas"] = ", ".join(f"{k} {v:.2f}" for k, v in r["classes_km2"].items() if v) or "-"
@@ -626,6 +868,7 @@ def evaluate(map_ref: str, labels: str, out: str, as_json: bool) -> None:
 
 
 main.add_command(serve)
+main.add_command(change)
 
 if __name__ == "__main__":
     main()

@@ -2,11 +2,13 @@
 
 Sample scenes with labels (with context classes) and a held-out area of Sentinel-2 L2A-like
 items (two periods; per period two overlapping orbits, one of them cloudy, with an ``scl``
-mask) are written to the workdir and served by a local STAC API (``rustac serve``). Then,
-on Prefect's ephemeral API and local Ray, :func:`demo_flow` ingests the labelled scenes,
-trains ``swinv2_nano_relay`` (2 Ray workers) and maps the area as 2x2 grid cells for both
-periods (:func:`relaymap.flows.pipeline.area_flow`): cloud-free composites, seamless cell
-COGs, a mosaic per period and the class areas, all in a static STAC catalog.
+mask; a field built over in the second, :data:`AREA_CHANGE`) are written to the workdir and
+served by a local STAC API (``rustac serve``). Then, on Prefect's ephemeral API and local
+Ray, :func:`demo_flow` ingests the labelled scenes, trains ``swinv2_nano_relay`` (2 Ray
+workers) and maps the area as 2x2 grid cells for both periods
+(:func:`relaymap.flows.pipeline.area_flow`): cloud-free composites, seamless cell COGs, a
+mosaic per period, the class areas, the imagery and the change between the months, all in a
+static STAC catalog.
 """
 
 from __future__ import annotations
@@ -20,20 +22,28 @@ from prefect import flow
 from relaymap.catalog import serve_stac
 from relaymap.catalog.storage import join, normalize_url
 from relaymap.ingest import make_sample_scenes
-from relaymap.ingest.sample import make_s2_area
+from relaymap.ingest.sample import SyntheticChange, make_s2_area
 
 #: Labelled sample scenes: the first TRAIN train, the rest validate.
 SCENES, TRAIN = 4, 3
-#: The held-out area: 2x2 cells of CELL_PX (a multiple of the 48 px tile stride and of 8),
-#: its top-left corner on the grid, with MARGIN_PX of imagery around it (> the 192 px halo).
-CELL_PX, MARGIN_PX = 288, 200
-AREA_ORIGIN = (2880.0 * 179, 2880.0 * 1667)  # EPSG:32633, multiples of the cell side
+#: The held-out area: 2x2 cells of CELL_PX (a multiple of the 56 px tile stride and of 8),
+#: its top-left corner on the grid, with MARGIN_PX of imagery around it (> the 168 px halo).
+CELL_PX, MARGIN_PX = 280, 200
+AREA_ORIGIN = (2800.0 * 184, 2800.0 * 1715)  # EPSG:32633, multiples of the cell side
 PERIODS = "2024-07/2024-08"
 AREA_DATES = (
     dt.datetime(2024, 7, 9, 10, tzinfo=dt.UTC),
     dt.datetime(2024, 8, 13, 10, tzinfo=dt.UTC),
 )
 COLLECTION = "demo-area-monthly"
+#: The demo's known change: in the second month a field of the eastern cells (seen by the
+#: clear orbit) is built over; the area run's change products find it.
+AREA_CHANGE = SyntheticChange(
+    since=1,
+    side_px=112,
+    within=(MARGIN_PX, MARGIN_PX + CELL_PX, MARGIN_PX + 2 * CELL_PX, MARGIN_PX + 2 * CELL_PX),
+    clearance_px=24,
+)
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ def run_demo(
         size_px=2 * CELL_PX + 2 * MARGIN_PX,
         dates=AREA_DATES,
         seed=seed + 100,
+        change=AREA_CHANGE,
     )
     ids = sorted(it.id for it in sample.get_items())
     with serve_stac([sample, area]) as api:

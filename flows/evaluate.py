@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pystac
 import rasterio
+import rasterio.errors
 import torch
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
@@ -16,15 +17,26 @@ from relay_models import ConfusionMatrix
 from relaymap.catalog.storage import gdal_env, normalize_url, read_bytes
 from relaymap.ingest import StoreError, open_scene
 
+from .cog import category_names
+
 NODATA = 255
 
 
 def read_map(ref: str) -> tuple[str, list[str]]:
     """``(class COG URL, class names)`` of a map item (``.json``) or a class COG (names
-    from its category names, else ``class_0..``)."""
+    from its category names, else ``class_0..``).
+
+    Raises:
+        StoreError: no map there, or not a map.
+    """
     url = normalize_url(ref)
     if url.endswith(".json"):
-        item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+        try:
+            item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+        except FileNotFoundError:
+            raise StoreError(f"no map item at {url}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{url} is not a STAC item: {e}") from None
         item.set_self_href(url)
         asset = item.assets.get("classes")
         if asset is None:
@@ -32,10 +44,18 @@ def read_map(ref: str) -> tuple[str, list[str]]:
         classes = asset.extra_fields.get("classification:classes") or []
         names = [c["name"] for c in sorted(classes, key=lambda c: c["value"])]
         return asset.get_absolute_href() or asset.href, names
-    with rasterio.Env(**gdal_env()), rasterio.open(url) as src:
-        names = list(src.descriptions) if any(src.descriptions) else []
+    with rasterio.Env(**gdal_env()), _open(url, "map") as src:
         k = int(src.read(1, masked=True).max()) + 1
+    names = category_names(url)
     return url, names if len(names) >= k else [f"class_{i}" for i in range(k)]
+
+
+def _open(url: str, what: str) -> rasterio.io.DatasetReader:
+    """A raster, or a :class:`StoreError` naming it and ``what`` it was for."""
+    try:
+        return rasterio.open(url)
+    except rasterio.errors.RasterioIOError as e:
+        raise StoreError(f"cannot read the {what} raster {url}: {e}") from None
 
 
 def confusion(map_ref: str, labels_ref: str) -> tuple[ConfusionMatrix, list[str]]:
@@ -50,7 +70,7 @@ def confusion(map_ref: str, labels_ref: str) -> tuple[ConfusionMatrix, list[str]
         StoreError: labels that do not cover the map, or a store on another grid.
     """
     cog, names = read_map(map_ref)
-    with rasterio.Env(**gdal_env()), rasterio.open(cog) as src:
+    with rasterio.Env(**gdal_env()), _open(cog, "map") as src:
         pred = src.read(1)
         labels = _labels_on(src, labels_ref)
     if labels.shape != pred.shape:
@@ -75,7 +95,7 @@ def _labels_on(src: rasterio.io.DatasetReader, labels_ref: str) -> np.ndarray:
             raise StoreError(f"scene store {url} is not on the map's grid")
         return store.level(0)["label"].values
     with (
-        rasterio.open(url) as lab,
+        _open(url, "labels") as lab,
         WarpedVRT(
             lab,
             crs=src.crs,

@@ -6,7 +6,8 @@ The tiled-inference engine of :mod:`relay_models.inference`, spread over a Ray c
 2. read (Ray Data ``map_batches``): :func:`~relay_models.inference.read_tiles` from the
    store, as the model's data spec says;
 3. predict (``map_batches`` on an ``ActorPoolStrategy`` of model actors; one GPU each when
-   the cluster has GPUs, bf16 there): :func:`~relay_models.inference.run_tiles`;
+   the cluster has GPUs; ``options.precision``, bf16 on GPUs and on CPUs with native bf16
+   matmuls): :func:`~relay_models.inference.run_tiles`;
 4. stitch (driver, tiles in order): :class:`~relay_models.stitch.RowStitcher` hands
    finished rows to scratch GeoTIFFs strip by strip;
 5. products (:mod:`relaymap.flows.cog`): class COG, probability COG and a quicklook, each
@@ -41,13 +42,21 @@ from tqdm.auto import tqdm
 
 from relay_models import DataSpec, FrozenConfig
 from relay_models.geometry import Tile
-from relay_models.inference import plan_tiles, read_tiles, run_tiles, tile_overlap
+from relay_models.inference import (
+    default_batch_size,
+    plan_tiles,
+    read_tiles,
+    run_tiles,
+    tile_overlap,
+)
+from relay_models.precision import Precision
 from relay_models.spec import PIXEL_SIZE_TOLERANCE
 from relay_models.stitch import RowStitcher
 from relaymap.catalog import map_item, open_catalog
 from relaymap.catalog.faults import fault_point
-from relaymap.catalog.storage import check_id, filesystem, join, normalize_url
+from relaymap.catalog.storage import check_id, check_writable, filesystem, join, normalize_url
 from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
+from relaymap.ingest.ranges import check_range
 
 from .cog import GDAL_CACHE_MB, MapWriter, publish
 from .jobs import connect_ray
@@ -93,6 +102,7 @@ def check_scene(store: SceneStore, info: ModelInfo) -> None:
     Raises:
         ModelError: bands, classes or pixel size differ from the model's.
         StoreError: the scene has no valid pixel.
+        OutOfRangeError: values far from what the model was trained on (e.g. raw counts).
     """
     spec = info.spec
     if store.bands != spec.bands:
@@ -111,10 +121,13 @@ def check_scene(store: SceneStore, info: ModelInfo) -> None:
     if spec.pixel_size and abs(size / spec.pixel_size - 1) > PIXEL_SIZE_TOLERANCE:
         raise ModelError(
             f"scene {store.url} has {size:g} m pixels but model {info.weights_url} was trained "
-            f"on {spec.pixel_size:g} m pixels; ingest the scene at {spec.pixel_size:g} m"
+            f"on {spec.pixel_size:g} m pixels; ingest the scene at {spec.pixel_size:g} m "
+            f"(relaymap ingest --resolution {spec.pixel_size:g}, or --model with this model)"
         )
-    if not bool(store.valid(store.num_levels).any()):
+    coarsest = store.level(store.num_levels)["image"].values  # what the model would see
+    if not np.isfinite(coarsest).all(0).any():
         raise StoreError(f"scene {store.url} is empty: every pixel is nodata")
+    check_range(coarsest, spec.bands, spec.mean, spec.std, where=f"scene {store.url}")
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -154,15 +167,16 @@ def _spec(text: str) -> DataSpec:
 
 class Predictor:
     """Ray Data actor: loads the model once; per batch, class probabilities of the tiles
-    with data (:func:`run_tiles`)."""
+    with data (:func:`run_tiles`), in ``precision`` (:mod:`relay_models.precision`)."""
 
-    def __init__(self, model_url: str, use_gpu: bool) -> None:
+    def __init__(self, model_url: str, use_gpu: bool, precision: Precision = "auto") -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.precision = precision
         self.model = load_trained(model_url)[1].to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tiles = {k: torch.from_numpy(batch[k]) for k in ("local", "valid", "global") if k in batch}
-        probs, ran = run_tiles(self.model, tiles, self.device)
+        probs, ran = run_tiles(self.model, tiles, self.device, precision=self.precision)
         return {"index": batch["index"], "probs": probs, "valid": batch["valid"], "ran": ran}
 
 
@@ -186,6 +200,7 @@ def predict_scene(
     batch_size: int,
     workers: int,
     use_gpu: bool,
+    precision: Precision = "auto",
 ):
     """Run the Ray Data pipeline; yields ``(index, probs, valid, ran)`` batches in tile order."""
     import ray
@@ -210,7 +225,11 @@ def predict_scene(
         )
         .map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_url": info.weights_url, "use_gpu": use_gpu},
+            fn_constructor_kwargs={
+                "model_url": info.weights_url,
+                "use_gpu": use_gpu,
+                "precision": precision,
+            },
             compute=ActorPoolStrategy(size=workers),
             batch_size=batch_size,
             **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
@@ -240,6 +259,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     Raises:
         StoreError: missing/unfinished/empty scene store.
         ModelError: unreadable model, or bands/classes that do not match the scene.
+        StorageError: an output location that cannot be written.
     """
     import ray
 
@@ -251,6 +271,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     tile_px = opts.tile_px or spec.window_px
     overlap = tile_overlap(tile_px, opts.overlap_px)
     tiles = _plan(store.shape(0), tile_px, overlap)  # raises on a bad overlap
+    check_writable(normalize_url(config.out))  # before any compute
     connect_ray(address)
     use_gpu = opts.use_gpu
     if use_gpu is None:
@@ -279,9 +300,10 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
                 store,
                 tile_px,
                 overlap,
-                batch_size=opts.batch_size,
+                batch_size=opts.batch_size or default_batch_size(tile_px),
                 workers=opts.workers,
                 use_gpu=use_gpu,
+                precision=opts.precision,
             ):
                 for i, p, v, r in zip(index, probs, valid, ran, strict=True):
                     stitcher.add(tiles[int(i)], p if r else None, v)

@@ -15,6 +15,9 @@ get them from their own environment (an instance role, IRSA, a Kubernetes secret
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -23,13 +26,19 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 #: Environment variables forwarded to the job (object storage, GDAL, relaymap settings)...
-FORWARD = ("AWS_", "GDAL_", "CPL_", "RELAYMAP_")
+FORWARD = ("AWS_", "GDAL_", "CPL_", "RELAYMAP_", "PC_SDK_")
 #: ...except any that may hold a secret.
-SECRET = re.compile(r"SECRET|TOKEN|PASSW|USERPWD|ACCESS_KEY|KEY_ID|CREDENTIAL|AUTH|PROFILE")
+SECRET = re.compile(
+    r"SECRET|TOKEN|PASSW|USERPWD|ACCESS_KEY|KEY_ID|CREDENTIAL|AUTH|PROFILE|SUBSCRIPTION"
+)
+
+
+#: Ray's switch between a cluster others may join and a single-machine one.
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class RayJobError(RuntimeError):
@@ -49,22 +58,79 @@ def connect_ray(address: str | None = None) -> None:
     """Connect this process to Ray once: ``address``, else the cluster ``RAY_ADDRESS`` names,
     else a private local cluster of our own (``"local"``), never a cluster that merely
     happens to run on this machine. Workers' output and Ray's INFO logs reach this console
-    only when the ``relaymap`` logger is at INFO (``relaymap -v``)."""
+    only when the ``relaymap`` logger is at INFO (``relaymap -v``).
+
+    A private cluster listens on loopback only (:func:`_loopback_only`). Workers never get
+    the driver's working directory on their ``sys.path`` (:func:`_worker_runtime_env`), so
+    a folder named like one of our packages where the command runs cannot replace our code.
+    """
     import ray
 
-    if not ray.is_initialized():
-        verbose = logging.getLogger("relaymap").isEnabledFor(logging.INFO)
-        target = address or os.environ.get("RAY_ADDRESS") or "local"
-        # a private cluster serves no Jobs API: no dashboard process taking a core's share
-        own = {"include_dashboard": False} if target == "local" else {}
+    if ray.is_initialized():
+        return
+    verbose = logging.getLogger("relaymap").isEnabledFor(logging.INFO)
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    # a private cluster serves no Jobs API: no dashboard process taking a core's share
+    own = {"include_dashboard": False} if target == "local" else {}
+    with _loopback_only(target == "local"):
         ray.init(
             address=target,
             **own,
+            **_worker_runtime_env(),
             ignore_reinit_error=True,
             log_to_driver=verbose,
             # the driver's Ray loggers too: quiet means errors only
             logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         )
+
+
+@contextlib.contextmanager
+def _loopback_only(private: bool) -> Iterator[None]:
+    """While a private cluster starts, make Ray take loopback as the node address.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node's IP, and on Linux
+    resolves even ``127.0.0.1`` to the host's external address, because a node may be joined
+    by others. A cluster of our own is never joined: with Ray's single-machine mode (its
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on laptops) it takes loopback.
+    Restored afterwards, so a later ``ray start`` or a remote connection is unaffected.
+    """
+    if not private:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE] = "0"  # the processes Ray starts now read it at import
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process has read it already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE, None)
+        else:
+            os.environ[SINGLE_MACHINE] = saved_env
+
+
+def _worker_runtime_env() -> dict:
+    """``ray.init``'s runtime env: an empty working directory of ours, unless this process
+    runs inside a Ray job (whose own runtime env and working dir then apply).
+
+    Ray puts the driver's working directory first on every worker's ``sys.path`` unless the
+    job has a ``working_dir``: run from a checkout holding ``relay_models/`` (or a folder
+    named ``relaymap``), every worker would import that folder instead of the installed
+    package. An empty working dir closes that door; it costs one tiny upload.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    return {"runtime_env": {"working_dir": _empty_dir()}}
+
+
+@functools.cache
+def _empty_dir() -> str:
+    path = tempfile.mkdtemp(prefix="relaymap-ray-wd-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:

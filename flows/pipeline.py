@@ -39,6 +39,7 @@ from relaymap.catalog.storage import (
     normalize_url,
 )
 from relaymap.ingest import NoItemsFound, StacApiError, ingest_items, search
+from relaymap.ingest.profiles import ReadOptions
 
 from .area import AreaConfig
 from .infer import InferConfig, map_item_id
@@ -69,8 +70,9 @@ retrying = {**RETRIES, "retry_condition_fn": _transient}
 # ---------------------------------------------------------------- parameters
 
 
-class SceneQuery(FrozenConfig):
-    """Which imagery: a STAC API search."""
+class SceneQuery(ReadOptions):
+    """Which imagery: a STAC API search, and how its items become the bands (the source
+    profile and overrides, :class:`relaymap.ingest.profiles.ReadOptions`)."""
 
     stac_api: str
     collections: list[str] = Field(min_length=1)
@@ -186,6 +188,7 @@ def search_scenes(query: SceneQuery) -> list[dict]:
             datetime=query.interval(),
             max_cloud_cover=query.max_cloud_cover,
             require_assets=query.bands,
+            read=query.read_options(),
         )
     except NoItemsFound as e:
         get_run_logger().info("nothing to do: %s", e)
@@ -196,11 +199,11 @@ def search_scenes(query: SceneQuery) -> list[dict]:
 
 
 @task(**retrying, persist_result=True, task_run_name="ingest {item[id]}")
-def ingest_scene(item: dict, stores_url: str, bands: list[str], label_asset: str | None) -> str:
+def ingest_scene(item: dict, stores_url: str, query: SceneQuery, label_asset: str | None) -> str:
     """One item to its scene store (a no-op when the store is complete); the store URL."""
     it = pystac.Item.from_dict(item, migrate=False)
     url = join(normalize_url(stores_url), f"{check_id(it.id, 'STAC item id')}.zarr")
-    store = ingest_items([it], url, bands, label_asset=label_asset)
+    store = ingest_items([it], url, query.bands, label_asset=label_asset, read=query.read_options())
     get_run_logger().info("scene %s -> %s", it.id, store.url)
     return store.url
 
@@ -302,7 +305,7 @@ def ingest_flow(params: IngestParams) -> dict:
         if missing:
             raise ValueError(f"items {sorted(missing)} are not in the search results")
     futures = {
-        it["id"]: ingest_scene.submit(it, params.stores_url, params.query.bands, params.label_asset)
+        it["id"]: ingest_scene.submit(it, params.stores_url, params.query, params.label_asset)
         for it in items
     }
     stores, failed = _gather(futures, desc="ingest")
@@ -396,7 +399,7 @@ def mapping_pipeline(params: PipelineParams) -> dict:
     if not todo:
         return result
     futures = {
-        it["id"]: ingest_scene.submit(it, stores_url, params.query.bands, None)
+        it["id"]: ingest_scene.submit(it, stores_url, params.query, None)
         for it in todo
         if it["id"] not in stores
     }

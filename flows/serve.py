@@ -8,10 +8,10 @@ import click
 DEFAULT_CATALOG = "relaymap-demo/catalog"
 
 
-def _check_catalog(catalog: str) -> None:
-    """Fail with one line naming the path when there is no catalog or it has no maps."""
+def require_catalog(catalog: str) -> None:
+    """Fail with one line naming the path when there is no static catalog there (a STAC
+    API URL is taken as it is)."""
     from relaymap.catalog.storage import exists, join
-    from relaymap.catalog.webmap import MAP_COLLECTION, MapIndex
 
     if not catalog.startswith(("http://", "https://")) and not exists(
         join(catalog, "catalog.json")
@@ -21,6 +21,13 @@ def _check_catalog(catalog: str) -> None:
             "catalog folder or URL",
             param_hint="CATALOG",
         )
+
+
+def _check_catalog(catalog: str) -> None:
+    """Fail with one line naming the path when there is no catalog or it has no maps."""
+    from relaymap.catalog.webmap import MAP_COLLECTION, MapIndex
+
+    require_catalog(catalog)
     if not MapIndex(catalog).refresh():
         raise click.BadParameter(
             f"the catalog at {catalog} has no maps (collection {MAP_COLLECTION!r} is missing "
@@ -40,26 +47,37 @@ def _check_catalog(catalog: str) -> None:
     show_default=True,
     help="Address to listen on (0.0.0.0: every interface; the map has no login).",
 )
-def serve(catalog: str, port: int, host: str) -> None:
+@click.option(
+    "--basemap",
+    default=None,
+    help="A base map: an XYZ tile URL ({z}/{x}/{y}) or a MapLibre style URL [default: none, "
+    "offline].",
+)
+@click.option("--attribution", default="", help="The base map's attribution, shown on the map.")
+def serve(catalog: str, port: int, host: str, basemap: str | None, attribution: str) -> None:
     """Serve a web map of the maps in CATALOG (a static catalog folder or URL, or a STAC API;
     default: the demo's) until Ctrl-C.
 
-    The page lists the maps per model and period, with a layer toggle and an opacity slider
-    per map, a period selector, a legend, and the class under a click. Tiles are rendered
-    from the class COGs registered in the catalog, with each map's class colours; works
-    offline (MapLibre GL JS is bundled).
+    The page shows one period (the latest) and compares it with a second one side by side
+    or by swipe; per period the land cover, the imagery it was mapped from (true colour),
+    the stable map and the change since the period before, each with a toggle and an
+    opacity slider, with legends and the class under a click. Tiles are rendered from the
+    rasters registered in the catalog; works offline (MapLibre GL JS is bundled), with a
+    base map when --basemap gives one.
 
     \b
     Example:
       relaymap serve relaymap-demo/catalog --port 8000
       # then open http://127.0.0.1:8000/
+      relaymap serve --basemap 'https://tile.openstreetmap.org/{z}/{x}/{y}.png' \\
+          --attribution '© OpenStreetMap contributors'
     """
     import uvicorn
 
-    from relaymap.catalog.webmap import create_app
+    from relaymap.catalog.webmap import Basemap, create_app
 
     _check_catalog(catalog)
-    app = create_app(catalog)
+    app = create_app(catalog, basemap=Basemap(basemap, attribution) if basemap else None)
     click.echo(f"relaymap web map of {catalog}: http://{host}:{port}/ (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -58,7 +58,12 @@ def read_info(url: str) -> ModelInfo:
     url = normalize_url(url)
     item = None
     if url.endswith(".json"):
-        item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+        try:
+            item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+        except FileNotFoundError:
+            raise ModelError(f"no model item at {url}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{url} is not a STAC model item: {e}") from None
         item.set_self_href(url)
         url = normalize_url(_weights_href(item))
     fs, path = filesystem(url)

@@ -136,8 +136,11 @@ def _readme_yaml(first_line: str) -> dict:
 
 
 def test_the_readme_configs_validate():
+    from relaymap.flows.area import AreaConfig
     from relaymap.flows.pipeline import PipelineParams
     from relaymap.flows.train import TrainConfig
 
     PipelineParams.model_validate(_readme_yaml("# my-aoi.yaml"))
     TrainConfig.model_validate(_readme_yaml("# run.yaml"))
+    area = AreaConfig.model_validate(_readme_yaml("# area.yaml"))
+    assert area.source.mask == "auto" and area.source.composite.method == "best"

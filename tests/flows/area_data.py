@@ -17,11 +17,11 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from relaymap.catalog.storage import gdal_env, join
 from relaymap.flows.area import AreaConfig
-from relaymap.ingest.composite import S2_SCL_MASKED
-from relaymap.ingest.sample import make_s2_area
+from relaymap.ingest.profiles import S2_SCL
+from relaymap.ingest.sample import SyntheticChange, make_s2_area
 
-CELL = 192
-X0, Y1 = 514_560.0, 4_800_000.0  # multiples of 2 * CELL * 10 m
+CELL = 168  # 3 tile strides of 56 px (64 px tiles overlapping by an eighth)
+X0, Y1 = 514_080.0, 4_798_080.0  # multiples of 2 * CELL * 10 m
 MARGIN = 240
 DATES = (dt.datetime(2026, 1, 10, 10, tzinfo=dt.UTC), dt.datetime(2026, 2, 12, 10, tzinfo=dt.UTC))
 
@@ -41,13 +41,18 @@ def area_geojson(inset_m: float = 1.0) -> str:
     )
 
 
-def make_source(url: str, seed: int = 5, dates=DATES) -> pystac.Collection:
+def make_source(
+    url: str, seed: int = 9, dates=DATES, change: SyntheticChange | None = None
+) -> pystac.Collection:
+    """The area's Sentinel-2-like items. With the default seed clouds of the cloudy orbit
+    fall where the clear orbit does not reach (the area is 88-90% clear in both months)."""
     return make_s2_area(
         url,
         origin=(X0 - MARGIN * 10, Y1 + MARGIN * 10),
         size_px=2 * CELL + 2 * MARGIN,
         dates=dates,
         seed=seed,
+        change=change,
     )
 
 
@@ -138,5 +143,5 @@ def expected_clear(collection, date: dt.datetime) -> np.ndarray:
                 X0, Y1 - 2 * CELL * 10, X0 + 2 * CELL * 10, Y1, src.transform
             )
             scl = src.read(1, window=window, boundless=True, fill_value=0)
-        clear |= ~np.isin(scl, S2_SCL_MASKED)
+        clear |= S2_SCL.clear(scl)
     return clear

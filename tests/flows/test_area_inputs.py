@@ -18,6 +18,7 @@ from relaymap.ingest import AreaError, GridError, MissingAssetError
 from .area_data import (
     CELL,
     DATES,
+    area_geojson,
     config,
     expected_clear,
     make_source,
@@ -52,12 +53,12 @@ def test_aoi_bad_input_fails_before_any_compute_and_writes_nothing(local_source,
                 "not a Polygon",
             ),
             (dict(area="15.3,43.3,15.2,43.4"), AreaError, "is empty"),
-            (dict(grid={"cell_px": 200}), GridError, "must be a multiple of 48"),
+            (dict(grid={"cell_px": 200}), GridError, "must be a multiple of 56.*use 224"),
             (dict(grid={"cell_px": CELL, "resolution": 20}), ModelError, "trained on 10 m"),
             (
                 dict(source={"stac_api": api, "collections": ["no-nir"]}),
                 MissingAssetError,
-                "no asset nir that the model needs",
+                "has no band 'nir'",
             ),
             (dict(grid={"cell_px": CELL, "max_area_km2": 1}), AreaError, "more than the limit"),
         ]
@@ -134,8 +135,50 @@ def test_aoi_all_cloud_cells_are_nodata_with_a_warning_and_no_files(local_source
     assert result.mapped == [] and result.failed == {} and len(result.nodata) == 4
     assert all("no clear pixel" in w or "no source item" in w for w in result.warnings)
     assert not [f for f in _files(out) if f.endswith(".tif")]  # no COG, not even a partial one
-    assert result.mosaics == {}
-    assert {r["observable_km2"] for r in result.rows} == {0}
+    # products only from what was mapped: no empty table, plot, mosaic or collection
+    assert result.mosaics == {} and result.rows == [] and result.collection is None
+    products = [f for f in _files(out) if ".zarr/" not in f]  # cell composites are work files
+    assert products == []
+
+
+def _cli_map(api: str, collection: str, model: str, out, period: str = "2026-01"):
+    return subprocess.run(
+        ["relaymap", "map", "--area", area_geojson(), "--period", period, "--model", model,
+         "--source", api, "--collection", collection, "--out", str(out), "--cell-px", str(CELL)],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=900,
+    )  # fmt: skip
+
+
+def test_aoi_exit_3_when_no_cell_has_imagery_in_any_period_and_nothing_written(
+    local_source, tmp_path
+):
+    out = tmp_path / "out"
+    with serve_stac([local_source["collection"]]) as api:
+        run = _cli_map(api, local_source["collection"].id, local_source["model"], out, "2025-06")
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"relaymap: NoImageryError: no item of {local_source['collection'].id} on {api} touches "
+        "the area in 2025-06 (every month); nothing to map"
+    ]
+    assert run.stdout == "" and _files(out) == []
+
+
+@pytest.mark.slow
+def test_aoi_exit_1_when_every_cell_fails_and_no_products_are_written(local_source, tmp_path):
+    col = local_source["collection"]
+    day = f"S2-{DATES[0]:%Y%m%d}"
+    broken = variant(col, {f"{day}-0", f"{day}-1"}, "broken")
+    junk = tmp_path / "junk.tif"
+    junk.write_text("not a GeoTIFF")
+    for item in broken.get_items():
+        item.assets["red"].href = f"file://{junk}"  # every cell fails in its composite
+    out = tmp_path / "out"
+    with serve_stac([broken]) as api:
+        run = _cli_map(api, "broken", local_source["model"], out)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "0 mapped" in run.stdout and "4 failed" in run.stdout
+    assert run.stdout.count("FAILED ") == 4 and "CorruptRasterError" in run.stdout
+    assert [f for f in _files(out) if ".zarr/" not in f] == []
 
 
 @pytest.mark.usefixtures("ray_local")

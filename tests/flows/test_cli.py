@@ -44,7 +44,39 @@ def test_train_rejects_a_bad_config_before_starting(tmp_path):
     )
     result = CliRunner().invoke(main, ["train", str(path)])
     assert result.exit_code == 2
-    assert "stepz" in result.output and "Extra inputs are not permitted" in result.output
+    assert result.output == f"relaymap: SettingsError: {path}: optim.stepz: unknown key\n"
+
+
+def test_usage_a_bad_key_in_config_and_a_bad_flag_name_the_field_the_same_way(tmp_path):
+    path = tmp_path / "infer.yaml"
+    path.write_text("model: m.safetensors\nscene: s.zarr\nout: o\noptions: {tile_px: 8}\n")
+    in_file = CliRunner().invoke(main, ["infer", "--config", str(path)])
+    as_flag = CliRunner().invoke(
+        main, ["infer", "--model", "m.safetensors", "--scene", "s.zarr", "--out", "o",
+               "--tile-px", "8"],
+    )  # fmt: skip
+    problem = "options.tile_px: input should be greater than or equal to 32 (got 8)"
+    assert in_file.exit_code == as_flag.exit_code == 2
+    assert in_file.output == f"relaymap: SettingsError: {path}: {problem}\n"
+    assert as_flag.output == f"relaymap: SettingsError: invalid settings: {problem}\n"
+
+
+def test_usage_bbox_is_w_s_e_n_everywhere_and_four_numbers_still_work():
+    from relaymap.flows.cli import _bbox_as_one
+
+    assert _bbox_as_one(["search", "u", "--bbox", "15", "43.3", "15.2", "43.4", "--json"]) == [
+        "search", "u", "--bbox", "15,43.3,15.2,43.4", "--json"
+    ]  # fmt: skip
+    assert _bbox_as_one(["--bbox", "-10.5", "-5", "2", "3"]) == ["--bbox", "-10.5,-5,2,3"]
+    assert _bbox_as_one(["--bbox", "1,2,3,4", "x"]) == ["--bbox", "1,2,3,4", "x"]
+    bad = CliRunner().invoke(
+        main, ["search", "http://x", "--collection", "c", "--bbox", "1,2"], prog_name="relaymap"
+    )
+    assert bad.exit_code == 2
+    assert bad.output == (
+        "relaymap: Invalid value for '--bbox': '1,2': give W,S,E,N in lon/lat, e.g. "
+        "15.0,43.3,15.2,43.4 (relaymap search -h for help)\n"
+    )
 
 
 def test_pipeline_rejects_a_bad_config_before_starting(tmp_path):

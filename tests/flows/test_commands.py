@@ -107,3 +107,11 @@ def test_maps_and_evaluate(ray_local, scenes, tmp_path):
         f"overall accuracy {scores['overall_accuracy']:.3f}, mIoU {scores['miou']:.3f}"
     )
     np.testing.assert_array_equal(np.array(scores["confusion_matrix"]).sum(), scores["pixels"])
+    # the class COG alone carries the class names too (its .aux.xml, as GDAL and QGIS read it)
+    cog = next((tmp_path / "maps" / "m1").rglob("classes.tif"))
+    by_cog = json.loads(
+        relaymap("evaluate", str(cog), store_url, "--out", str(tmp_path / "ev2"), "--json").stdout
+    )
+    names = [c["name"] for c in store.attrs.classes]
+    assert list(by_cog["classes"]) == list(scores["classes"]) == names
+    assert by_cog["confusion_matrix"] == scores["confusion_matrix"]

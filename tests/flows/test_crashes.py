@@ -170,12 +170,21 @@ def test_aoi_cli_survives_a_worker_killed_after_its_upload(scenes, tmp_path):
         f"collection: file://{out}/catalog/relaymap-area/collection.json",
         "",
     ]
-    assert ours[3].split() == ["period", "class", "area", "km2", "observable", "km2"]
+    assert ours[3].split() == [
+        "period",
+        "class",
+        "area",
+        "km2",
+        "low-confidence",
+        "km2",
+        "observable",
+        "km2",
+    ]
     table = [ln.split() for ln in ours[4:] if ln.startswith("2026-01")]
     catalog = StaticCatalog(str(out / "catalog"))
     items = list(catalog.items("relaymap-area"))
     assert [row[:2] for row in table] == [["2026-01", c.name] for c in _classes()]
-    for _, name, km2, observable in table:
+    for _, name, km2, _low, observable in table:
         total = sum(it.properties["relaymap:class_areas_km2"][name] for it in items)
         assert km2 == f"{total:.2f}"
         assert observable == f"{sum(it.properties['relaymap:observable_km2'] for it in items):.2f}"

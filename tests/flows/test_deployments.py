@@ -14,6 +14,7 @@ import pytest
 import rasterio
 
 from relaymap.catalog import StaticCatalog, serve_stac
+from relaymap.flows.demo import CELL_PX
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,17 +95,39 @@ def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    """``relaymap demo`` in a fresh process (Prefect's ephemeral API, local Ray)."""
+def test_demo_end_to_end_with_every_network_listener_on_loopback(tmp_path):
+    """``relaymap demo`` in a fresh process (Prefect's ephemeral API, local Ray, a local
+    STAC API). While its first cell is mapped (held there by a fault point), every TCP
+    socket its process tree listens on is a loopback one: nothing it starts can be reached
+    from the network."""
+    from relaymap.catalog.faults import ENV, ONCE_FILE
+    from tests.listeners import exposed, listeners, process_tree
+
     t0 = time.perf_counter()
-    res = subprocess.run(
+    hold = tmp_path / "hold"
+    demo = subprocess.Popen(
         ["relaymap", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "20"],
-        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")},
-        capture_output=True,
-        timeout=600,
+        env={
+            **os.environ,
+            "PREFECT_HOME": str(tmp_path / "prefect"),
+            ENV: "area:cell-uploaded=hold",
+            ONCE_FILE: str(hold),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    stdout, stderr = res.stdout.decode(), res.stderr.decode()
-    assert res.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    try:
+        while not hold.exists() and demo.poll() is None:  # until a worker holds a cell
+            time.sleep(0.2)
+        tree = process_tree(demo.pid)
+        seen, outside = listeners(tree), exposed(tree)
+    finally:
+        hold.unlink(missing_ok=True)  # the worker goes on
+    stdout, stderr = (b.decode() for b in demo.communicate(timeout=900))
+    assert demo.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert outside == [], outside
+    # Ray (GCS, raylet, workers, agents), Prefect's API and the STAC API were all up
+    assert len(tree) >= 6 and len(seen) >= 8, (tree, seen)
     assert "relaymap demo done" in stdout and "validation mIoU" in stdout
     # a quiet console: a line per stage, progress bars (redrawn in place with \r), the
     # results; no Ray or Prefect internals
@@ -124,7 +147,7 @@ def test_demo_end_to_end(tmp_path):
     for item in cells:
         with rasterio.open(item.assets["classes"].href) as src:
             assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-            assert src.shape == (288, 288)
+            assert src.shape == (CELL_PX, CELL_PX)
         png = Path(item.assets["overview"].href.removeprefix("file://"))
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert any(ln.rel == "derived_from" and "model" in (ln.title or "") for ln in item.links)
@@ -201,7 +224,7 @@ def _outputs_open_anywhere(demo: Path, moved: Path) -> None:
             assert level.to_dataset()["image"].rio.crs is not None
     for item in catalog.items("demo-area-monthly"):
         ds = odc.stac.load([item], bands=["classes"])  # the grid from proj:* alone
-        assert ds.odc.geobox.shape == (288, 288) and ds.odc.geobox.crs.epsg == 32633
+        assert ds.odc.geobox.shape == (CELL_PX, CELL_PX) and ds.odc.geobox.crs.epsg == 32633
 
 
 def _look_at_the_demo_maps(catalog: str, mosaics: dict, tmp_path: Path) -> None:

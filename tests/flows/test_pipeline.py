@@ -152,21 +152,30 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
     """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
     behind a TCP proxy that is cut); the task retries once the endpoint is back."""
     import relaymap.flows.cog
+    import relaymap.flows.infer
     from tests.services import TcpProxy
 
     proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    real_to_cog, attempts = relaymap.flows.cog.to_cog, []
+    real_to_cog, real_check, attempts = (
+        relaymap.flows.cog.to_cog,
+        relaymap.flows.infer.check_writable,
+        [],
+    )
+
+    def check_writable(url):  # each attempt checks its output first, before any compute
+        attempts.append(url)
+        if len(attempts) > 1:
+            proxy.restore()  # the endpoint is back when the retry starts
+        return real_check(url)
 
     def to_cog(*a, **kw):
-        attempts.append(1)
         if len(attempts) == 1:
-            proxy.cut()  # the endpoint dies while this attempt is still running
-        else:
-            proxy.restore()
+            proxy.cut()  # the endpoint dies while the first attempt is still running
         return real_to_cog(*a, **kw)
 
+    monkeypatch.setattr(relaymap.flows.infer, "check_writable", check_writable)
     monkeypatch.setattr(relaymap.flows.cog, "to_cog", to_cog)
     out, catalog = "s3://relaymap-test/flaky-maps", "s3://relaymap-test/flaky-catalog"
     params = InferParams(

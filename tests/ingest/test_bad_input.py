@@ -285,9 +285,12 @@ def test_a_label_asset_without_classes_is_named_in_one_line(sample_local, tmp_pa
         ingest_items([item], url, BANDS)
     assert str(err.value) == (
         f"item {item.id}: label asset 'labels' has no 'classification:classes' (value and "
-        "name per class); add them to the asset or ingest without labels (label_asset=None)"
+        "name per class); add them to the asset, name the values 0..K-1 "
+        "(class_names=[...]), or ingest without labels (label_asset=None)"
     )
     assert not exists(url)
+    named = ingest_items([item], url, BANDS, class_names=[f"c{i}" for i in range(61)])
+    assert [c["name"] for c in named.attrs.classes][:2] == ["c0", "c1"]
 
 
 def test_ingest_items_without_the_label_asset(sample_local, tmp_path):
