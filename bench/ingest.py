@@ -191,12 +191,13 @@ def measure(
 
     item = make_scene(size, f"{prefix}/cogs-{size}")
     runs: dict[str, list[dict]] = {s: [] for s in steps}
-    for _ in range(repeat):
+    for i in range(repeat):
         for step in steps:
             if step == "read":
                 r = _child("read", item, env, server_pid)
             else:
-                out = f"{prefix}/store-{size}-{step}.zarr"
+                # a fresh store each time: an existing complete one is skipped (resumable)
+                out = f"{prefix}/store-{size}-{step}-{i}.zarr"
                 kw = {"out_url": out, "chunk_px": chunk_px, "counts": step == "ingest"}
                 r = _child("ingest", item, env, server_pid, **kw)
                 if r["valid_px"] != size * size:

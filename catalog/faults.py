@@ -6,7 +6,8 @@ at a defined point instead of racing the work.
 Off unless ``RELAYMAP_FAULT=<point>[=kill|pause|hold]`` names the point. With
 ``RELAYMAP_FAULT_FILE=<path>`` the fault fires once: the first process to reach the point
 creates that file (holding its pid, which the test then kills by) and later ones pass. A
-``hold`` goes on when the test deletes that file.
+``hold`` goes on when the test writes anything else into that file (leaving it in place,
+so the later processes still pass).
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hold":
         if not once:
-            raise ValueError(f"{ENV}={spec} needs {ONCE_FILE}: deleting it ends the hold")
-        while os.path.exists(once):
+            raise ValueError(f"{ENV}={spec} needs {ONCE_FILE}: rewriting it ends the hold")
+        mine = str(os.getpid())
+        while _read(once) == mine:
             time.sleep(0.1)
         return
     while True:  # pause: the test kills this process by the pid it wrote
         time.sleep(1)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -72,6 +72,11 @@ def connect_ray(address: str | None = None) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     # a private cluster serves no Jobs API: no dashboard process taking a core's share
     own = {"include_dashboard": False} if target == "local" else {}
+    # Ray turns token auth on for a new local cluster and says so at WARNING: quiet unless -v
+    auth_log = logging.getLogger("ray._private.authentication")
+    level = auth_log.level
+    if not verbose:
+        auth_log.setLevel(logging.ERROR)
     with _loopback_only(target == "local"):
         ray.init(
             address=target,
@@ -82,6 +87,7 @@ def connect_ray(address: str | None = None) -> None:
             # the driver's Ray loggers too: quiet means errors only
             logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         )
+    auth_log.setLevel(level)
 
 
 @contextlib.contextmanager

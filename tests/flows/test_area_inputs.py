@@ -170,8 +170,12 @@ def test_aoi_exit_1_when_every_cell_fails_and_no_products_are_written(local_sour
     broken = variant(col, {f"{day}-0", f"{day}-1"}, "broken")
     junk = tmp_path / "junk.tif"
     junk.write_text("not a GeoTIFF")
+    # the cloudy orbit touches every cell: each cell fails in its composite. (The pre-flight
+    # range check reads the least cloudy item, the clear orbit, which stays readable: a
+    # corrupt item that the pre-flight reads is a bad input, exit 2, before any cell.)
     for item in broken.get_items():
-        item.assets["red"].href = f"file://{junk}"  # every cell fails in its composite
+        if item.id == f"{day}-0":
+            item.assets["red"].href = f"file://{junk}"
     out = tmp_path / "out"
     with serve_stac([broken]) as api:
         run = _cli_map(api, "broken", local_source["model"], out)

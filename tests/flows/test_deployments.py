@@ -117,12 +117,13 @@ def test_demo_end_to_end_with_every_network_listener_on_loopback(tmp_path):
         stderr=subprocess.PIPE,
     )
     try:
-        while not hold.exists() and demo.poll() is None:  # until a worker holds a cell
+        while not (hold.exists() and hold.read_text()) and demo.poll() is None:
+            # until a worker holds a cell (the file written with its pid)
             time.sleep(0.2)
         tree = process_tree(demo.pid)
         seen, outside = listeners(tree), exposed(tree)
     finally:
-        hold.unlink(missing_ok=True)  # the worker goes on
+        hold.write_text("go")  # the worker goes on; the file stays: no later hold
     stdout, stderr = (b.decode() for b in demo.communicate(timeout=900))
     assert demo.returncode == 0, stdout[-3000:] + stderr[-5000:]
     assert outside == [], outside
@@ -133,6 +134,15 @@ def test_demo_end_to_end_with_every_network_listener_on_loopback(tmp_path):
     # results; no Ray or Prefect internals
     console = stdout + stderr
     assert console.count("\n") <= 40, console
+    # (Ray 2.60's core worker prints one C++ line per Ray Data actor pool, "constructor
+    # arguments in the object store and max_restarts > 0", ray-project/ray#53727: its log
+    # level is set only through RAY_BACKEND_LOG_LEVEL, which prints a line of its own.
+    # That line is allowed; other core worker lines are not.)
+    console = "\n".join(
+        ln
+        for ln in console.splitlines()
+        if "has constructor arguments in the object store" not in ln
+    )
     for internal in ("Reporting training result", "core_worker", "dashboard", "Token auth"):
         assert internal not in console, internal
     assert (

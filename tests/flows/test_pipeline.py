@@ -309,6 +309,7 @@ NON_DEFAULT = MapOptions(
     tile_px=128,
     overlap_px=8,
     batch_size=3,
+    precision="fp32",
     workers=1,
     use_gpu=False,
     probabilities=True,
