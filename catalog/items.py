@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from typing import Annotated, Any
@@ -28,7 +29,7 @@ from stac_model.schema import MLModelExtension, MLModelProperties
 
 from relay_models.spec import DataSpec
 
-from .storage import filesystem, gdal_env, normalize_url
+from .storage import filesystem, gdal_env, normalize_url, read_bytes
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 #: Classification 1.1 (what MLM 1.4/1.5 validate their classes against; every class has a
@@ -56,6 +57,19 @@ def multihash_sha256(url: str, chunk_bytes: int = 1 << 22) -> tuple[int, str]:
 def _footprint(gbox: GeoBox) -> tuple[dict, list[float]]:
     geom = gbox.extent.to_crs("EPSG:4326")
     return geom.json, list(geom.boundingbox)
+
+
+def read_item(url: str) -> pystac.Item:
+    """The STAC item whose JSON is at ``url`` (any storage URL), its self href set.
+
+    Raises:
+        FileNotFoundError: nothing at ``url``.
+        ValueError: the JSON there is not a STAC item (the message names ``url``).
+    """
+    try:
+        return pystac.Item.from_dict(json.loads(read_bytes(url)), href=url, migrate=False)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{url} is not a STAC item: {e}") from None
 
 
 def class_list(classes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -3,10 +3,7 @@ scores and pictures of :mod:`relaymap.flows.report`."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pystac
 import rasterio
 import rasterio.errors
 import torch
@@ -14,7 +11,8 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 from relay_models import ConfusionMatrix
-from relaymap.catalog.storage import gdal_env, normalize_url, read_bytes
+from relaymap.catalog.items import read_item
+from relaymap.catalog.storage import gdal_env, normalize_url
 from relaymap.ingest import StoreError, open_scene
 
 from .cog import category_names
@@ -32,12 +30,11 @@ def read_map(ref: str) -> tuple[str, list[str]]:
     url = normalize_url(ref)
     if url.endswith(".json"):
         try:
-            item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+            item = read_item(url)
         except FileNotFoundError:
             raise StoreError(f"no map item at {url}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{url} is not a STAC item: {e}") from None
-        item.set_self_href(url)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
         asset = item.assets.get("classes")
         if asset is None:
             raise StoreError(f"{url} is not a relaymap map item (no 'classes' asset)")

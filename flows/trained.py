@@ -5,7 +5,6 @@ and data contract: enough to check a scene, name products and plan tiles);
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pystac
@@ -13,6 +12,7 @@ from torch import nn
 
 from relay_models import DataSpec, ModelConfig, load_saved, read_saved
 from relay_models.saved import SavedModelError
+from relaymap.catalog.items import read_item
 from relaymap.catalog.storage import filesystem, normalize_url, read_bytes
 
 
@@ -59,12 +59,11 @@ def read_info(url: str) -> ModelInfo:
     item = None
     if url.endswith(".json"):
         try:
-            item = pystac.Item.from_dict(json.loads(read_bytes(url)), migrate=False)
+            item = read_item(url)
         except FileNotFoundError:
             raise ModelError(f"no model item at {url}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"{url} is not a STAC model item: {e}") from None
-        item.set_self_href(url)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         url = normalize_url(_weights_href(item))
     fs, path = filesystem(url)
     try:
