@@ -1,7 +1,8 @@
 """Change on the demo area: does the change between the demo's two months find its known
-change (a field built over in the second month)?
+change (a field built over in the second month), and how much spurious change does the
+minimum mapping unit remove?
 
-    python bench/change.py [--workdir relaymap-bench-change] [--steps 300]
+    python bench/change.py [--workdir relaymap-bench-change] [--steps 300] [--min-area-ha 0.5]
 
 Runs ``relaymap demo`` (``run_demo``: trains ``swinv2_nano_relay`` for ``--steps`` and maps
 the held-out area for both months; the area run makes the change products itself), then
@@ -12,7 +13,14 @@ mapped in both months (the pixels the sources' ``scl`` masks leave clear):
 * the cropland -> urban entry of the transition matrix against the true area, and
 * the change map's cropland -> urban pixels against the truth: IoU, precision, recall;
 
-with the same for the whole maps (accuracy per month) for context.
+with the same for the whole maps (accuracy per month) for context. Then the change between
+the two months is made again on local Ray from the same maps
+(:func:`relaymap.flows.products.timeline.change_between`, as ``relaymap change``) with the
+minimum mapping unit ``--min-area-ha`` and without one (0), and compared: spurious change
+(changed pixels other than the field's cropland -> urban, over the pixels mapped in both
+months) with the unit over without, and the true change kept (the field's cropland -> urban
+pixels found with the unit over those found without). A rerun of the same ``--workdir``
+reuses the demo's model and maps, so only the change is made again.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="relaymap-bench-change")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--min-area-ha", type=float, default=None, help="default: the product's")
     args = ap.parse_args()
 
     import rasterio
 
     from relaymap.catalog import StaticCatalog
-    from relaymap.flows.change import pair_code
     from relaymap.flows.demo import AREA_CHANGE, CELL_PX, MARGIN_PX, run_demo
+    from relaymap.flows.products.change import pair_code
     from relaymap.ingest.sample import CLASSES, change_mask, s2_area_layout
 
     t0 = time.perf_counter()
@@ -85,6 +94,53 @@ def main() -> None:
         f"recall {tp / max(truth.sum(), 1):.3f}"
     )
     print(f"  changed in all: {change['changed_km2']:.4f} km2; item {item.id}")
+    mmu(res, args.min_area_ha, truth, both, built_code=pair_code(src, dst, len(names)))
+
+
+def mmu(res, min_area_ha: float | None, truth: np.ndarray, both: np.ndarray, built_code: int):
+    """The change of the demo's two months with the minimum mapping unit and without, from
+    the same maps: spurious change and true change kept."""
+    import rasterio
+    from scipy import ndimage
+
+    from relaymap.catalog.storage import join
+    from relaymap.flows.demo import COLLECTION
+    from relaymap.flows.jobs import run_cell_tasks
+    from relaymap.flows.products.mmu import MIN_AREA_HA
+    from relaymap.flows.products.timeline import change_between
+
+    unit = MIN_AREA_HA if min_area_ha is None else min_area_ha
+    (change,) = res.summary["changes"]
+    rows = {}
+    for name, ha in (("without", 0.0), ("with", unit)):
+        t0 = time.perf_counter()
+        product = change_between(
+            res.catalog_url,
+            COLLECTION,
+            change["from"],
+            change["to"],
+            run=run_cell_tasks,
+            out=join(res.workdir, "bench-mmu", name),
+            min_area_ha=ha,
+        )
+        seconds = time.perf_counter() - t0
+        with rasterio.open(product.mosaic.removeprefix("file://")) as src:
+            values = src.read(1)
+        changed = (values != 0) & (values != 255)
+        assert np.array_equal(values != 255, both)
+        true = changed & truth & (values == built_code)
+        _, regions = ndimage.label(changed, structure=np.ones((3, 3)))
+        rows[name] = (ha, changed.sum(), (changed & ~true).sum(), true.sum(), regions, seconds)
+    print("  minimum mapping unit (the change made again from the same maps, local Ray):")
+    print("  | unit | changed px | spurious px | true px | changed regions | seconds |")
+    print("  |---:|---:|---:|---:|---:|---:|")
+    for ha, changed, spurious, true, regions, seconds in rows.values():
+        print(f"  | {ha:g} ha | {changed} | {spurious} | {true} | {regions} | {seconds:.0f} |")
+    print(
+        "spurious change with minimum mapping unit / without: "
+        f"{rows['with'][2] / rows['without'][2]:.2f}"
+    )
+    print(f"true change kept: {rows['with'][3] / rows['without'][3]:.2f}")
 
 
 if __name__ == "__main__":

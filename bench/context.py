@@ -57,6 +57,8 @@ MODELS = (
 )
 #: The relay model the paired differences and the targets are about.
 RELAY = "swinv2_nano_relay"
+#: Label prefix of the runs fine-tuned from a pretrained backbone (``--pretrain``).
+PRETRAINED = "pretrained: "
 #: Variants of ``swinv2_nano_relay``: (model options, loss options) changed from the default.
 ABLATIONS: dict[str, tuple[dict, dict]] = {
     "relays 2": ({"relays": 2}, {}),
@@ -107,6 +109,15 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
     "relay: no warm-up": (RELAY, PREVIOUS, {}, {"warmup": 0.0}),
     "relay: warm-up 20%": (RELAY, PREVIOUS, {}, {"warmup": 0.2}),
     "relay: global branch in 4 of 8 blocks": (RELAY, {**PREVIOUS, "relay_blocks": 4}, {}, {}),
+    # with --pretrain (``--tuned-variants``): the pretrained backbone, relay parameters at
+    # their init (as a published checkpoint without relays leaves them)
+    "relay: fresh relays": (RELAY, {}, {}, {"fresh_relays": True}),
+    "relay: fresh relays + relay lr x10": (
+        RELAY,
+        {},
+        {},
+        {"fresh_relays": True, "relay_lr_scale": 10.0},
+    ),
 }
 
 
@@ -131,21 +142,22 @@ def scene_px(args: argparse.Namespace) -> int:
     return args.size_px or (1024 if getattr(args, "family", "context") == "sparse" else 768)
 
 
-def make_stores(root: Path, args: argparse.Namespace, seed: int) -> list[str]:
-    """Write ``args.scenes`` scene stores of ``seed``'s family; the last two are held out."""
+def make_stores(root: Path, args: argparse.Namespace, seed: int, extra: int = 0) -> list[str]:
+    """Write ``args.scenes`` scene stores of ``seed``'s family (the last two are held out),
+    then ``extra`` more of the same generator (unlabelled data for pretraining: scenes are
+    drawn one after another, so the first ``args.scenes`` do not depend on ``extra``)."""
+    n_scenes = args.scenes + extra
     if getattr(args, "family", "context") == "sparse":
         from bench.sparse import draw_family, write_sparse_stores
 
         gen = draw_family(seed, window_px=args.window_px, factor=args.factor)
         print(f"  seed {seed}: {gen}", flush=True)
-        return write_sparse_stores(
-            root, gen, n_scenes=args.scenes, size_px=scene_px(args), seed=seed
-        )
+        return write_sparse_stores(root, gen, n_scenes=n_scenes, size_px=scene_px(args), seed=seed)
     from relaymap.ingest import ingest_items, make_sample_scenes
 
     col = make_sample_scenes(
         str(root / "sample"),
-        n_scenes=args.scenes,
+        n_scenes=n_scenes,
         size_px=scene_px(args),
         feature_px=args.feature_px,
         seed=seed,
@@ -160,9 +172,7 @@ def _pairs_in_memory():
     """``WindowPairDataset`` reading its windows from in-memory copies of the stores' levels
     (:class:`relay_models.windows.ArrayPyramid`): the same sampler, the same pixels (levels
     by the same 2x2 rule), without decoding Zarr chunks for every window."""
-    import numpy as np
-
-    from relay_models.windows import ArrayPyramid, read_pair
+    from relay_models.windows import ArrayPyramid
     from relaymap.flows.dataset import WindowPairDataset
     from relaymap.ingest import open_scene
 
@@ -174,21 +184,8 @@ def _pairs_in_memory():
                 ArrayPyramid(*s.read_box((0, 0, *s.shape(0))), num_levels=s.num_levels)
                 for s in stores
             ]
-            sizes = np.array([np.prod(s.shape(0)) for s in stores], dtype=float)
-            norm, px = self.spec.norm(), self.spec.window_px
             while True:
-                k = rng.choice(len(stores), p=sizes / sizes.sum())
-                pair = self.sample_pair(stores[k], rng)
-                if (
-                    1 - pair.local.inside_fraction(stores[k].shape(0), px)
-                    > self.augment.max_outside
-                ):
-                    continue
-                sample = read_pair(
-                    pyramids[k], pair, px, norm, with_global=self.spec.takes_global, labels=True
-                )
-                del sample["valid"]
-                yield sample
+                yield self.draw(pyramids, rng)
 
     return InMemoryPairs
 
@@ -233,10 +230,26 @@ def train_model(job: dict, on_check=None):
         window_px=job["window_px"],
         factor=ModelOptions(**options).global_factor,
     )
+    optim = job.get("optim_options", {})
     torch.manual_seed(job["seed"])
     model = create_model(**options, num_classes=spec.num_classes, in_chans=4, spec=spec)
+    if optim.get("fresh_relays"):  # the relay parameters as a model without them starts
+        from relay_models.weights import NEW_KEY
+
+        torch.manual_seed(job["seed"])
+        fresh = create_model(
+            **{**options, "pretrained": None}, num_classes=spec.num_classes, in_chans=4
+        )
+        state = {
+            k: v
+            for k, v in fresh.backbone.state_dict().items()
+            if NEW_KEY.match(k) and not k.startswith("patch_embed_global.")
+        }
+        model.backbone.load_state_dict(state, strict=False)
+        glob = model.backbone.patch_embed_global  # as load_pretrained starts it: a copy
+        if glob is not None:
+            glob.load_state_dict(model.backbone.patch_embed.state_dict())
     loss_fn = RelayLoss(factor=spec.factor or 1, **job["loss_options"])
-    optim = job.get("optim_options", {})
     groups = param_groups(model, job["lr"], optim.get("relay_lr_scale", 1.0))
     optimizer = torch.optim.AdamW(groups, lr=job["lr"], weight_decay=0.0)
     data = _pairs_in_memory()(train_urls, spec, augment=Augment(), seed=job["seed"])
@@ -252,6 +265,58 @@ def train_model(job: dict, on_check=None):
         if on_check is not None and every and ((step + 1) % every == 0 or step == 0):
             on_check(step + 1, model)
     return model.eval()
+
+
+def run_pretrain(job: dict) -> dict:
+    """Pretrain ``job["model"]``'s backbone with SimMIM on ``job["stores"]`` without their
+    labels (the plain-PyTorch loop of ``relay_models.pretraining``, the calls the Ray Train
+    worker of ``relaymap pretrain`` makes), one thread; save the checkpoint to
+    ``job["path"]``."""
+    import torch
+
+    from relay_models import ModelOptions, create_model, warmup_cosine
+    from relay_models.pretraining import MaskedImageModel, pretrain_step, save_backbone
+    from relaymap.flows.dataset import UNLABELLED, Augment, data_spec
+    from relaymap.ingest import open_scene
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    options = {"name": job["model"], "factor": job["factor"]}
+    spec = data_spec(
+        [open_scene(u) for u in job["stores"]],
+        window_px=job["window_px"],
+        factor=ModelOptions(**options).global_factor,
+        classes=UNLABELLED,
+    )
+    torch.manual_seed(job["seed"])
+    model = create_model(**options, num_classes=1, in_chans=4, spec=spec)
+    mim = MaskedImageModel(model)
+    optimizer = torch.optim.AdamW(mim.parameters(), lr=job["lr"], weight_decay=0.05)
+    data = _pairs_in_memory()(
+        job["stores"], spec, augment=Augment(), seed=job["seed"], labels=False
+    )
+    batches = iter(torch.utils.data.DataLoader(data, batch_size=job["batch"]))
+    masks = torch.Generator().manual_seed(job["seed"])
+    curve = []
+    mim.train()
+    for step in range(job["steps"]):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, job["steps"], job["lr"], 0.05)
+        terms = pretrain_step(mim, next(batches), optimizer, generator=masks, grad_clip=5.0)
+        if (step + 1) % 50 == 0 or step == 0:
+            curve.append({"step": step + 1, "loss": terms.total.item()})
+    Path(job["path"]).parent.mkdir(parents=True, exist_ok=True)
+    save_backbone(model, job["path"], {"model": options, "method": "simmim", "steps": job["steps"]})
+    return {
+        "kind": "pretrain",
+        "seed": job["seed"],
+        "model": job["model"],
+        "steps": job["steps"],
+        "scenes": len(job["stores"]),
+        "path": job["path"],
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _curve_tiles(urls: list[str], spec, n: int, seed: int) -> list[dict]:
@@ -343,9 +408,14 @@ def make_job(
     lo=None,
     oo=None,
     budget: int = 1,
+    pretrained: str | None = None,
 ) -> dict:
     """One training run: ``model`` with model options ``mo``, loss options ``lo`` and
-    optimiser options ``oo``, for ``budget`` times ``args.steps`` steps."""
+    optimiser options ``oo``, for ``budget`` times ``args.steps`` steps; ``pretrained``: from
+    that backbone checkpoint (label prefixed ``pretrained: ``, lr ``args.ft_lr``)."""
+    if pretrained:
+        label, mo = f"{PRETRAINED}{label}", {**(mo or {}), "pretrained": pretrained}
+    lr = getattr(args, "ft_lr", None) if pretrained else None
     return dict(
         label=label,
         family=getattr(args, "family", "context"),
@@ -361,7 +431,7 @@ def make_job(
         window_px=args.window_px,
         steps=budget * args.steps,
         batch=args.batch,
-        lr=args.lr,
+        lr=lr or args.lr,
         curve_every=getattr(args, "curve_every", 0),
         curve_tiles=getattr(args, "curve_tiles", 256),
     )
@@ -372,7 +442,15 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budgets", default="1", help="multiples of --steps, e.g. 1,3")
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument(
+        "--long-models",
+        default=None,
+        help="the models (labels) run at budgets above 1; default: all of them",
+    )
     p.add_argument("--variants", default="", help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--tuned-variants", default="", help="variants run only from the pretrained backbone"
+    )
     p.add_argument("--ablations", action="store_true", help="also the relay ablations")
     p.add_argument("--curve-every", type=int, default=0, help="score held-out tiles every N")
     p.add_argument("--curve-tiles", type=int, default=256)
@@ -383,6 +461,22 @@ def main() -> None:
     )
     p.add_argument("--relay", default=RELAY, help="the run label the comparisons are about")
     p.add_argument("--plot", default=None, help="learning curves of the context decision (PNG)")
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="per seed, pretrain one backbone (SimMIM, --pretrain-model) on the seed's "
+        "training scenes and --extra-scenes more, without labels, and fine-tune every model "
+        "from it too (labels 'pretrained: <model>')",
+    )
+    p.add_argument("--no-scratch", action="store_true", help="with --pretrain: no scratch runs")
+    p.add_argument("--pretrain-model", default=RELAY)
+    p.add_argument("--pretrain-steps", type=int, default=1200)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--extra-scenes", type=int, default=4, help="unlabelled scenes per seed")
+    p.add_argument("--ft-lr", type=float, default=None, help="fine-tuning lr (default --lr)")
+    p.add_argument(
+        "--pretrain-dir", default=None, help="where checkpoints go (default: beside --json)"
+    )
     args = p.parse_args()
     args.size_px = scene_px(args)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -394,8 +488,14 @@ def main() -> None:
         variants.append((name, *VARIANTS[name]))
     if args.ablations:
         variants += [(f"relay: {k}", RELAY, mo, lo, {}) for k, (mo, lo) in ABLATIONS.items()]
+    tuned_only = []
+    for name in filter(None, args.tuned_variants.split(",")):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+        tuned_only.append((name, *VARIANTS[name]))
+    long = set(args.long_models.split(",")) if args.long_models else None
     t0 = time.perf_counter()
-    runs, before = [], 0.0
+    runs, pretrains, before = [], [], 0.0
     if args.resume and args.json and Path(args.json).exists():
         doc = json.loads(Path(args.json).read_text())
         same = ("family", "factor", "steps", "batch", "lr", "window_px", "size_px", "scenes")
@@ -403,18 +503,69 @@ def main() -> None:
         if changed:
             raise SystemExit(f"--resume: {args.json} was run with other {', '.join(changed)}")
         runs, before = doc["runs"], doc.get("minutes", 0.0)
+        pretrains = [r for r in doc.get("pretrains", []) if Path(r["path"]).exists()]
     done = {(r["label"], r["seed"], r["budget"]) for r in runs}
+    pretrained_at = {r["seed"]: r["path"] for r in pretrains}
+    ckpt_dir = Path(
+        args.pretrain_dir or (Path(args.json).with_suffix(".pretrained") if args.json else ".")
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = []
+        first, later = [], {}  # jobs to run now; per seed, the jobs that need its backbone
         for seed in seeds:
-            todo = [(b, v) for b in budgets for v in variants if (v[0], seed, b) not in done]
-            if todo:
-                urls = make_stores(Path(tmp) / f"seed-{seed}", args, seed)
-                jobs += [make_job(args, urls, seed, *v, budget=b) for b, v in todo]
-        jobs.sort(key=lambda j: -j["budget"])  # longest first: the pool ends together
-        spawn = get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            for r in pool.map(run_one, jobs):
+            todo = [
+                (b, v) for b in budgets for v in variants if b == 1 or long is None or v[0] in long
+            ]
+            scratch = [] if args.pretrain and args.no_scratch else todo
+            scratch = [(b, v) for b, v in scratch if (v[0], seed, b) not in done]
+            tuned = todo + [(1, v) for v in tuned_only]
+            tuned = [(b, v) for b, v in tuned if (PRETRAINED + v[0], seed, b) not in done]
+            if not args.pretrain:
+                tuned = []
+            if not (scratch or tuned):
+                continue
+            extra = args.extra_scenes if tuned and seed not in pretrained_at else 0
+            urls = make_stores(Path(tmp) / f"seed-{seed}", args, seed, extra=extra)
+            labelled = urls[: args.scenes]
+            first += [make_job(args, labelled, seed, *v, budget=b) for b, v in scratch]
+            if not tuned:
+                continue
+            later[seed] = lambda path, labelled=labelled, seed=seed, tuned=tuned: [
+                make_job(args, labelled, seed, *v, budget=b, pretrained=path) for b, v in tuned
+            ]
+            if seed not in pretrained_at:
+                first.insert(
+                    0,
+                    {
+                        "kind": "pretrain",
+                        "seed": seed,
+                        "model": args.pretrain_model,
+                        "factor": args.factor,
+                        "stores": labelled[:-2] + urls[args.scenes :],
+                        "window_px": args.window_px,
+                        "steps": args.pretrain_steps,
+                        "batch": args.batch,
+                        "lr": args.pretrain_lr,
+                        "path": str(ckpt_dir / f"{args.family}-seed{seed}.safetensors"),
+                    },
+                )
+        first[sum(j.get("kind") == "pretrain" for j in first) :] = sorted(
+            (j for j in first if j.get("kind") != "pretrain"), key=lambda j: -j["budget"]
+        )  # pretraining first (the fine-tunes wait for it), then the longest runs
+        for seed in [s for s in later if s in pretrained_at]:
+            first += later.pop(seed)(pretrained_at[seed])
+
+        def finished(r: dict) -> list[dict]:
+            """Record a finished job; the jobs it unlocks."""
+            if r.get("kind") == "pretrain":
+                pretrains.append(r)
+                print(
+                    f"  pretrained {r['model']} seed {r['seed']}: {r['steps']} steps on "
+                    f"{r['scenes']} unlabelled scenes, loss {r['curve'][0]['loss']:.3f} -> "
+                    f"{r['curve'][-1]['loss']:.3f} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+                unlocked = later.pop(r["seed"])(r["path"])
+            else:
                 runs.append(r)
                 print(
                     f"  {r['label']:<44} seed {r['seed']} x{r['budget']}: mIoU "
@@ -422,18 +573,40 @@ def main() -> None:
                     f"({r['seconds']:.0f} s)",
                     flush=True,
                 )
-                if args.json:  # after every run: a long benchmark survives an interruption
-                    _write(args, runs, before + (time.perf_counter() - t0) / 60)
+                unlocked = []
+            if args.json:  # after every run: a long benchmark survives an interruption
+                _write(args, runs, before + (time.perf_counter() - t0) / 60, pretrains)
+            return unlocked
+
+        _run_jobs(first, finished, args.jobs)
     minutes = before + (time.perf_counter() - t0) / 60
     if args.json:
-        _write(args, runs, minutes)
+        _write(args, runs, minutes, pretrains)
     report(vars(args), runs, minutes)
     if args.plot:
         plot_curves(vars(args), runs, args.plot)
 
 
-def _write(args, runs: list[dict], minutes: float) -> None:
-    doc = {"args": vars(args), "minutes": minutes, "runs": runs}
+def _run_jobs(jobs: list[dict], finished, workers: int) -> None:
+    """Run ``jobs`` (training or pretraining) ``workers`` at a time in spawned processes,
+    in order; ``finished(result)`` returns jobs to queue next (fine-tunes of a backbone)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    spawn = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        queue, running = list(jobs), set()
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.pop(0)
+                running.add(pool.submit(run_pretrain if job.get("kind") else run_one, job))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                unlocked = sorted(finished(future.result()), key=lambda j: -j["budget"])
+                queue = unlocked + queue  # a backbone's runs go first, the longest first
+
+
+def _write(args, runs: list[dict], minutes: float, pretrains: list[dict] = ()) -> None:
+    doc = {"args": vars(args), "minutes": minutes, "runs": runs, "pretrains": list(pretrains)}
     Path(args.json).write_text(json.dumps(doc, indent=1))
 
 
@@ -544,17 +717,26 @@ def _report_budget(
                 got = [v for v in steps.values() if v is not None]
                 cells.append(f"{statistics.fmean(got):.0f}" if got else "-")
             print(f"| {label.removeprefix('relay: ')} | " + " | ".join(cells) + " |")
-    if family == "sparse":
+    if family == "sparse" or PRETRAINED + relay in by:
         print_targets(by, names, relay)
+    if PRETRAINED + relay in by:
+        print_targets(by, names, relay, pretrained=True)
 
 
-def print_targets(by: dict[str, list[dict]], names: list[str], relay_label: str) -> None:
-    """The issue's four lines: relay minus fusion and sliding window (mIoU), relay's context
-    accuracy minus the global-only model's (paired by seed), and relay's worst class against
-    the better of sliding window and global-only (mean IoU over seeds)."""
+def print_targets(
+    by: dict[str, list[dict]], names: list[str], relay_label: str, *, pretrained: bool = False
+) -> None:
+    """The issues' target lines: relay minus fusion and sliding window (mIoU), relay's
+    context accuracy minus the global-only model's (paired by seed), and relay's worst class
+    against the better of sliding window and global-only (mean IoU over seeds); with
+    ``pretrained``, of the runs fine-tuned from a pretrained backbone, and the pretraining
+    gain (relay from the pretrained start minus relay from scratch)."""
+    pre = PRETRAINED if pretrained else ""
     need = (relay_label, "swinv2_nano_fusion", "swinv2_nano", "swinv2_nano_downsample")
-    if not all(by.get(m) for m in need):
+    if not all(by.get(pre + m) for m in need):
         return
+    scratch = {r["seed"]: r for r in by.get(relay_label, [])}
+    by = {k.removeprefix(pre): v for k, v in by.items() if k.startswith(pre)}
     relay = {r["seed"]: r for r in by[relay_label]}
 
     def paired(other: str, key: str) -> str:
@@ -570,12 +752,17 @@ def print_targets(by: dict[str, list[dict]], names: list[str], relay_label: str)
         for k in range(len(names))
     }
     worst = min(gaps.values())
-    print(f"\nTargets (relay = {relay_label}):\n")
-    print(f"relay - fusion: {paired('swinv2_nano_fusion', 'miou')}\n")
-    print(f"relay - sliding window: {paired('swinv2_nano', 'miou')}\n")
-    print(f"relay context accuracy - global-only: {paired('swinv2_nano_downsample', 'ctx_acc')}\n")
-    print(f"relay worst class vs best single view: {100 * worst:+.1f}")
+    text = "pretrained relay" if pretrained else "relay"
+    print(f"\nTargets ({text} = {pre}{relay_label}):\n")
+    print(f"{text} - fusion: {paired('swinv2_nano_fusion', 'miou')}\n")
+    print(f"{text} - sliding window: {paired('swinv2_nano', 'miou')}\n")
+    acc = paired("swinv2_nano_downsample", "ctx_acc")
+    print(f"{text} context accuracy - global-only: {acc}\n")
+    print(f"{text} worst class vs best single view: {100 * worst:+.1f}")
     print("\n(per class: " + ", ".join(f"{k} {100 * v:+.1f}" for k, v in gaps.items()) + ")")
+    if pretrained and scratch:
+        gain = [relay[s]["miou"] - scratch[s]["miou"] for s in sorted(relay) if s in scratch]
+        print(f"\npretraining gain for relay: {_signed(gain)}")
 
 
 def plot_curves(args: dict, runs: list[dict], path: str) -> None:

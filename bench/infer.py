@@ -6,10 +6,10 @@ peak RSS against scene size.
 Synthetic 4-band scene stores (smooth patterns, written by ``ingest.write_scene``) and a
 randomly initialised model saved as training saves one. Side by side in one Ray session,
 on the ``--speed-size`` scene (large enough that actor start-up and the final COG copy do
-not dominate): (1) model only: the actor pool on tiles read beforehand and held in the
-object store; (2) the full pipeline (read, predict, stitch, COGs) with 2 workers and (3)
+not dominate): (1) model only: the actor pool on tiles read beforehand, held by the
+driver; (2) the full pipeline (read, predict, stitch, COGs) with 2 workers and (3)
 with 1. Then each of ``--sizes`` runs alone in a fresh process, sampling the RSS of the
-driver and of the Ray Data workers. Targets: (2) >= 80% of (1); RSS of the largest scene
+driver and of the Ray workers. Targets: (2) >= 80% of (1); RSS of the largest scene
 within 1.3x of the smallest; 2 workers >= 1.6x one.
 """
 
@@ -99,7 +99,7 @@ def _data_workers() -> list[int]:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmd.startswith(b"ray::MapWorker") or b"ray::ReadTiles" in cmd:
+            if cmd.startswith(b"ray::Predictor"):  # the model actors (flows.pool)
                 pids.append(int(d.name))
     return pids
 
@@ -155,15 +155,14 @@ def rss_child(store: str, model: str, tile_px: int, overlap_px: int, batch: int)
 def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int) -> dict:
     """Model-only vs pipeline (2 and 1 workers) tiles/s on one store, one Ray session."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from relay_models.inference import plan_tiles
-    from relaymap.flows.infer import Predictor, configure_ray_data, read_stage
+    from relaymap.flows.infer import Predictor, read_stage
+    from relaymap.flows.pool import actor_pool, run_ordered
     from relaymap.flows.trained import read_info
     from relaymap.ingest import open_scene
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    configure_ray_data()
     info = read_info(model)
     scene = open_scene(store)
     tiles = plan_tiles(scene.shape(0), tile_px, overlap_px)
@@ -178,20 +177,14 @@ def throughput(store: str, model: str, tile_px: int, overlap_px: int, batch: int
         read_stage({"index": list(range(i, min(i + batch, len(tiles))))}, **kw)
         for i in range(0, len(tiles), batch)
     ]
-    rows = [{k: v[j] for k, v in b.items()} for b in batches for j in range(len(b["index"]))]
-    pre = ray.data.from_items(rows, override_num_blocks=len(batches)).materialize()
     t0 = time.perf_counter()
     n = 0
-    for out in pre.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model_url": model, "use_gpu": False},
-        compute=ActorPoolStrategy(size=2),
-        batch_size=batch,
-        num_cpus=1,
-    ).iter_batches(batch_size=None, batch_format="numpy"):
-        n += len(out["index"])
+    kwargs = {"model_url": model, "use_gpu": False}
+    with actor_pool(Predictor, kwargs, size=2, use_gpu=False) as actors:
+        for out in run_ordered(actors, "predict", batches, in_flight=2):
+            n += len(out["index"])
     model_only = n / (time.perf_counter() - t0)
-    del pre, rows, batches
+    del batches
     res = {"tiles": len(tiles), "model_only": model_only}
     for workers in (2, 1):
         product = _map(store, model, tile_px, overlap_px, batch, workers)

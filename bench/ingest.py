@@ -1,7 +1,8 @@
-"""Ingest throughput and memory: COGs -> Zarr scene store with levels, on local disk or S3.
+"""Ingest throughput, memory and store size: COGs -> Zarr scene store with levels, on local
+disk or S3.
 
     python bench/ingest.py [--sizes 5000,10000] [--chunk-px 512] [--where local,s3]
-                           [--repeat 1] [--float]
+                           [--repeat 1] [--float] [--old DIR] [--codecs SPEC,...]
 
 For each scene size and place (``local``: COGs and store in a local folder; ``s3``: on a
 local SeaweedFS S3 server, which shares this machine's cores), writes a 4-band uint16
@@ -12,19 +13,27 @@ scene as four COGs, then runs, each in a fresh subprocess (so peak RSS is its ow
 * ``ingest``: ``ingest_items`` (the product's path: ``load_scene`` + ``write_scene``,
   level 0 and x2/x4/x8; integer sources as int16 counts, no float32 copy);
 * ``float`` (with ``--float``): the same through float32 values, the path before issue 27
-  (``load_scene(counts=False)`` + ``write_scene``).
+  (``load_scene(counts=False)`` + ``write_scene``);
+* ``old`` (with ``--old DIR``): ``ingest_items`` of another checkout of this repository
+  (e.g. ``git worktree add /tmp/old HEAD``), so old and new run side by side;
+* one step per ``--codecs`` spec: ``ingest`` with the store's chunks compressed by that
+  codec instead (``blosc-<cname>-<clevel>-<shuffle>``, e.g. ``blosc-lz4-5-bitshuffle``,
+  ``blosc-zstd-1-shuffle``; ``zstd-<level>``).
 
 Prints, per place, the median seconds, MB/s of source pixels (uint16), peak RSS, the CPU
-seconds of the step's process and of the S3 server, and each step's ratio to the read.
+seconds of the step's process and of the S3 server, the store's size and each step's ratio
+to the read.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,11 +135,31 @@ def run_read(item: dict) -> None:
     print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": _peak_rss_mb(), "check": total}))
 
 
-def run_ingest(item: dict, out_url: str, chunk_px: int, counts: bool = True) -> None:
+def make_codec(spec: str):
+    """A zarr v3 bytes-to-bytes codec from a ``--codecs`` spec."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    kind, *args = spec.split("-")
+    if kind == "blosc":
+        cname, clevel, shuffle = args
+        return BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
+    if kind == "zstd":
+        return ZstdCodec(level=int(args[0]))
+    raise SystemExit(f"unknown codec spec {spec!r}")
+
+
+def run_ingest(
+    item: dict, out_url: str, chunk_px: int, counts: bool = True, codec: str | None = None
+) -> None:
     import pystac
 
+    import relaymap.ingest.store as store_module
     from relaymap.ingest import ingest_items, load_scene, write_scene
     from relaymap.ingest.pipeline import READ_CHUNK_PX
+
+    if codec is not None:  # the store's codec, swapped for this run only
+        chosen = make_codec(codec)
+        store_module._compressor = lambda: chosen
 
     t0, c0 = time.perf_counter(), time.process_time()
     items = [pystac.Item.from_dict(item)]
@@ -143,7 +172,20 @@ def run_ingest(item: dict, out_url: str, chunk_px: int, counts: bool = True) -> 
         store = write_scene(out_url, image, chunk_px=chunk_px, overwrite=True)
     seconds, cpu, rss = time.perf_counter() - t0, time.process_time() - c0, _peak_rss_mb()
     valid = int(store.valid(0).sum())  # untimed: every source pixel arrived
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": rss, "valid_px": valid}))
+    size_mb = _store_mb(out_url)
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu": cpu, "rss_mb": rss, "valid_px": valid, "store_mb": size_mb}
+        )
+    )
+
+
+def _store_mb(url: str) -> float:
+    """Bytes under a store URL, in MB (1e6)."""
+    from relaymap.catalog.storage import filesystem
+
+    fs, path = filesystem(url)
+    return fs.du(path, total=True) / 1e6
 
 
 def _cpu_seconds(pid: int | None) -> float:
@@ -152,6 +194,18 @@ def _cpu_seconds(pid: int | None) -> float:
         return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _old_tree(checkout: str) -> str:
+    """A folder that makes ``relaymap`` and ``relay_models`` import from ``checkout`` (put
+    first on PYTHONPATH: it wins over the editable install of this tree)."""
+    shim = Path(tempfile.mkdtemp(prefix="bench-ingest-old-"))
+    atexit.register(shutil.rmtree, shim, ignore_errors=True)
+    (shim / "relaymap").mkdir()
+    (shim / "relay_models").symlink_to(Path(checkout, "relay_models").resolve())
+    for pkg in ("ingest", "catalog", "flows"):
+        (shim / "relaymap" / pkg).symlink_to(Path(checkout, pkg).resolve())
+    return str(shim)
 
 
 def _child(mode: str, item: dict, env: dict, server_pid: int | None, **kw) -> dict:
@@ -184,12 +238,15 @@ def measure(
     chunk_px: int = 512,
     repeat: int = 1,
     steps: tuple[str, ...] = ("read", "ingest"),
+    old: str | None = None,
 ) -> dict[str, dict]:
     """Median of ``repeat`` runs of each step, the steps taking turns, on a ``size``
-    square scene written under ``prefix`` (a folder URL)."""
+    square scene written under ``prefix`` (a folder URL). Steps: ``read``, ``ingest``,
+    ``float``, ``old`` (the ingest of the checkout ``old``) and ``codec:<spec>``."""
     import statistics
 
     item = make_scene(size, f"{prefix}/cogs-{size}")
+    shim = _old_tree(old) if old else None
     runs: dict[str, list[dict]] = {s: [] for s in steps}
     for i in range(repeat):
         for step in steps:
@@ -197,17 +254,32 @@ def measure(
                 r = _child("read", item, env, server_pid)
             else:
                 # a fresh store each time: an existing complete one is skipped (resumable)
-                out = f"{prefix}/store-{size}-{step}-{i}.zarr"
-                kw = {"out_url": out, "chunk_px": chunk_px, "counts": step == "ingest"}
-                r = _child("ingest", item, env, server_pid, **kw)
+                name = step.replace(":", "-")
+                out = f"{prefix}/store-{size}-{name}-{i}.zarr"
+                kw = {"out_url": out, "chunk_px": chunk_px, "counts": step != "float"}
+                if step.startswith("codec:"):
+                    kw["codec"] = step.removeprefix("codec:")
+                child_env = env
+                if step == "old":
+                    path = os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))
+                    child_env = {**env, "PYTHONPATH": path}
+                r = _child("ingest", item, child_env, server_pid, **kw)
                 if r["valid_px"] != size * size:
                     raise SystemExit(f"the store holds {r['valid_px']} of {size**2} pixels")
+                _remove(out)  # the disk holds one store at a time
             runs[step].append(r)
-    keys = ("seconds", "cpu", "rss_mb", "server_cpu")
+    keys = ("seconds", "cpu", "rss_mb", "server_cpu", "store_mb")
     return {
-        s: {k: statistics.median(r[k] for r in rs) for k in keys} | {"runs": len(rs)}
+        s: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys} | {"runs": len(rs)}
         for s, rs in runs.items()
     }
+
+
+def _remove(url: str) -> None:
+    from relaymap.catalog.storage import filesystem
+
+    fs, path = filesystem(url)
+    fs.rm(path, recursive=True)
 
 
 def main() -> None:
@@ -217,15 +289,18 @@ def main() -> None:
     p.add_argument("--where", default="local,s3", help="local and/or s3")
     p.add_argument("--repeat", type=int, default=1, help="runs of each step, in turn")
     p.add_argument("--float", action="store_true", help="also the float32 path (before)")
+    p.add_argument("--old", help="also the ingest of this checkout (e.g. a worktree of HEAD)")
+    p.add_argument("--codecs", default="", help="also ingest with these store codecs")
     args = p.parse_args()
-    steps = STEPS if args.float else STEPS[:2]
+    steps = (*(STEPS if args.float else STEPS[:2]), *(("old",) if args.old else ()))
+    steps += tuple(f"codec:{c}" for c in args.codecs.split(",") if c)
 
     from relaymap.catalog.local_s3 import seaweedfs
 
     print(f"# {os.cpu_count()} CPUs; chunk {args.chunk_px} px; median of {args.repeat} run(s)")
     print(
-        f"{'where':>6}{'size':>7}{'step':>8}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}"
-        f"{'CPU s':>8}{'S3 CPU s':>10}{'vs read':>9}"
+        f"{'where':>6}{'size':>7}{'step':>30}{'seconds':>9}{'MB/s':>8}{'peak RSS MB':>13}"
+        f"{'CPU s':>8}{'S3 CPU s':>10}{'store MB':>10}{'vs read':>9}"
     )
     for where in args.where.split(","):
         with contextlib.ExitStack() as stack:
@@ -239,14 +314,15 @@ def main() -> None:
             for size in (int(s) for s in args.sizes.split(",")):
                 res = measure(
                     size, prefix, env, pid, chunk_px=args.chunk_px, repeat=args.repeat,
-                    steps=steps,
+                    steps=steps, old=args.old,
                 )  # fmt: skip
                 mb = size * size * len(BANDS) * 2 / 1e6
                 for name, r in res.items():
                     print(
-                        f"{where:>6}{size:>7}{name:>8}{r['seconds']:>9.1f}"
-                        f"{mb / r['seconds']:>8.0f}{r['rss_mb']:>13.0f}{r['cpu']:>8.1f}"
-                        f"{r['server_cpu']:>10.1f}{r['seconds'] / res['read']['seconds']:>8.2f}x"
+                        f"{where:>6}{size:>7}{name:>30}{r['seconds']:>9.2f}"
+                        f"{mb / r['seconds']:>8.0f}{r['rss_mb']:>13.0f}{r['cpu']:>8.2f}"
+                        f"{r['server_cpu']:>10.1f}{r['store_mb']:>10.1f}"
+                        f"{r['seconds'] / res['read']['seconds']:>8.2f}x"
                     )
 
 

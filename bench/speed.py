@@ -1,20 +1,30 @@
-"""Issue 27's targets, each measured side by side in one run: mapping speed of the new
-defaults against the old, bf16 against fp32, training steps, ingest against a raw read, and
-the authors' tiling rule.
+"""Issues 27 and 36's targets, each measured side by side in one run: mapping speed of the
+new defaults against the old, the engines (ONNX Runtime against PyTorch), bf16 against fp32,
+training steps, ingest against a raw read, and the authors' tiling rule.
 
     python bench/speed.py [--threads 2] [--scene-px 1536] [--reps 3] [--train-batch 2]
                           [--ingest-px 10000] [--cache .cache/bench-context]
                           [--skip ingest,train,...]
 
-Prints one line per target, in the issue's form, after the tables they come from:
+Prints one line per target, in the issue's form, after the tables they come from, and
+first the host's CPU capability and what ``engine: auto`` and ``precision: auto`` resolve
+to on it (``relay_models.engines.resolve_engine``):
 
-* ``small relay mapping km2/h, new default / old default``: ``swinv2_small_relay``
-  (``256 + 1024↓4``, random weights: speed does not depend on them) maps one
-  ``--scene-px`` square scene through ``predict_array`` with today's defaults (overlap an
-  eighth of a tile, ``precision="auto"``, the default batch) and with the old ones (a
-  quarter tile, fp32, batch 8), in turn, ``--reps`` times; medians. ``mIoU change``: the
+* ``small relay mapping km2/h, new default / old default (this host)``:
+  ``swinv2_small_relay`` (``256 + 1024↓4``, random weights: speed does not depend on them)
+  maps one ``--scene-px`` square scene through ``predict_array`` with today's defaults
+  (overlap an eighth of a tile, ``engine="auto"`` with ``precision="auto"``, the default
+  batch) and with the old ones (a quarter tile, PyTorch fp32, batch 8), in turn,
+  ``--reps`` times; medians. Also the new defaults as ``auto`` resolves them on a CPU
+  without native bf16 (an AVX2 host: ONNX Runtime, fp32), forced here, and PyTorch at
+  bf16 and fp32 with the new tiling. ``mIoU change``: the
   same two settings on the context benchmark's trained ``swinv2_nano_relay`` (each seed
   in ``--cache``, ``bench/overlap.py`` trains them), its two held-out scenes per seed.
+* ``onnxruntime / torch fp32 forward``: the forward pass alone on batches of random
+  tiles (``swinv2_small_relay`` at 256 px, batch 8, and ``swinv2_nano_relay`` at 64 px,
+  batch 32, each model's default batch), ONNX Runtime (the export of
+  ``relay_models.engines.export_onnx``, ``--threads`` intra-op threads) against PyTorch
+  fp32 (and bf16), tiles per CPU second, in turn; the line gives the small model's.
 * ``km2/h vs authors``: the new defaults against the authors' published tiling rule,
   re-implemented here (their code cannot run on this machine, see ``docs/benchmarks.md``):
   half a tile of overlap, each pixel from the nearest tile centre, fp32 (their trainer's
@@ -45,11 +55,40 @@ from overlap import add_data_options, finish_args, held_out, trained  # noqa: E4
 from precision import compare  # noqa: E402
 
 #: The settings compared: (overlap as a fraction of the tile or None for the default,
-#: blend, precision, batch size or None for the default).
-NEW = {"overlap": None, "blend": "cosine", "precision": "auto", "batch": None}
-OLD = {"overlap": 0.25, "blend": "cosine", "precision": "fp32", "batch": 8}
-AUTHORS = {"overlap": 0.5, "blend": "center", "precision": "fp32", "batch": 8}
+#: blend, precision, engine, batch size or None for the default).
+NEW = {"overlap": None, "blend": "cosine", "precision": "auto", "engine": "auto", "batch": None}
+OLD = {"overlap": 0.25, "blend": "cosine", "precision": "fp32", "engine": "torch", "batch": 8}
+AUTHORS = {"overlap": 0.5, "blend": "center", "precision": "fp32", "engine": "torch", "batch": 8}
 SETTINGS = {"new default": NEW, "old default": OLD, "authors' rule (re-implemented)": AUTHORS}
+#: Speed only: the new defaults as ``auto`` resolves them on an AVX2-only host, and each
+#: engine alone with the new tiling.
+SPEED_ONLY = {
+    "new default as on an AVX2 host (onnxruntime fp32)": NEW
+    | {"precision": "fp32", "engine": "onnxruntime"},
+    "new tiling, torch bf16": NEW | {"precision": "bf16", "engine": "torch"},
+    "new tiling, torch fp32": NEW | {"precision": "fp32", "engine": "torch"},
+}
+
+#: ONNX exports made in this run, by (model, tile side): each model is exported once.
+_EXPORTS: dict[tuple[int, int], object] = {}
+
+
+def _engine(model, tile_px: int, setting: dict):
+    """What runs ``model`` for ``setting``: the model itself (torch), or an ONNX Runtime
+    session of its export (made once per model and tile side, timed apart)."""
+    import torch
+
+    from relay_models.engines import OnnxEngine, export_onnx, resolve_engine
+
+    if resolve_engine(setting["engine"], setting["precision"], "cpu") == "torch":
+        return model
+    key = (id(model), tile_px)
+    if key not in _EXPORTS:
+        t0 = time.perf_counter()
+        data = export_onnx(model, tile_px)
+        print(f"  ONNX export of {model.config.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        _EXPORTS[key] = OnnxEngine(data, model.spec, threads=torch.get_num_threads())
+    return _EXPORTS[key]
 
 
 def _map(model, image, tile_px: int, setting: dict):
@@ -57,7 +96,7 @@ def _map(model, image, tile_px: int, setting: dict):
 
     overlap = setting["overlap"]
     return predict_array(
-        model,
+        _engine(model, tile_px, setting),
         image,
         tile_px=tile_px,
         overlap_px=None if overlap is None else round(overlap * tile_px),
@@ -67,21 +106,37 @@ def _map(model, image, tile_px: int, setting: dict):
     )
 
 
-def mapping_speed(args) -> dict[str, float]:
-    """km2/h of ``swinv2_small_relay`` over one scene per setting, in turn; medians."""
+_MODELS: dict[str, object] = {}
+
+
+def _model(name: str):
+    """``name`` with random weights (seed 0), one instance per run (one export each)."""
     import torch
 
     from relay_models import create_model
 
-    torch.manual_seed(0)
-    model = create_model("swinv2_small_relay", num_classes=10).eval()
+    if name not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[name] = create_model(name, num_classes=10).eval()
+    return _MODELS[name]
+
+
+def mapping_speed(args) -> dict[str, float]:
+    """km2/h of ``swinv2_small_relay`` over one scene per setting, in turn; medians."""
+    import torch
+
+    model = _model("swinv2_small_relay")
     image = torch.rand(3, args.scene_px, args.scene_px).numpy()
     km2 = args.scene_px**2 * 1e-4  # 10 m pixels
-    _map(model, image[:, :512, :512], 256, NEW)  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in SETTINGS}
-    cpu: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    settings = SETTINGS | SPEED_ONLY
+    if "authors" in args.skip_set:  # the slowest setting; only "km2/h vs authors" needs it
+        settings.pop("authors' rule (re-implemented)")
+    for setting in settings.values():  # warm-up (and the export, once)
+        _map(model, image[:, :512, :512], 256, setting)
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    cpu: dict[str, list[float]] = {k: [] for k in settings}
     for rep in range(args.reps):
-        for name, setting in SETTINGS.items():
+        for name, setting in settings.items():
             t0, c0 = time.perf_counter(), time.process_time()
             _map(model, image, 256, setting)
             times[name].append(time.perf_counter() - t0)
@@ -159,6 +214,45 @@ def ingest_speed(args, where: str) -> dict[str, dict]:
             return measure(args.ingest_px, "s3://bench", s3.env(), s3.pid, repeat=args.reps)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-speed-"))
         return measure(args.ingest_px, f"file://{tmp}", {}, None, repeat=args.reps)
+
+
+def engine_forward(args) -> list[dict]:
+    """The forward pass alone, per engine, on random tiles: tiles per CPU second and per
+    wall second (medians of ``--exp-reps``, in turn after a warm-up), and how close ONNX
+    Runtime's probabilities are to PyTorch fp32's."""
+    import torch
+
+    from relay_models.engines import TorchEngine
+
+    rows = []
+    for name, side, batch in (("swinv2_small_relay", 256, 8), ("swinv2_nano_relay", 64, 32)):
+        model = _model(name)
+        x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
+        engines = {
+            "onnxruntime fp32": _engine(
+                model, side, {"engine": "onnxruntime", "precision": "fp32"}
+            ),
+            "torch fp32": TorchEngine(model, precision="fp32"),
+            "torch bf16": TorchEngine(model, precision="bf16"),
+        }
+        ref, ours = engines["torch fp32"](x, x), engines["onnxruntime fp32"](x, x)
+        cpu: dict[str, list[float]] = {k: [] for k in engines}
+        wall: dict[str, list[float]] = {k: [] for k in engines}
+        for rep in range(args.exp_reps + 1):  # the first round warms up
+            for k, engine in engines.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                engine(x, x)
+                if rep:
+                    cpu[k].append(time.process_time() - c0)
+                    wall[k].append(time.perf_counter() - t0)
+        row = {"model": f"{name} {side} px, batch {batch}"}
+        for k in engines:
+            row[k] = (batch / statistics.median(cpu[k]), batch / statistics.median(wall[k]))
+        row["same classes"] = float((ours.argmax(1) == ref.argmax(1)).float().mean())
+        row["max |dp|"] = float((ours - ref).abs().max())
+        print(f"  forward {row}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def _rates(a, xa, b, xb, reps: int) -> tuple[float, float]:
@@ -299,12 +393,16 @@ def main() -> None:
     p.add_argument("--train-reps", type=int, default=2)
     p.add_argument("--ingest-px", type=int, default=10000)
     p.add_argument("--s3", action="store_true", help="also ingest on the local S3 server")
-    p.add_argument("--skip", default="", help="comma-separated: speed,miou,agree,train,ingest")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated: forward,speed,authors,miou,agree,train,ingest",
+    )
     p.add_argument("--experiments", action="store_true", help="only the things tried")
     p.add_argument("--exp-reps", type=int, default=3)
     p.add_argument("--ort-path", default=None, help="a folder holding onnxruntime")
     args = finish_args(p.parse_args())
-    skip = set(filter(None, args.skip.split(",")))
+    skip = args.skip_set = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
     if args.experiments:
         rows = experiments(args)
@@ -313,15 +411,35 @@ def main() -> None:
         for name, what, x, note in rows:
             print(f"| {name} | {what} | {x:.2f}x | {note} |")
         return
-    from relay_models.precision import native_bf16, resolve_precision
+    import onnxruntime
 
+    from relay_models.engines import auto_rule
+
+    host = (
+        f"host: CPU capability {torch.backends.cpu.get_cpu_capability()}; engine and "
+        f"precision auto = {auto_rule('cpu')}"
+    )
     print(
-        f"# {dt.date.today()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; native bf16: "
-        f"{native_bf16('cpu')}, so precision auto = {resolve_precision('auto', 'cpu')}",
+        f"# {dt.date.today()}; torch {torch.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, {torch.get_num_threads()} threads; {host}",
         flush=True,
     )
     lines = []
+    if "forward" not in skip:
+        rows = engine_forward(args)
+        print("\n| model | engine | tiles per CPU s | tiles/s (wall) |\n|---|---|---:|---:|")
+        for row in rows:
+            for k in ("onnxruntime fp32", "torch fp32", "torch bf16"):
+                print(f"| {row['model']} | {k} | {row[k][0]:.2f} | {row[k][1]:.2f} |")
+            print(
+                f"\n{row['model']}: onnxruntime vs torch fp32, same classes "
+                f"{row['same classes']:.4f}, max |dp| {row['max |dp|']:.1e}"
+            )
+        small = rows[0]
+        lines.append(
+            "onnxruntime / torch fp32 forward: "
+            f"{small['onnxruntime fp32'][0] / small['torch fp32'][0]:.2f}"
+        )
     if "speed" not in skip:
         rate = mapping_speed(args)
         print("\n| setting | km2/h |\n|---|---:|")
@@ -329,10 +447,14 @@ def main() -> None:
             print(f"| {k} | {v:,.1f} |")
         cpu_ratio = rate["new default (per CPU hour)"] / rate["old default (per CPU hour)"]
         print(f"\nnew / old per CPU second: {cpu_ratio:.2f}")
-        lines.append(
-            "small relay mapping km2/h, new default / old default: "
-            f"{rate['new default'] / rate['old default']:.2f}"
-        )
+        avx2 = "new default as on an AVX2 host (onnxruntime fp32)"
+        lines += [
+            host,
+            "small relay mapping km2/h, new default / old default (this host): "
+            f"{rate['new default'] / rate['old default']:.2f}",
+            "small relay mapping km2/h, new default / old default (the AVX2 host's choice, "
+            f"onnxruntime fp32, forced): {rate[avx2] / rate['old default']:.2f}",
+        ]
     if "miou" not in skip:
         miou = mapping_miou(args)
         print("\n| setting | " + " | ".join(f"mIoU seed {s}" for s in args.seed_list) + " |")
@@ -349,7 +471,7 @@ def main() -> None:
             )
         ]
         lines.append(f"mIoU change: {statistics.fmean(d_old):+.2f}")
-        if "speed" not in skip:
+        if not {"speed", "authors"} & skip:
             ratio = rate["new default"] / rate["authors' rule (re-implemented)"]
             lines.append(
                 f"km2/h vs authors: {ratio:.2f} (their tiling rule re-implemented; mIoU "

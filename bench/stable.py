@@ -11,7 +11,7 @@ noise: ``--flip`` of the pixels flipped to a random other class, ``--haze`` patc
 pixels turn into the class they are most confused with (forest and park, lake and river,
 cropland and urban), and ``--clouds`` patches unobservable. The maps are written as an area
 run writes them (a class COG per cell, cell items in a static catalog), then an area run's
-products are derived from them on local Ray (:func:`relaymap.flows.timeline.derive`: the
+products are derived from them on local Ray (:func:`relaymap.flows.products.timeline.derive`: the
 stable maps, window ``--window``, and the change between consecutive months).
 
 Printed per pair of consecutive months, over the pixels observable in both raw maps: the
@@ -90,9 +90,10 @@ def main() -> None:
 
     from relaymap.catalog import StaticCatalog, map_item
     from relaymap.flows.area import AreaConfig
-    from relaymap.flows.cog import write_class_cog
     from relaymap.flows.demo import AREA_CHANGE, AREA_ORIGIN, CELL_PX, MARGIN_PX
-    from relaymap.flows.timeline import derive
+    from relaymap.flows.jobs import run_cell_tasks
+    from relaymap.flows.products.cog import write_class_cog
+    from relaymap.flows.products.timeline import derive
     from relaymap.ingest.sample import CLASSES, change_mask, s2_area_layout
 
     rng = np.random.default_rng(args.seed)
@@ -157,10 +158,12 @@ def main() -> None:
             "products": {
                 "imagery": False,
                 "stable": {"window": args.window, "lookback": 2 * args.window},
+                "change": {"min_area_ha": 0},  # the raw maps' every change, as before
             },
         }
     )
-    done = derive(config, table, periods, list(catalog.items("bench")), catalog_url=catalog_url)
+    items = list(catalog.items("bench"))
+    done = derive(config, table, periods, items, catalog_url=catalog_url, run=run_cell_tasks)
     assert not done.warnings, done.warnings
     stable = []
     for period in periods:

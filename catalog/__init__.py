@@ -10,7 +10,7 @@ from .backends import (
     StaticCatalog,
     open_catalog,
 )
-from .items import map_item, model_item, multihash_sha256
+from .items import backbone_item, map_item, model_item, multihash_sha256
 from .server import serve_stac
 from .storage import StorageConfig, StorageError, UnsafeIdError
 
@@ -23,6 +23,7 @@ __all__ = [
     "StorageConfig",
     "StorageError",
     "UnsafeIdError",
+    "backbone_item",
     "map_item",
     "model_item",
     "multihash_sha256",

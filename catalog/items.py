@@ -254,6 +254,7 @@ def model_item(
     geometry: dict | None = None,
     bbox: Sequence[float] | None = None,
     datetime: dt.datetime | None = None,
+    pretrained_source: str | None = None,
 ) -> pystac.Item:
     """A STAC MLM item (MLM 1.5.2, built with ``stac-model``) for a trained relay-token model
     and its safetensors weights; inputs, normalisation and classes come from the data ``spec``.
@@ -277,10 +278,122 @@ def model_item(
         geometry: the model's area of validity (default: the globe).
         bbox: its bbox ``(minx, miny, maxx, maxy)`` in lon/lat.
         datetime: the item's time (default: now).
+        pretrained_source: the checkpoint training started from (``mlm:pretrained_source``;
+            a URL without its query), if any.
     """
+    classes = spec.class_table()
+    window_px = spec.window_px
+    output = _ModelOutput(
+        name="classes",
+        tasks={"semantic-segmentation"},
+        result=ModelResult(
+            shape=[-1, len(classes), window_px, window_px],
+            dim_order=["batch", "channel", "height", "width"],
+            data_type="float32",
+        ),
+        classes=[MLMClassification(**c) for c in class_list(classes)],
+        description="class logits of the local window; argmax gives the class index",
+    )
+    if pretrained_source is None and (hyperparameters or {}).get("pretrained"):
+        pretrained_source = ""  # pretrained, the source not recorded
+    item = _mlm_item(
+        weights_url,
+        item_id=item_id,
+        collection=collection,
+        spec=spec,
+        model_name=model_name,
+        architecture=architecture,
+        total_parameters=total_parameters,
+        output=output,
+        hyperparameters=hyperparameters,
+        pretrained_source=pretrained_source,
+        training_data=training_data,
+        geometry=geometry,
+        bbox=bbox,
+        datetime=datetime,
+    )
+    # mlm:output carries classification:classes objects: declare the extension they follow
+    item.stac_extensions.append(CLASSIFICATION_SCHEMA)
+    if metrics:
+        item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
+    return item
+
+
+def backbone_item(
+    weights_url: str,
+    *,
+    item_id: str,
+    collection: str,
+    spec: DataSpec,
+    model_name: str,
+    architecture: str,
+    total_parameters: int,
+    features: tuple[int, int],
+    pretrained_source: str,
+    hyperparameters: Mapping[str, Any] | None = None,
+    training_data: Sequence[tuple[str, str, Sequence[str]]] = (),
+) -> pystac.Item:
+    """A STAC MLM item for a pretrained backbone (``relaymap pretrain``): a timm-format
+    checkpoint that ``pretrained:`` accepts, whose output is features, not classes.
+
+    Args:
+        features: ``(channels, reduction)`` of the last stage's feature map.
+        pretrained_source: how it was pretrained (``mlm:pretrained_source``), e.g. the
+            method and the unlabelled stores.
+        others: as :func:`model_item` (``spec``: bands and normalisation of the pretraining
+            data; its classes are not used).
+    """
+    channels, reduction = features
+    side = spec.window_px // reduction
+    output = _ModelOutput(
+        name="features",
+        tasks={"semantic-segmentation"},
+        result=ModelResult(
+            shape=[-1, channels, side, side],
+            dim_order=["batch", "channel", "height", "width"],
+            data_type="float32",
+        ),
+        description=f"last-stage features (1/{reduction} of the window side) of a backbone "
+        "to fine-tune for segmentation; no classes",
+    )
+    return _mlm_item(
+        weights_url,
+        item_id=item_id,
+        collection=collection,
+        spec=spec,
+        model_name=model_name,
+        architecture=architecture,
+        total_parameters=total_parameters,
+        output=output,
+        hyperparameters=hyperparameters,
+        pretrained_source=pretrained_source,
+        training_data=training_data,
+    )
+
+
+def _mlm_item(
+    weights_url: str,
+    *,
+    item_id: str,
+    collection: str,
+    spec: DataSpec,
+    model_name: str,
+    architecture: str,
+    total_parameters: int,
+    output: ModelOutput,
+    hyperparameters: Mapping[str, Any] | None,
+    pretrained_source: str | None,
+    training_data: Sequence[tuple[str, str, Sequence[str]]],
+    geometry: dict | None = None,
+    bbox: Sequence[float] | None = None,
+    datetime: dt.datetime | None = None,
+) -> pystac.Item:
+    """The MLM item of a model or a backbone: its window inputs (from ``spec``), ``output``,
+    weights asset with size and checksum, software and the stores it learnt from.
+    ``pretrained_source`` None: trained from scratch (MLM's explicit null); "": pretrained,
+    source not recorded."""
     weights_url = normalize_url(weights_url)
     bands, window_px, factor = list(spec.bands), spec.window_px, spec.factor
-    classes = spec.class_table()
     geometry = geometry or {
         "type": "Polygon",
         "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
@@ -323,18 +436,6 @@ def model_item(
                 f"downsampled x{factor} to {window_px} px",
             )
         )
-    output = _ModelOutput(
-        name="classes",
-        tasks={"semantic-segmentation"},
-        result=ModelResult(
-            shape=[-1, len(classes), window_px, window_px],
-            dim_order=["batch", "channel", "height", "width"],
-            data_type="float32",
-        ),
-        classes=[MLMClassification(**c) for c in class_list(classes)],
-        description="class logits of the local window; argmax gives the class index",
-    )
-    pretrained = bool((hyperparameters or {}).get("pretrained"))
     properties = _ModelProperties(
         name=model_name,
         architecture=architecture,
@@ -347,19 +448,17 @@ def model_item(
         accelerator_constrained=False,
         accelerator_summary="CPU or CUDA GPU, chosen at run time",
         total_parameters=int(total_parameters),
-        pretrained=pretrained,
+        pretrained=pretrained_source is not None,
         hyperparameters=dict(hyperparameters) if hyperparameters else None,
     )
     MLModelExtension.ext(item, add_if_missing=True)  # declares the MLM 1.5.2 schema
-    # mlm:output carries classification:classes objects: declare the extension they follow
-    item.stac_extensions.append(CLASSIFICATION_SCHEMA)
     item.properties.update(properties.model_dump(mode="json", by_alias=True))
-    if not pretrained:  # MLM: a model trained from scratch says so with an explicit null
+    if pretrained_source is None:  # MLM: a model trained from scratch says so with a null
         item.properties["mlm:pretrained_source"] = None
+    elif pretrained_source:
+        item.properties["mlm:pretrained_source"] = pretrained_source
     item.properties["processing:software"] = _software()
     item.stac_extensions.append(PROCESSING_SCHEMA)
-    if metrics:
-        item.properties["relaymap:metrics"] = {k: float(v) for k, v in metrics.items()}
     weights = pystac.Asset(
         weights_url,
         title="model weights",

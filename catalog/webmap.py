@@ -9,24 +9,36 @@ map item's id in the ``relaymap-maps`` collection, whose ``classes`` asset it re
 stable land cover, imagery, or a change between two periods); no request names a file.
 Colours come from each map's ``classification:classes`` (``color_hint``), then the COG's
 palette, then evenly spaced hues; nodata is transparent in the tiles, and the page draws it
-as grey stripes (:data:`NODATA_HATCH`). Imagery is stretched from its 2nd to 98th
-percentiles per band, one stretch for all periods of a collection so they compare.
+as grey stripes (:data:`NODATA_HATCH`); so is "no change" in a change layer (the map beneath
+shows). Imagery is stretched from the 2nd to the 98th percentile of its three bands taken
+together (one stretch for red, green and blue: a per-band stretch would turn vegetation,
+dark in red and blue, near black), one stretch for all periods of a collection so they
+compare (:func:`common_stretch`).
+
+The tables and plots of an area collection (its class-area table, each change's transition
+table, their PNG plots: CSV and PNG assets of the collection) are served to the page by
+collection and asset key; only such registered assets are read.
 
 Endpoints:
 
 * ``GET /`` - the page (files in ``webmap_static/``, served under ``/static``).
 * ``GET /maps.json`` - ``maps``: the class maps (id, model, datetime, period, lon/lat
   bounds, classes, tiles); ``overlays``: the imagery, stable and change layers (with
-  ``kind``); ``basemap``: the configured base map or null.
+  ``kind``); ``tables``: per area collection, its tables and plots (:func:`_tables`);
+  ``basemap``: the configured base map or null.
 * ``GET /maps/{map_id}/tiles/WebMercatorQuad/{z}/{x}/{y}.png`` - a tile (titiler's
   ``TilerFactory``; ``/info``, ``/point/{lon},{lat}``, ``/WebMercatorQuad/tilejson.json``
   and ``/statistics`` too).
 * ``GET /maps/{map_id}/class?lon=..&lat=..`` - the class at a point (rio-tiler ``point``).
+* ``GET /assets/{collection}/{key}`` - a CSV or PNG asset of an area collection (its bytes).
+* ``GET /tables/{collection}/{key}`` - a CSV asset as JSON (``header``, ``rows``).
 """
 
 from __future__ import annotations
 
 import colorsys
+import csv
+import io
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +50,7 @@ import pystac
 import rasterio
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from rio_tiler.errors import PointOutsideBounds
 from rio_tiler.io import Reader
@@ -47,13 +59,13 @@ from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
 from titiler.core.factory import TilerFactory
 
 from .backends import open_catalog
-from .storage import gdal_env
+from .storage import gdal_env, read_bytes
 
 #: The collection whose items are maps.
 MAP_COLLECTION = "relaymap-maps"
 #: The asset of a map item that holds the class COG.
 CLASSES_ASSET = "classes"
-#: Class COG nodata (as written by ``relaymap.flows.cog``).
+#: Class COG nodata (as written by ``relaymap.flows.products.cog``).
 NODATA = 255
 #: The page, its script and style, and the vendored MapLibre GL JS.
 STATIC_DIR = Path(__file__).with_name("webmap_static")
@@ -66,8 +78,13 @@ NODATA_HATCH = ("#5f6368", "#9aa0a6")
 BACKGROUND = "#dde3ea"
 #: Asset roles of an area collection's layers -> the layer's kind.
 ROLE_KINDS = {"mosaic": "classes", "stable": "stable", "change": "change", "visual": "imagery"}
-#: Percentiles of the imagery stretch.
+#: Percentiles of the imagery stretch (of the three bands' values together).
 STRETCH_PERCENTILES = (2, 98)
+#: A change raster's value where a pixel kept its class (``relaymap.flows`` writes it):
+#: transparent in the tiles.
+NO_CHANGE = 0
+#: The media types of the collection assets the page reads (tables and their plots).
+DOCUMENT_TYPES = ("text/csv", "image/png")
 
 RGBA = tuple[int, int, int, int]
 
@@ -105,11 +122,13 @@ class MapLayer:
     source: str = MAP_COLLECTION
     #: A change's earlier period (its ``period`` is the later one).
     before: str | None = None
-    #: Imagery: per band ``(low, high)`` stored values shown as black and white.
+    #: Imagery: per band ``(low, high)`` stored values shown as black and white (the same
+    #: for the three bands: :func:`common_stretch`).
     rescale: tuple[tuple[float, float], ...] | None = None
 
     def colormap(self) -> dict[int, RGBA] | None:
-        """The tile palette: each class's colour, nodata transparent (None for imagery)."""
+        """The tile palette: each class's colour, nodata transparent, and "no change" of a
+        change layer too (None for imagery)."""
         if self.kind == "imagery":
             return None
         cmap: dict[int, RGBA] = {
@@ -117,6 +136,8 @@ class MapLayer:
             for c in self.classes
         }
         cmap[NODATA] = (0, 0, 0, 0)
+        if self.kind == "change":
+            cmap[NO_CHANGE] = (0, 0, 0, 0)
         return cmap
 
     def to_json(self) -> dict[str, Any]:
@@ -170,6 +191,18 @@ def _classes_of(
     return tuple(out)
 
 
+def common_stretch(values: np.ma.MaskedArray) -> tuple[float, float]:
+    """The imagery stretch: the 2nd and 98th percentiles (:data:`STRETCH_PERCENTILES`) of
+    the valid values of all bands together (``(bands, H, W)``, masked = no data), so that
+    red, green and blue keep their ratios (a per-band stretch turns vegetation, dark in red
+    and blue, near black). ``high`` is above ``low``."""
+    valid = np.ma.compressed(values).astype(np.float64)
+    if valid.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(valid, STRETCH_PERCENTILES))
+    return low, max(high, low + 1)
+
+
 def _layer(
     map_id: str,
     asset: pystac.Asset,
@@ -182,7 +215,7 @@ def _layer(
 ) -> MapLayer:
     """A map layer from its raster's asset (a COG, or a mosaic VRT over COGs) and the
     raster's header (palette, zoom range, and its bounds unless ``bbox`` is given); imagery
-    gets its percentile stretch from an overview (at most 512 px)."""
+    gets its stretch (:func:`common_stretch`) from an overview (at most 512 px)."""
     href = asset.get_absolute_href() or asset.href
     with rasterio.Env(**gdal_env()):
         with rasterio.open(href) as src:
@@ -194,12 +227,8 @@ def _layer(
             minzoom, maxzoom = reader.minzoom, reader.maxzoom
             west, south, east, north = bbox or reader.get_geographic_bounds("EPSG:4326")
             if extra.get("kind") == "imagery":
-                stats = reader.statistics(percentiles=list(STRETCH_PERCENTILES), max_size=512)
-                lo, hi = (f"percentile_{p}" for p in STRETCH_PERCENTILES)
-                extra["rescale"] = tuple(
-                    (float(getattr(b, lo)), float(max(getattr(b, hi), getattr(b, lo) + 1)))
-                    for b in stats.values()
-                )
+                preview = reader.preview(max_size=512)
+                extra["rescale"] = (common_stretch(preview.array),) * preview.count
     return MapLayer(
         id=map_id,
         model=model,
@@ -260,7 +289,7 @@ def _mosaic_layers(collection: pystac.Collection) -> Iterator[tuple[tuple, Calla
 
 
 def _shared_stretch(layers: dict[str, MapLayer]) -> dict[str, MapLayer]:
-    """One stretch for all imagery of a collection (the mean of its periods' percentiles),
+    """One stretch for all imagery of a collection (the mean of its periods' stretches),
     so that two periods side by side differ only where their pixels do."""
     by_source: dict[str, list[MapLayer]] = {}
     for layer in layers.values():
@@ -275,6 +304,52 @@ def _shared_stretch(layers: dict[str, MapLayer]) -> dict[str, MapLayer]:
         for g in group:
             out[g.id] = replace(g, rescale=shared)
     return out
+
+
+@dataclass(frozen=True)
+class Document:
+    """A table or plot of an area collection (a CSV or PNG asset) that the page shows."""
+
+    href: str
+    media_type: str
+    title: str
+
+
+def _documents(collection: pystac.Collection) -> dict[str, Document]:
+    """The collection's CSV and PNG assets by key."""
+    out = {}
+    for key, asset in collection.assets.items():
+        if asset.media_type in DOCUMENT_TYPES:
+            href = asset.get_absolute_href() or asset.href
+            out[key] = Document(href, str(asset.media_type), asset.title or key)
+    return out
+
+
+def _tables(
+    collection: str, documents: Mapping[str, Document], layers: Sequence[MapLayer]
+) -> dict[str, Any]:
+    """What ``/maps.json`` says of an area collection's tables: the class-area table
+    (asset ``class-areas``) and plot (``class-areas-plot``), and per change layer its
+    transition table and plot (``transitions-<pair>``, ``transitions-plot-<pair>`` beside
+    its ``change-<pair>``); each as the URLs the page reads."""
+
+    def urls(table: str, plot: str) -> dict[str, str]:
+        out = {}
+        if table in documents:
+            out["table"] = f"tables/{collection}/{table}"
+            out["csv"] = f"assets/{collection}/{table}"
+        if plot in documents:
+            out["plot"] = f"assets/{collection}/{plot}"
+        return out
+
+    transitions = {}
+    for layer in layers:
+        if layer.source == collection and layer.kind == "change":
+            pair = layer.id.removeprefix(f"{collection}.change-")
+            found = urls(f"transitions-{pair}", f"transitions-plot-{pair}")
+            if found:
+                transitions[layer.id] = found
+    return {"class_areas": urls("class-areas", "class-areas-plot"), "transitions": transitions}
 
 
 @dataclass(frozen=True)
@@ -302,6 +377,7 @@ class MapIndex:
         self.catalog = open_catalog(catalog_url)
         self.collection = collection
         self._layers: dict[str, MapLayer] = {}
+        self._documents: dict[str, dict[str, Document]] = {}
         self._cache: dict[tuple[str, str, str | None], MapLayer] = {}
         self._lock = threading.Lock()
         self._loaded = False
@@ -309,7 +385,7 @@ class MapIndex:
     def refresh(self) -> list[MapLayer]:
         """Re-read the catalog's map items; return the maps by model, period and id."""
         with self._lock:
-            layers, cache = {}, {}
+            layers, cache, documents = {}, {}, {}
             for item in self.catalog.search(collections=[self.collection]):
                 if CLASSES_ASSET not in item.assets:
                     continue
@@ -320,12 +396,37 @@ class MapIndex:
             for cid in self.catalog.collection_ids():  # areas: one mosaic per period
                 if cid == self.collection:
                     continue
-                for key, make in _mosaic_layers(self.catalog.get_collection(cid)):
+                collection = self.catalog.get_collection(cid)
+                for key, make in _mosaic_layers(collection):
                     layer = self._cache.get(key) or make()
                     layers[layer.id], cache[key] = layer, layer
+                if found := _documents(collection):
+                    documents[cid] = found
             layers = _shared_stretch(layers)
             self._layers, self._cache, self._loaded = layers, cache, True
+            self._documents = documents
             return sorted(layers.values(), key=lambda m: (m.model, m.period, m.id))
+
+    def tables(self, layers: Sequence[MapLayer]) -> dict[str, Any]:
+        """The tables of each area collection with any (:func:`_tables`), as of the last
+        :meth:`refresh`."""
+        return {cid: _tables(cid, docs, layers) for cid, docs in self._documents.items()}
+
+    def document(self, collection: str, key: str) -> Document:
+        """A CSV or PNG asset of an area collection (the catalog is re-read once for an
+        unknown one).
+
+        Raises:
+            HTTPException: 404, no such table or plot in the catalog.
+        """
+        if key not in self._documents.get(collection, {}):
+            self.refresh()
+        try:
+            return self._documents[collection][key]
+        except KeyError:
+            raise HTTPException(
+                404, f"no table or plot {key!r} in collection {collection!r}"
+            ) from None
 
     def get(self, map_id: str) -> MapLayer:
         """The map with this id (the catalog is re-read once for an unknown id).
@@ -339,6 +440,14 @@ class MapIndex:
             return self._layers[map_id]
         except KeyError:
             raise HTTPException(404, f"no map {map_id!r} in the catalog") from None
+
+
+def _read(doc: Document) -> bytes:
+    """A document's bytes (404 when the catalog names a file that is gone)."""
+    try:
+        return read_bytes(doc.href)
+    except FileNotFoundError:
+        raise HTTPException(404, f"{doc.title!r} is registered but missing") from None
 
 
 def create_app(catalog_url: str, *, basemap: Basemap | None = None) -> FastAPI:
@@ -386,8 +495,10 @@ def create_app(catalog_url: str, *, basemap: Basemap | None = None) -> FastAPI:
         return {
             "maps": [m.to_json() for m in layers if m.kind == "classes"],
             "overlays": [m.to_json() for m in layers if m.kind != "classes"],
+            "tables": index.tables(layers),
             "basemap": basemap.to_json() if basemap else None,
             "nodata": list(NODATA_HATCH),
+            "no_change": NO_CHANGE,
             "background": BACKGROUND,
         }
 
@@ -398,7 +509,7 @@ def create_app(catalog_url: str, *, basemap: Basemap | None = None) -> FastAPI:
         lat: Annotated[float, Query(ge=-90, le=90)],
     ) -> dict[str, Any]:
         """The class at ``lon``/``lat`` (degrees); ``value`` null outside the map or on
-        nodata."""
+        nodata; ``inside``: the point is within the map's raster (so null is no data)."""
         layer = index.get(map_id)
         value = None
         with rasterio.Env(**gdal_env()), Reader(layer.href) as reader:
@@ -414,10 +525,26 @@ def create_app(catalog_url: str, *, basemap: Basemap | None = None) -> FastAPI:
             "map": layer.id,
             "lon": lon,
             "lat": lat,
+            "inside": point is not None,
             "value": value,
             "name": cls.name if cls else None,
             "color": cls.color if cls else None,
         }
+
+    @app.get("/assets/{collection}/{key}")
+    def asset(collection: str, key: str) -> Response:
+        """A table or plot of an area collection: only its CSV and PNG assets are read."""
+        doc = index.document(collection, key)
+        return Response(_read(doc), media_type=doc.media_type)
+
+    @app.get("/tables/{collection}/{key}")
+    def table(collection: str, key: str) -> dict[str, Any]:
+        """A CSV asset of an area collection as ``header`` and ``rows`` (strings)."""
+        doc = index.document(collection, key)
+        if doc.media_type != "text/csv":
+            raise HTTPException(404, f"{key!r} of collection {collection!r} is not a table")
+        rows = list(csv.reader(io.StringIO(_read(doc).decode("utf-8"))))
+        return {"title": doc.title, "header": rows[0] if rows else [], "rows": rows[1:]}
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -1,13 +1,14 @@
-"""Map an area every period: one distributed Ray Data job over (cell, period) tasks.
+"""Map an area every period: one distributed Ray job over (cell, period) tasks.
 
 1. grid: the area's cells on a fixed grid (:mod:`relaymap.ingest.grid`), each padded by a
    halo as wide as the model's context reaches (:func:`relay_models.geometry.cell_halo`);
 2. plan (driver): one STAC search per period; per cell, the items that touch it and a
    fingerprint of everything its map depends on; cells whose map item already carries that
    fingerprint are skipped (reruns map only what changed);
-3. map (Ray Data ``map_batches`` on an actor pool, one cell per call):
-   :func:`relaymap.flows.cells.map_cell` composites, maps and writes each cell's COG to
-   storage; only items and pixel counts come back;
+3. map (a pool of model actors, :mod:`relaymap.flows.pool`, one cell per call, the
+   engine chosen and the model's ONNX export made before they start,
+   :mod:`relaymap.flows.engine`): :func:`relaymap.flows.cells.map_cell` composites, maps
+   and writes each cell's COG to storage; only items and pixel counts come back;
 4. register (driver): the cell items are upserted, then older product generations removed;
    per period a VRT mosaic of the cell COGs, and over periods the class-area table and plot,
    all assets of the run's collection.
@@ -22,13 +23,12 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pystac
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import Geometry
 from pydantic import Field
-from pystac.extensions.raster import RasterExtension
 from rasterio.errors import NotGeoreferencedWarning
 from tqdm.auto import tqdm
 
@@ -37,7 +37,6 @@ from relay_models.geometry import cell_halo, cell_step
 from relay_models.spec import PIXEL_SIZE_TOLERANCE, DataSpec
 from relaymap.catalog import ItemNotFound, open_catalog
 from relaymap.catalog.backends import PROVIDER
-from relaymap.catalog.items import CLASSIFICATION_SCHEMA, class_list
 from relaymap.catalog.storage import check_id, check_writable, join, normalize_url
 from relaymap.ingest import GridError, NoImageryError, NoItemsFound, search
 from relaymap.ingest.composite import CompositeConfig, intersecting
@@ -48,13 +47,14 @@ from relaymap.ingest.profiles import ReadOptions, plan_read
 from relaymap.ingest.ranges import check_range
 
 from .cells import CELLS_IN_FLIGHT, CellMapper, geobox_to_dict
-from .class_areas import class_area_rows, plot_class_areas, write_table
-from .cog import NODATA
+from .engine import plan_engine
 from .infer import remove_generations, tile_overlap
-from .jobs import connect_ray
-from .mosaic import write_mosaic
+from .jobs import connect_ray, run_cell_tasks
 from .options import MapOptions, SafeId
-from .timeline import ProductsConfig, derive
+from .pool import actor_pool, run_unordered
+from .products.assets import add_assets
+from .products.class_areas import class_area_rows
+from .products.timeline import ProductsConfig, derive, period_products
 from .trained import ModelError, ModelInfo, read_info
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ class AreaResult:
     nodes: dict[str, int] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     mosaics: dict[str, str] = field(default_factory=dict)
-    #: Imagery and stable mosaics, changes (:meth:`relaymap.flows.timeline.Derived.summary`).
+    #: Imagery and stable mosaics, changes
+    #: (:meth:`relaymap.flows.products.timeline.Derived.summary`).
     derived: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     #: Per task run: cell, period, status, node, torch threads, tiles run, seconds (and
@@ -214,7 +215,8 @@ def check_source_range(
     x0, y0, x1, y1 = overlap.boundingbox
     res = max(grid.resolution, max(x1 - x0, y1 - y0) / PREFLIGHT_PX)
     gbox = GeoBox.from_bbox((x0, y0, x1, y1), crs=grid.crs, resolution=res)
-    image = load_scene([item], spec.bands, geobox=gbox, read=config.source.read_options())
+    read = config.source.read_options()  # a quick look: GDAL's average from overviews
+    image = load_scene([item], spec.bands, geobox=gbox, read=read, overviews=True)
     with warnings.catch_warnings():  # rasterio's own in-memory step of a decimated read
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         values = image.values
@@ -311,7 +313,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
         "model": info.digest,
         "options": opts.model_dump(mode="json"),
         "composite": config.source.composite.model_dump(mode="json"),
-        "read": read.model_dump(mode="json"),
+        "read": read.recipe(),  # what decides the pixels (not the signing budget)
         "halo": halo,
         "low_confidence": config.products.low_confidence,
     }
@@ -373,7 +375,7 @@ def plan(config: AreaConfig, *, now: dt.datetime | None = None) -> Plan:
                     "prefix": join(out, period.id, item_id),
                     "options": common["options"],
                     "composite": common["composite"],
-                    "read": common["read"],
+                    "read": read.model_dump(mode="json"),
                     "low_confidence": common["low_confidence"],
                 }
             )
@@ -385,41 +387,36 @@ def catalog_url(config: AreaConfig) -> str:
 
 
 def run_tasks(
-    tasks: list[dict], model_url: str, opts: MapOptions, *, use_gpu: bool, progress: bool
+    tasks: list[dict],
+    model_url: str,
+    opts: MapOptions,
+    *,
+    use_gpu: bool,
+    progress: bool,
+    engine: Literal["torch", "onnxruntime"] = "torch",
+    onnx: str | None = None,
 ):
-    """The Ray Data job: yields each task's result (a dict) as it finishes. ``model_url``
-    is the model as the user gave it (its MLM item, or weights), so workers see the same
-    model identity and lineage as the driver."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = False  # cells are independent: first done, first out
-    ctx.enable_progress_bars = False
-    if not logging.getLogger("relaymap").isEnabledFor(logging.INFO):
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ds = ray.data.from_items(
-        [{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks)
-    ).map_batches(
-        CellMapper,
-        fn_constructor_kwargs={"model_url": model_url, "use_gpu": use_gpu},
+    """The Ray job: yields each task's result (a dict) as it finishes, from a pool of
+    :class:`CellMapper` actors (:mod:`relaymap.flows.pool`). ``model_url`` is the model as
+    the user gave it (its MLM item, or weights), so workers see the same model identity and
+    lineage as the driver; ``engine`` and ``onnx`` are :func:`plan_engine`'s."""
+    kwargs = {"model_url": model_url, "use_gpu": use_gpu, "engine": engine, "onnx": onnx}
+    payloads = (json.dumps(t) for t in tasks)
+    with (
+        tqdm(total=len(tasks), unit="cell", desc="mapping cells", disable=not progress) as bar,
         # two cells per actor at once: one composites while the other runs the model
         # (CellMapper's model lock); no more are queued, so idle actors get the next cell
-        compute=ActorPoolStrategy(
+        actor_pool(
+            CellMapper,
+            kwargs,
             size=min(opts.workers, len(tasks)),
-            max_tasks_in_flight_per_actor=CELLS_IN_FLIGHT,
-            max_concurrent_calls_per_actor=CELLS_IN_FLIGHT,
-            enable_true_multi_threading=True,
-        ),
-        batch_size=1,
-        **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
-    )
-    with tqdm(total=len(tasks), unit="cell", desc="mapping cells", disable=not progress) as bar:
-        # no prefetch: iter_rows holds each result until the next one is in (a cell late)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for result in batch["result"]:
-                bar.update(1)
-                yield json.loads(result)
+            use_gpu=use_gpu,
+            concurrency=CELLS_IN_FLIGHT,
+        ) as actors,
+    ):
+        for result in run_unordered(actors, "map", payloads, in_flight=CELLS_IN_FLIGHT):
+            bar.update(1)
+            yield json.loads(result)
 
 
 def map_area(
@@ -429,7 +426,7 @@ def map_area(
     progress: bool = True,
     now: dt.datetime | None = None,
 ) -> AreaResult:
-    """Map ``config.area`` for every period with one Ray Data job; register cell items, a
+    """Map ``config.area`` for every period with one Ray job; register cell items, a
     mosaic per period and the class-area table in ``config.collection``.
 
     The warnings (cells without imagery, items without a mask) are in the result, for the
@@ -460,7 +457,18 @@ def map_area(
         use_gpu = config.options.use_gpu
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        for r in run_tasks(tasks, config.model, config.options, use_gpu=use_gpu, progress=progress):
+        tile_px = config.options.tile_px or info.spec.window_px
+        engine, onnx = plan_engine(info, config.options, tile_px, use_gpu=use_gpu)
+        results = run_tasks(
+            tasks,
+            config.model,
+            config.options,
+            use_gpu=use_gpu,
+            progress=progress,
+            engine=engine,
+            onnx=onnx,
+        )
+        for r in results:
             result.nodes[r["node"]] = result.nodes.get(r["node"], 0) + 1
             result.done.append({k: r[k] for k in DONE_KEYS})
             result.warnings += [f"{r['item_id']}: {w}" for w in r["warnings"]]
@@ -497,15 +505,11 @@ def map_area(
         [p.id for p in periods],
         current,
         catalog_url=catalog_url(config),
-        address=address,
+        run=lambda tasks: run_cell_tasks(tasks, address=address),
     )
     result.derived, result.warnings = extra.summary(), result.warnings + extra.warnings
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
 
 
 def _products(config, info, periods, items: list[pystac.Item], rows):
@@ -513,24 +517,7 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
     and plot over every period of the collection, and the collection holding them."""
     catalog = open_catalog(catalog_url(config))
     out = join(normalize_url(config.out), config.collection)
-    mosaics = {}
-    for period in periods:
-        cogs = sorted(
-            it.assets["classes"].href
-            for it in items
-            if it.properties.get("relaymap:period") == period.id
-        )
-        if cogs:
-            mosaics[period.id] = write_mosaic(
-                join(out, period.id, "mosaic.vrt"), cogs, info.spec.class_table()
-            )
-    table_url = write_table(join(out, "class-areas.csv"), rows)
-    colors = {
-        c["name"]: "#" + c["color_hint"].lstrip("#")
-        for c in info.spec.class_table()
-        if c.get("color_hint")
-    }
-    plot_url = plot_class_areas(join(out, "class-areas.png"), rows, colors)
+    mosaics, assets = period_products(out, periods, items, info.spec.class_table(), rows)
     try:
         collection = catalog.get_collection(config.collection)
     except ItemNotFound:
@@ -553,45 +540,6 @@ def _products(config, info, periods, items: list[pystac.Item], rows):
         f"class areas over time are assets of this collection."
     )
     collection.extra_fields["relaymap:model"] = info.name
-    by_id = {p.id: p for p in periods}
-    for pid, url in mosaics.items():
-        collection.add_asset(
-            f"mosaic-{pid}",
-            pystac.Asset(
-                url,
-                title=f"land-cover mosaic {pid} (GDAL VRT over the cell COGs)",
-                media_type="application/xml",
-                roles=["data", "mosaic"],
-                extra_fields={
-                    "relaymap:period": pid,
-                    "start_datetime": _iso(by_id[pid].start),
-                    "end_datetime": _iso(by_id[pid].end),
-                    "raster:bands": [{"data_type": "uint8", "nodata": NODATA}],
-                    "classification:classes": class_list(info.spec.class_table()),
-                },
-            ),
-        )
-    if mosaics:  # the mosaic assets' fields
-        for schema in (RasterExtension.get_schema_uri(), CLASSIFICATION_SCHEMA):
-            if schema not in collection.stac_extensions:
-                collection.stac_extensions.append(schema)
-    collection.add_asset(
-        "class-areas",
-        pystac.Asset(
-            table_url,
-            title="class areas per period (km2)",
-            media_type="text/csv",
-            roles=["metadata"],
-        ),
-    )
-    collection.add_asset(
-        "class-areas-plot",
-        pystac.Asset(
-            plot_url,
-            title="class areas over time",
-            media_type=pystac.MediaType.PNG,
-            roles=["overview"],
-        ),
-    )
+    add_assets(collection, assets)
     catalog.add_collection(collection)
     return collection, mosaics

@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from affine import Affine
 from odc.geo.geobox import GeoBox
 
+from relay_models.engines import TileEngine
 from relay_models.inference import predict_source
 from relay_models.stitch import crop_sink
 from relay_models.windows import ArrayPyramid
@@ -36,10 +37,11 @@ from relaymap.ingest.composite import CompositeConfig, composite
 from relaymap.ingest.profiles import ReadOptions
 from relaymap.ingest.ranges import check_range
 
-from .cog import GDAL_CACHE_MB, MapWriter, publish
-from .infer import new_generation, scratch_dir
+from .engine import load_engine
+from .infer import actor_cpus, new_generation, scratch_dir
 from .options import MapOptions
-from .trained import ModelInfo, load_trained
+from .products.cog import GDAL_CACHE_MB, MapWriter, publish
+from .trained import ModelInfo
 
 
 def geobox_to_dict(gbox: GeoBox) -> dict[str, Any]:
@@ -61,34 +63,39 @@ CELLS_IN_FLIGHT = 2
 
 
 class CellMapper:
-    """Ray Data actor: loads the model once, then maps one ``(cell, period)`` task per
-    call (:func:`map_cell`). Up to :data:`CELLS_IN_FLIGHT` calls run at once, in threads;
-    only one at a time runs the model (``model_lock``), so memory holds at most that many
-    cells and the model's threads are never shared, and only one at a time composites
-    (``composite_lock``: on an actor's first two calls, the first cell is not slowed by the
-    second's)."""
+    """Model actor of the area job (:mod:`relaymap.flows.pool`): loads its engine once
+    (:func:`relaymap.flows.engine.load_engine`: the model in torch, or its ONNX export in
+    ONNX Runtime), then maps one ``(cell, period)`` task per call (:func:`map_cell`). Up to
+    :data:`CELLS_IN_FLIGHT` calls run at once, in threads; only one at a time runs the
+    model (``model_lock``), so memory holds at most that many cells and the model's threads
+    are never shared, and only one at a time composites (``composite_lock``: on an actor's
+    first two calls, the first cell is not slowed by the second's)."""
 
-    def __init__(self, model_url: str, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        model_url: str,
+        use_gpu: bool,
+        engine: Literal["torch", "onnxruntime"] = "torch",
+        onnx: str | None = None,
+    ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.info, model = load_trained(model_url)
-        self.model = model.to(self.device)
-        # dask (compositing) gets the CPUs Ray gave this actor, as torch does (Ray sets
-        # OMP_NUM_THREADS): never more threads than the actor's share of the node
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        dask.config.set(scheduler="threads", num_workers=max(1, int(cpus)))
+        # dask (compositing) and the engine get the CPUs Ray gave this actor, as torch does
+        # (Ray sets OMP_NUM_THREADS): never more threads than the actor's share of the node
+        cpus = actor_cpus()
+        self.info, self.model = load_engine(
+            model_url, engine, onnx, device=self.device, threads=cpus
+        )
+        dask.config.set(scheduler="threads", num_workers=cpus)
         self.model_lock, self.composite_lock = threading.Lock(), threading.Lock()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    def map(self, task: str) -> str:
+        """One task (its JSON) -> its result (JSON): small strings both ways."""
         locks = {"model_lock": self.model_lock, "composite_lock": self.composite_lock}
-        out = [
-            json.dumps(map_cell(self.model, self.info, json.loads(t), self.device, **locks))
-            for t in batch["task"]
-        ]
-        return {"result": out}
+        return json.dumps(map_cell(self.model, self.info, json.loads(task), self.device, **locks))
 
 
 def map_cell(
-    model: torch.nn.Module,
+    model: torch.nn.Module | TileEngine,
     info: ModelInfo,
     task: dict[str, Any],
     device: torch.device,

@@ -1,11 +1,14 @@
 """``relaymap change``: what changed between two periods of an area run's collection
-(:func:`relaymap.flows.timeline.change_between`)."""
+(:func:`relaymap.flows.products.timeline.change_between`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import click
+
+from .products.mmu import MIN_AREA_HA
 
 #: The catalog ``relaymap demo`` writes.
 DEFAULT_CATALOG = "relaymap-demo/catalog"
@@ -15,7 +18,7 @@ def _area_collection(catalog: str) -> str:
     """The catalog's only area-run collection (one with a class-area table)."""
     from relaymap.catalog import open_catalog
 
-    from .change import ChangeError
+    from .products.change import ChangeError
 
     cat = open_catalog(catalog)
     areas = [c for c in cat.collection_ids() if "class-areas" in cat.get_collection(c).assets]
@@ -38,6 +41,14 @@ def _area_collection(catalog: str) -> str:
 @click.option(
     "--out", default=None, help="Products go to OUT/changes/ [default: the run's own folder]."
 )
+@click.option(
+    "--min-area-ha",
+    type=click.FloatRange(min=0),
+    default=MIN_AREA_HA,
+    show_default=True,
+    help="Minimum mapping unit: connected regions of one from-to pair smaller than this "
+    "(hectares) are no change; 0 keeps every pixel.",
+)
 @click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def change(
@@ -46,13 +57,15 @@ def change(
     after: str,
     collection: str | None,
     out: str | None,
+    min_area_ha: float,
     address: str | None,
     as_json: bool,
 ) -> None:
     """What changed from period --from to period --to in an area run's collection of
     CATALOG (default: the demo's): the from-to transition matrix in km2 over the pixels
     observable in both (CSV and PNG), a change map (a COG per cell and a VRT mosaic: one
-    class per from-to pair that occurred, nodata where either period is unobservable), a
+    class per from-to pair that occurred, nodata where either period is unobservable;
+    regions of one pair smaller than --min-area-ha, across cell borders, are no change), a
     STAC item linked to both periods' maps, and the same files as assets of the collection.
     Computed per cell on Ray workers. An area run makes these itself for consecutive
     periods.
@@ -61,19 +74,22 @@ def change(
     Example:
       relaymap change relaymap-demo/catalog --from 2024-07 --to 2024-08
     """
+    from .jobs import run_cell_tasks
+    from .products.timeline import change_between
     from .serve import require_catalog
-    from .timeline import change_between
 
     require_catalog(catalog)
     cid = collection or _area_collection(catalog)
-    product = change_between(catalog, cid, before, after, out=out, address=address)
+    run = functools.partial(run_cell_tasks, address=address)
+    product = change_between(catalog, cid, before, after, run=run, out=out, min_area_ha=min_area_ha)
     if as_json:
         click.echo(json.dumps(product.summary(), indent=1))
         return
     names = list(product.matrix_km2)
     width = max(len(n) for n in [*names, "from \\ to"]) + 2
     col = max(10, *(len(n) + 2 for n in names))
-    click.echo(f"transitions {before} -> {after} (km2, pixels observable in both):")
+    unit = f"minimum mapping unit {min_area_ha:g} ha" if min_area_ha else "no minimum unit"
+    click.echo(f"transitions {before} -> {after} (km2, pixels observable in both, {unit}):")
     click.echo("from \\ to".ljust(width) + "".join(n.rjust(col) for n in names))
     for a in names:
         row = product.matrix_km2[a]

@@ -29,9 +29,10 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_IMAGERY = 1, 2, 3
 
 def _typed_errors() -> tuple[type[Exception], ...]:
     """The errors that mean bad input or an unreachable service, not a bug."""
+    from relay_models import WeightsError
     from relay_models.saved import SavedModelError
     from relaymap.catalog import CatalogError, ItemNotFound, StorageError, UnsafeIdError
-    from relaymap.flows.jobs import RayJobError
+    from relaymap.flows.jobs import RayJobError, RayStartError
     from relaymap.flows.trained import ModelError
     from relaymap.ingest import IngestError
 
@@ -43,7 +44,9 @@ def _typed_errors() -> tuple[type[Exception], ...]:
         UnsafeIdError,
         ModelError,
         SavedModelError,
+        WeightsError,
         RayJobError,
+        RayStartError,
         SettingsError,
     )
 
@@ -127,12 +130,14 @@ def parse_bbox(ctx: click.Context, param: click.Parameter, value: str | None):
 
 class _Main(click.Group):
     """A typed error ends the command with one line (what failed, what to do) and exit code
-    2 (3 when there is no imagery to map); ``-v`` shows the traceback instead."""
+    2 (3 when there is no imagery to map, 1 when local Ray would not start); ``-v`` shows
+    the traceback instead."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, _bbox_as_one(args))
 
     def invoke(self, ctx: click.Context):
+        from relaymap.flows.jobs import RayStartError
         from relaymap.ingest import NoImageryError
 
         try:
@@ -150,7 +155,9 @@ class _Main(click.Group):
             lines = str(e).strip().splitlines() or [""]
             more = " (-v for details)" if len(lines) > 1 else ""
             click.echo(f"relaymap: {type(e).__name__}: {lines[0]}{more}", err=True)
-            ctx.exit(EXIT_NO_IMAGERY if isinstance(e, NoImageryError) else EXIT_BAD_INPUT)
+            if isinstance(e, NoImageryError):
+                ctx.exit(EXIT_NO_IMAGERY)
+            ctx.exit(EXIT_FAILED if isinstance(e, RayStartError) else EXIT_BAD_INPUT)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -221,17 +228,32 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
     help="Ray cluster to run on (host:port or ray://...); default: local Ray, or "
     "the cluster RAY_ADDRESS names.",
 )
-def train(config: str, address: str | None) -> None:
+@click.option(
+    "--pretrained",
+    default=None,
+    help="Backbone weights, overriding the config's model.pretrained: a path, an fsspec URL, "
+    "hf-hub:ORG/NAME[@REVISION], a timm NAME.TAG or an MLM item (.json); fetched once into "
+    "the Hugging Face cache.",
+)
+def train(config: str, address: str | None, pretrained: str | None) -> None:
     """Train (or resume) the run described by CONFIG, a YAML file (see relaymap.flows.train).
 
     \b
     Example:
       relaymap train run.yaml --address head:6379
+      relaymap train run.yaml --pretrained swinv2_tiny_window8_256.ms_in1k
     """
-    from relaymap.flows.train import TrainConfig
+    from relaymap.flows.train import TrainConfig, check_pretrained
     from relaymap.flows.train import train as run_training
 
-    cfg = settings(TrainConfig, read_config(config), config)
+    data = read_config(config)
+    if pretrained is not None:
+        model = data.get("model")
+        data["model"] = {**model, "pretrained": pretrained} if isinstance(model, dict) else model
+    cfg = settings(TrainConfig, data, config)
+    report = check_pretrained(cfg)  # before any compute: fetched, verified, loaded strictly
+    if report is not None:
+        click.echo(report.summary())
     result = run_training(cfg, address=address)
     click.echo(f"weights: {result.weights_url}")
     click.echo(
@@ -240,6 +262,36 @@ def train(config: str, address: str | None) -> None:
     )
     if "val_miou" in result.metrics:
         click.echo(f"validation mIoU: {result.metrics['val_miou']:.3f}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run on (host:port or ray://...); default: local Ray, or "
+    "the cluster RAY_ADDRESS names.",
+)
+def pretrain(config: str, address: str | None) -> None:
+    """Pretrain (or resume) a backbone on unlabelled scene stores, as CONFIG (a YAML file,
+    see relaymap.flows.pretrain) says; writes a checkpoint that `train` takes as
+    `pretrained:`.
+
+    \b
+    Example:
+      relaymap pretrain pretrain.yaml
+      relaymap train run.yaml --pretrained runs/pretrain-1/backbone.safetensors
+    """
+    from relaymap.flows.pretrain import PretrainConfig
+    from relaymap.flows.pretrain import pretrain as run_pretraining
+
+    cfg = settings(PretrainConfig, read_config(config), config)
+    result = run_pretraining(cfg, address=address)
+    click.echo(f"backbone: {result.weights_url}")
+    where = result.item.get_self_href() or "not registered"
+    click.echo(f"backbone item: {result.item.id} ({where})")
+    if "loss" in result.metrics:
+        click.echo(f"final reconstruction loss: {result.metrics['loss']:.4f}")
 
 
 def options_of(config_cls: type[BaseModel]) -> Callable:
@@ -358,6 +410,14 @@ def read_flags(f: Callable) -> Callable:
                 "--mask-bits", default=None, metavar="B,B,...", help="Mask bits set = not clear."
             ),
             click.option("--no-mask", is_flag=True, default=None, help="Load without a mask."),
+            click.option(
+                "--sign",
+                type=click.Choice(["auto", "none", "planetary-computer"]),
+                default=None,
+                help="Sign hrefs with Planetary Computer's token service, or not (none: "
+                "public copies, your own storage, or offline) [default: auto, as the "
+                "profile says]. Its time budget: RELAYMAP_SIGN_TIMEOUT_S [30 s].",
+            ),
         ]
     ):
         f = option(f)
@@ -369,6 +429,8 @@ def read_settings(flags: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if (profile := flags.pop("profile", None)) is not None:
         out["profile"] = profile
+    if (sign := flags.pop("sign", None)) is not None:
+        out["sign"] = sign
     bands = dict(_pair(v, "--band", need_key=True) for v in flags.pop("band_map", ()) or ())
     scale = dict(_pair(v, "--scale", number=True) for v in flags.pop("scales", ()) or ())
     offset = dict(_pair(v, "--offset", number=True) for v in flags.pop("offsets", ()) or ())
@@ -686,7 +748,9 @@ def ingest(
     """STAC items -> one scene store each (levels, statistics; resumable, idempotent).
 
     With --resolution (or a --model, whose pixel size it takes), scenes are resampled:
-    area-averaged going coarser (labels: the majority class), bilinear going finer.
+    going coarser, the average of the valid pixels (labels: the majority of the labelled
+    ones), nodata where fewer than half are valid; bilinear going finer. With --model, each
+    item's values are checked against the model's before anything is written.
 
     \b
     Example:
@@ -700,6 +764,7 @@ def ingest(
     from relaymap.catalog.storage import check_id, check_writable, join, normalize_url
     from relaymap.ingest import MissingAssetError, ingest_items
     from relaymap.ingest import search as stac_search
+    from relaymap.ingest.load import signed
     from relaymap.ingest.pipeline import label_classes
     from relaymap.ingest.profiles import ReadOptions, plan_read
 
@@ -732,8 +797,17 @@ def ingest(
                 "--label-asset"
             )
         label_classes(it, label_asset, names)
-        plan_read(it, band_list, read)  # every band found, none ambiguous
+        # every band found, none ambiguous; hrefs signed (a token service that cannot be
+        # reached stops here, in one line)
+        signed(plan_read(it, band_list, read))
     check_writable(normalize_url(out))
+    if model is not None and band_list == list(spec.bands):  # one quick look per item:
+        # values like those the model was trained on?
+        from relaymap.ingest.ranges import check_item
+
+        for it in items:
+            where = f"source item {it.id} of {stac_api}"
+            check_item(it, band_list, spec.mean, spec.std, where=where, read=read)
     rows = []
     with tqdm(total=len(items), desc="ingest", unit="scene") as bar:
         for it, url in zip(items, urls, strict=True):
@@ -830,8 +904,8 @@ def evaluate(map_ref: str, labels: str, out: str, as_json: bool) -> None:
     """
     from pathlib import Path
 
-    from relaymap.flows.evaluate import confusion
-    from relaymap.flows.report import plot_confusion, plot_iou, scores
+    from relaymap.flows.products.evaluate import confusion
+    from relaymap.flows.products.report import plot_confusion, plot_iou, scores
 
     cm, names = confusion(map_ref, labels)
     result = scores(cm, names)

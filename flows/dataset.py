@@ -52,10 +52,22 @@ def check_stores(stores: Sequence[SceneStore], *, need_labels: bool) -> tuple[st
     return bands
 
 
-def data_spec(stores: Sequence[SceneStore], *, window_px: int, factor: int | None) -> DataSpec:
-    """The data contract of a model trained on ``stores``: their bands and classes, and band
-    statistics pooled over all of them (each store weighted by its pixel count), used for
-    training, validation and inference alike."""
+#: The one class of a pretraining run's data spec: pretraining predicts no classes (its
+#: model's head is never used nor exported), but every spec names at least one.
+UNLABELLED = (ClassSpec(index=0, value=0, name="unlabelled"),)
+
+
+def data_spec(
+    stores: Sequence[SceneStore],
+    *,
+    window_px: int,
+    factor: int | None,
+    classes: Sequence[ClassSpec] | None = None,
+) -> DataSpec:
+    """The data contract of a model trained on ``stores``: their bands and classes (or
+    ``classes``, e.g. :data:`UNLABELLED`), and band statistics pooled over all of them
+    (each store weighted by its pixel count), used for training, validation and inference
+    alike."""
     check_stores(stores, need_labels=False)
     n = np.array([float(np.prod(s.shape(0))) for s in stores])[:, None]
     mean = np.array([s.attrs.band_mean for s in stores])
@@ -66,7 +78,7 @@ def data_spec(stores: Sequence[SceneStore], *, window_px: int, factor: int | Non
         bands=stores[0].bands,
         mean=tuple(map(float, pooled)),
         std=tuple(map(float, np.sqrt(np.maximum(var, 0.0)))),
-        classes=tuple(ClassSpec(**c) for c in stores[0].attrs.classes),
+        classes=tuple(classes or (ClassSpec(**c) for c in stores[0].attrs.classes)),
         window_px=window_px,
         factor=factor,
         pixel_size=abs(stores[0].geobox(0).resolution.x),
@@ -86,6 +98,8 @@ class WindowPairDataset(IterableDataset):
         augment: random rescale/rotation settings.
         seed: base seed.
         rank: this training worker's rank (different ranks draw different samples).
+        labels: read labels (training); False: images only, with the global window's
+            validity as ``global_valid`` (pretraining, which needs no labels).
     """
 
     def __init__(
@@ -96,6 +110,7 @@ class WindowPairDataset(IterableDataset):
         augment: Augment = Augment(),
         seed: int = 0,
         rank: int = 0,
+        labels: bool = True,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -103,7 +118,8 @@ class WindowPairDataset(IterableDataset):
         self.augment = augment
         self.seed = seed
         self.rank = rank
-        check_stores([open_scene(u) for u in self.urls], need_labels=True)
+        self.labels = labels
+        check_stores([open_scene(u) for u in self.urls], need_labels=labels)
 
     def _generator(self) -> np.random.Generator:
         info = get_worker_info()
@@ -121,21 +137,72 @@ class WindowPairDataset(IterableDataset):
         centre = (float(rng.uniform(0, h)), float(rng.uniform(0, w)))
         return window_pair(centre, side, factor=self.spec.factor or 1, angle_deg=angle)
 
+    def draw(
+        self, sources: Sequence[SceneStore], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One sample: a store drawn by its pixel count, a window pair in it with no more
+        of the local window outside than ``augment.max_outside``, read. ``sources`` are the
+        stores, or anything that reads like one (an in-memory pyramid)."""
+        sizes = np.array([np.prod(s.shape(0)) for s in sources], dtype=float)
+        norm, px = self.spec.norm(), self.spec.window_px
+        while True:
+            source = sources[rng.choice(len(sources), p=sizes / sizes.sum())]
+            pair = self.sample_pair(source, rng)
+            if 1 - pair.local.inside_fraction(source.shape(0), px) <= self.augment.max_outside:
+                break
+        sample = read_pair(
+            source,
+            pair,
+            px,
+            norm,
+            with_global=self.spec.takes_global,
+            labels=self.labels,
+            global_valid=not self.labels and self.spec.takes_global,
+        )
+        if self.labels:
+            del sample["valid"]
+        return sample
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = self._generator()
         stores = [open_scene(u) for u in self.urls]
-        sizes = np.array([np.prod(s.shape(0)) for s in stores], dtype=float)
-        norm, px = self.spec.norm(), self.spec.window_px
         while True:
-            store = stores[rng.choice(len(stores), p=sizes / sizes.sum())]
-            pair = self.sample_pair(store, rng)
-            if 1 - pair.local.inside_fraction(store.shape(0), px) > self.augment.max_outside:
-                continue
-            sample = read_pair(
-                store, pair, px, norm, with_global=self.spec.takes_global, labels=True
-            )
-            del sample["valid"]
-            yield sample
+            yield self.draw(stores, rng)
+
+
+class IndexedWindowPairs(torch.utils.data.Dataset):
+    """Random window pairs by index (pretraining): sample ``i`` is drawn from a generator of
+    its own, seeded ``(seed, rank, i)``, so a run resumed at step ``k`` reads exactly the
+    samples an uninterrupted run reads from step ``k`` on, whatever the loader workers.
+
+    Args: as :class:`WindowPairDataset`, plus ``length``, the samples of the whole run.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        spec: DataSpec,
+        *,
+        length: int,
+        augment: Augment = Augment(),
+        seed: int = 0,
+        rank: int = 0,
+        labels: bool = False,
+    ) -> None:
+        self.pairs = WindowPairDataset(
+            urls, spec, augment=augment, seed=seed, rank=rank, labels=labels
+        )
+        self.length = length
+        self._stores: list[SceneStore] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._stores is None:
+            self._stores = [open_scene(u) for u in self.pairs.urls]
+        rng = np.random.default_rng([self.pairs.seed, self.pairs.rank, i])
+        return self.pairs.draw(self._stores, rng)
 
 
 class TileDataset(torch.utils.data.Dataset):

@@ -1,16 +1,17 @@
-"""Batch inference on Ray Data: a scene store to a land-cover COG on object storage + STAC.
+"""Batch inference on Ray: a scene store to a land-cover COG on object storage + STAC.
 
 The tiled-inference engine of :mod:`relay_models.inference`, spread over a Ray cluster:
 
 1. tiles: :func:`~relay_models.inference.plan_tiles` over the scene;
-2. read (Ray Data ``map_batches``): :func:`~relay_models.inference.read_tiles` from the
-   store, as the model's data spec says;
-3. predict (``map_batches`` on an ``ActorPoolStrategy`` of model actors; one GPU each when
-   the cluster has GPUs; ``options.precision``, bf16 on GPUs and on CPUs with native bf16
-   matmuls): :func:`~relay_models.inference.run_tiles`;
+2. read and predict, on a pool of model actors (:mod:`relaymap.flows.pool`; one GPU each
+   when the cluster has GPUs), a batch of tiles per call:
+   :func:`~relay_models.inference.read_tiles` from the store, as the model's data spec
+   says, then :func:`~relay_models.inference.run_tiles` by the job's engine
+   (:mod:`relaymap.flows.engine`: torch in ``options.precision``, bf16 on GPUs and on CPUs
+   with native bf16 matmuls, or the model's ONNX export in ONNX Runtime);
 4. stitch (driver, tiles in order): :class:`~relay_models.stitch.RowStitcher` hands
    finished rows to scratch GeoTIFFs strip by strip;
-5. products (:mod:`relaymap.flows.cog`): class COG, probability COG and a quicklook, each
+5. products (:mod:`relaymap.flows.products.cog`): class COG, probability COG and a quicklook, each
    uploaded atomically into a new generation folder ``<out>/<item id>/<generation>/``;
    then the map item (same id on a rerun) is upserted to point at them, and only then are
    older generations removed. A crash at any point leaves the item and the files it points
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pystac
@@ -56,12 +58,14 @@ from relaymap.catalog import map_item, open_catalog
 from relaymap.catalog.faults import fault_point
 from relaymap.catalog.storage import check_id, check_writable, filesystem, join, normalize_url
 from relaymap.ingest import SceneStore, StoreError, ingest_items, open_scene
-from relaymap.ingest.ranges import check_range
+from relaymap.ingest.ranges import FIX_BY_REINGEST, check_range
 
-from .cog import GDAL_CACHE_MB, MapWriter, publish
+from .engine import load_engine, plan_engine
 from .jobs import connect_ray
 from .options import MapOptions, SafeId
-from .trained import ModelError, ModelInfo, load_trained, read_info
+from .pool import actor_pool, run_ordered
+from .products.cog import GDAL_CACHE_MB, MapWriter, publish
+from .trained import ModelError, ModelInfo, read_info
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +131,16 @@ def check_scene(store: SceneStore, info: ModelInfo) -> None:
     coarsest = store.level(store.num_levels)["image"].values  # what the model would see
     if not np.isfinite(coarsest).all(0).any():
         raise StoreError(f"scene {store.url} is empty: every pixel is nodata")
-    check_range(coarsest, spec.bands, spec.mean, spec.std, where=f"scene {store.url}")
+    where = f"scene {store.url}"  # infer has no --scale: the fix is to ingest again
+    check_range(coarsest, spec.bands, spec.mean, spec.std, where=where, fix=FIX_BY_REINGEST)
 
 
-# ---------------------------------------------------------------- Ray Data stages
+# ---------------------------------------------------------------- the actors
 
 
 @functools.lru_cache(maxsize=8)
 def _store(url: str, fingerprint: str) -> SceneStore:
-    """Stores opened once per worker process; the fingerprint tells a rewritten store apart."""
+    """Stores opened once per actor; the fingerprint tells a rewritten store apart."""
     return open_scene(url)
 
 
@@ -153,7 +158,7 @@ def read_stage(
     tile_px: int,
     overlap_px: int,
 ) -> dict[str, np.ndarray]:
-    """Ray Data stage: tile indices -> the tiles' model inputs (:func:`read_tiles`)."""
+    """Tile indices -> the tiles' model inputs (:func:`read_tiles`)."""
     store = _store(scene, fingerprint)
     tiles = _plan(store.shape(0), tile_px, overlap_px)
     out = read_tiles(store, [tiles[int(i)] for i in batch["index"]], _spec(spec))
@@ -166,29 +171,46 @@ def _spec(text: str) -> DataSpec:
 
 
 class Predictor:
-    """Ray Data actor: loads the model once; per batch, class probabilities of the tiles
-    with data (:func:`run_tiles`), in ``precision`` (:mod:`relay_models.precision`)."""
+    """Model actor of :func:`predict_scene`: loads its engine once
+    (:func:`relaymap.flows.engine.load_engine`: the model in torch, in ``precision``, or its
+    ONNX export in ONNX Runtime with the actor's CPUs as threads); per call, reads a batch
+    of tiles from the store (:func:`read_stage`) and gives the class probabilities of those
+    with data (:func:`run_tiles`)."""
 
-    def __init__(self, model_url: str, use_gpu: bool, precision: Precision = "auto") -> None:
+    def __init__(
+        self,
+        model_url: str,
+        use_gpu: bool,
+        precision: Precision = "auto",
+        engine: Literal["torch", "onnxruntime"] = "torch",
+        onnx: str | None = None,
+        read: dict | None = None,
+    ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.precision = precision
-        self.model = load_trained(model_url)[1].to(self.device)
+        self.precision, self.read = precision, read
+        _, self.model = load_engine(
+            model_url, engine, onnx, device=self.device, threads=actor_cpus()
+        )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:func:`read_stage` output -> ``index``, ``probs``, ``valid``, ``ran``."""
         tiles = {k: torch.from_numpy(batch[k]) for k in ("local", "valid", "global") if k in batch}
         probs, ran = run_tiles(self.model, tiles, self.device, precision=self.precision)
         return {"index": batch["index"], "probs": probs, "valid": batch["valid"], "ran": ran}
 
+    def map_tiles(self, index: list[int]) -> dict[str, np.ndarray]:
+        """Tiles ``index`` of the scene (``read``: :func:`read_stage`'s keywords), read and
+        run."""
+        return self.predict(read_stage({"index": np.asarray(index)}, **self.read))
 
-def configure_ray_data() -> None:
-    """Ray Data settings of the mapping job: results in tile order, our own progress bar."""
-    from ray.data import DataContext
 
-    if not logging.getLogger("relaymap").isEnabledFor(logging.INFO):
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # set up by Ray Data's import
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the stitcher needs tile_grid order
-    ctx.enable_progress_bars = False  # our tqdm bar shows tiles/s and ETA
+def actor_cpus() -> int:
+    """The CPUs Ray gave this actor (1 outside Ray): the threads its engine may use."""
+    import ray
+
+    if not ray.is_initialized():
+        return max(1, torch.get_num_threads())
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def predict_scene(
@@ -201,42 +223,33 @@ def predict_scene(
     workers: int,
     use_gpu: bool,
     precision: Precision = "auto",
-):
-    """Run the Ray Data pipeline; yields ``(index, probs, valid, ran)`` batches in tile order."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    configure_ray_data()
+    engine: Literal["torch", "onnxruntime"] = "torch",
+    onnx: str | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Run the tiles through a pool of :class:`Predictor` actors (:mod:`relaymap.flows.pool`);
+    yields ``(index, probs, valid, ran)`` batches in tile order."""
     n = len(_plan(store.shape(0), tile_px, overlap_px))
-    ds = (
-        ray.data.from_items(
-            [{"index": i} for i in range(n)], override_num_blocks=max(1, math.ceil(n / batch_size))
-        )
-        .map_batches(
-            read_stage,
-            batch_size=batch_size,
-            fn_kwargs={
-                "scene": store.url,
-                "fingerprint": store.attrs.fingerprint,
-                "spec": info.spec.model_dump_json(),
-                "tile_px": tile_px,
-                "overlap_px": overlap_px,
-            },
-        )
-        .map_batches(
-            Predictor,
-            fn_constructor_kwargs={
-                "model_url": info.weights_url,
-                "use_gpu": use_gpu,
-                "precision": precision,
-            },
-            compute=ActorPoolStrategy(size=workers),
-            batch_size=batch_size,
-            **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}),
-        )
-    )
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield b["index"], b["probs"], b["valid"], b["ran"]
+    read = {
+        "scene": store.url,
+        "fingerprint": store.attrs.fingerprint,
+        "spec": info.spec.model_dump_json(),
+        "tile_px": tile_px,
+        "overlap_px": overlap_px,
+    }
+    kwargs = {
+        "model_url": info.weights_url,
+        "use_gpu": use_gpu,
+        "precision": precision,
+        "engine": engine,
+        "onnx": onnx,
+        "read": read,
+    }
+    batches = (list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size))
+    size = max(1, min(workers, math.ceil(n / batch_size)))
+    with actor_pool(Predictor, kwargs, size=size, use_gpu=use_gpu) as actors:
+        # two batches queued per actor: the next one is there when one ends
+        for b in run_ordered(actors, "map_tiles", batches, in_flight=2):
+            yield b["index"], b["probs"], b["valid"], b["ran"]
 
 
 # ---------------------------------------------------------------- the job
@@ -276,6 +289,7 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
     use_gpu = opts.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    engine, onnx = plan_engine(info, opts, tile_px, use_gpu=use_gpu)  # before the actors
     item_id = config.item_id or map_item_id(store.url, info.name)  # both checked ids
     prefix = join(normalize_url(config.out), item_id)
     generation = join(prefix, new_generation())
@@ -304,6 +318,8 @@ def infer(config: InferConfig, *, address: str | None = None, progress: bool = T
                 workers=opts.workers,
                 use_gpu=use_gpu,
                 precision=opts.precision,
+                engine=engine,
+                onnx=onnx,
             ):
                 for i, p, v, r in zip(index, probs, valid, ran, strict=True):
                     stitcher.add(tiles[int(i)], p if r else None, v)

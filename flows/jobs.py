@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 #: Environment variables forwarded to the job (object storage, GDAL, relaymap settings)...
 FORWARD = ("AWS_", "GDAL_", "CPL_", "RELAYMAP_", "PC_SDK_")
@@ -43,6 +44,18 @@ SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 class RayJobError(RuntimeError):
     """A Ray job failed or was stopped; the message carries the job's error and log tail."""
+
+
+class RayStartError(RuntimeError):
+    """The private local Ray cluster did not start, twice (the CLI: one line, exit 1)."""
+
+
+#: How Ray 2.60 says a node it started did not come up in time (``ray._private.node``: the
+#: raylet must register with the GCS within 30 s, a constant of Ray's): on a machine whose
+#: cores are busy, a first start can miss it.
+STARTUP_TIMEOUTS = ("timed out during startup",)
+#: Starts of a private local cluster before giving up (a second start finds warm caches).
+LOCAL_STARTS = 2
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -77,17 +90,66 @@ def connect_ray(address: str | None = None) -> None:
     level = auth_log.level
     if not verbose:
         auth_log.setLevel(logging.ERROR)
-    with _loopback_only(target == "local"):
-        ray.init(
-            address=target,
-            **own,
-            **_worker_runtime_env(),
-            ignore_reinit_error=True,
-            log_to_driver=verbose,
-            # the driver's Ray loggers too: quiet means errors only
-            logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+
+    def init() -> None:
+        with _loopback_only(target == "local"):
+            ray.init(
+                address=target,
+                **own,
+                **_worker_runtime_env(),
+                ignore_reinit_error=True,
+                log_to_driver=verbose,
+                # the driver's Ray loggers too: quiet means errors only
+                logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+            )
+
+    try:
+        if target == "local":
+            _start_local(init)
+        else:
+            init()
+    finally:
+        auth_log.setLevel(level)
+
+
+def _start_local(init: Callable[[], None]) -> None:
+    """``init()`` a private local cluster; on Ray's startup timeout (:data:`STARTUP_TIMEOUTS`,
+    a busy machine), stop what that start left running and try again, up to
+    :data:`LOCAL_STARTS` times in all.
+
+    Raises:
+        RayStartError: every start timed out; one line naming the cause and the load.
+    """
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    for attempt in range(1, LOCAL_STARTS + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as e:
+            if not any(t in str(e) for t in STARTUP_TIMEOUTS):
+                raise
+            cause = str(e).split(". ")[0]
+        # Ray's node object died with the exception: stop the processes it had started
+        # (our own children, by pid), so the next start is alone on the machine
+        started = [p for p in me.children(recursive=True) if p.pid not in before]
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(started, timeout=10)  # reaped: no zombie left behind
+        ray.shutdown()
+        logging.getLogger(__name__).info(
+            "local Ray start %d of %d failed: %s", attempt, LOCAL_STARTS, cause
         )
-    auth_log.setLevel(level)
+    load = os.getloadavg()[0]
+    raise RayStartError(
+        f"local Ray did not start ({cause.lower()}, {LOCAL_STARTS} tries; load average "
+        f"{load:.1f} on {os.cpu_count()} cores): retry when the machine is less busy, or "
+        f"start a cluster with `ray start --head` and pass its address with --address"
+    )
 
 
 @contextlib.contextmanager
@@ -137,6 +199,23 @@ def _empty_dir() -> str:
     path = tempfile.mkdtemp(prefix="relaymap-ray-wd-")
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def run_cell_tasks(
+    tasks: Sequence[Mapping[str, Any]], *, address: str | None = None
+) -> list[dict[str, Any]]:
+    """Run the products' per-cell ``tasks``
+    (:func:`relaymap.flows.products.timeline.cell_task`) as Ray tasks (one CPU each) on the
+    cluster :func:`connect_ray` picks; results in the order of ``tasks``."""
+    if not tasks:
+        return []
+    import ray
+
+    from .products.timeline import cell_task
+
+    connect_ray(address)
+    remote = ray.remote(num_cpus=1)(cell_task)
+    return ray.get([remote.remote(dict(t)) for t in tasks])
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:

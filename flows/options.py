@@ -3,11 +3,12 @@ are all made from :class:`MapOptions` (a new option is one field here)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from relay_models.config import FrozenConfig
+from relay_models.engines import Engine
 from relay_models.precision import Precision
 from relaymap.catalog.storage import check_id
 
@@ -36,8 +37,15 @@ class MapOptions(FrozenConfig):
     )
     precision: Precision = Field(
         default="auto",
-        description="Forward-pass precision: auto is bf16 autocast on CUDA and on CPUs with "
-        "native bf16 matmuls (AMX, AVX512-BF16), fp32 elsewhere; blending stays fp32.",
+        description="Forward-pass precision of engine torch: auto is bf16 autocast on CUDA and "
+        "on CPUs with native bf16 matmuls (AMX, AVX512-BF16), fp32 elsewhere; blending stays "
+        "fp32. Engine onnxruntime runs fp32.",
+    )
+    engine: Engine = Field(
+        default="auto",
+        description="What runs the model: torch, or onnxruntime (fp32, CPU; the model's ONNX "
+        "export, made once and cached beside the weights); auto is onnxruntime on CPUs (the "
+        "faster there, bf16 CPUs included) unless precision is bf16, torch on GPUs.",
     )
     workers: int = Field(
         default=2, ge=1, description="Model actors (one GPU each on a GPU cluster, else 1 CPU)."
@@ -51,3 +59,9 @@ class MapOptions(FrozenConfig):
     )
     quicklook: bool = Field(default=True, description="Write a PNG quicklook with a legend.")
     compress: Literal["DEFLATE", "ZSTD"] = Field(default="DEFLATE", description="COG compression.")
+
+    @model_validator(mode="after")
+    def _engine_runs_precision(self) -> Self:
+        if self.engine == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("engine onnxruntime runs fp32: use precision fp32 or auto")
+        return self

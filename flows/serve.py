@@ -59,11 +59,12 @@ def serve(catalog: str, port: int, host: str, basemap: str | None, attribution: 
     default: the demo's) until Ctrl-C.
 
     The page shows one period (the latest) and compares it with a second one side by side
-    or by swipe; per period the land cover, the imagery it was mapped from (true colour),
-    the stable map and the change since the period before, each with a toggle and an
-    opacity slider, with legends and the class under a click. Tiles are rendered from the
-    rasters registered in the catalog; works offline (MapLibre GL JS is bundled), with a
-    base map when --basemap gives one.
+    or by swipe, the earlier on the left; per period the land cover, the imagery it was
+    mapped from (true colour), the stable map and the change since the period before, each
+    with a toggle and an opacity slider per side, with legends, the class under a click,
+    and the class-area and transition tables of the periods shown. Tiles are rendered from
+    the rasters registered in the catalog; works offline (MapLibre GL JS is bundled), with
+    a base map when --basemap gives one (the page says when it cannot be reached).
 
     \b
     Example:

@@ -13,60 +13,53 @@ default, and the model item says which one it is.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import math
-import os
-import re
-import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import pystac
 import torch
 from pydantic import Field, model_validator
-from ray.train import UserCallback
-from tqdm.auto import tqdm
 
 from relay_models import (
     ConfusionMatrix,
     DataSpec,
     FrozenConfig,
+    LoadReport,
     ModelConfig,
     RelayLoss,
     create_model,
     evaluate,
+    load_pretrained,
     save_model,
     train_step,
     warmup_cosine,
 )
-from relay_models.precision import Precision
 from relay_models.precision import autocast as precision_autocast
 from relaymap.catalog import StaticCatalog, model_item, open_catalog
 from relaymap.catalog.faults import fault_point
-from relaymap.catalog.storage import (
-    StorageError,
-    atomic_upload,
-    atomic_write,
-    filesystem,
-    join,
-    normalize_url,
-    read_bytes,
-    remove,
-)
+from relaymap.catalog.storage import atomic_upload, atomic_write, join, read_bytes
 from relaymap.ingest import StoreError, open_scene
 
 from .dataset import Augment, TileDataset, WindowPairDataset, check_stores, data_spec
-from .jobs import connect_ray
 from .options import SafeId
-from .report import plot_confusion, plot_iou, plot_learning_curve, scores
+from .products.report import plot_confusion, plot_iou, plot_learning_curve, scores
+from .raytrain import (
+    RunConfig,
+    check_storage,
+    device_batches,
+    final_state,
+    fit,
+    num_nodes,
+    remove_unregistered_checkpoints,
+    report,
+    resume,
+)
+from .raytrain import claim_run as claim
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +97,6 @@ class OptimConfig(FrozenConfig):
     detach_consistency: bool = True
     plateau_patience: int = 2
     plateau_factor: float = 0.5
-
-
-class RunConfig(FrozenConfig):
-    """Where and how the run executes."""
-
-    name: SafeId = "relaymap-run"
-    #: Checkpoints and results go to ``storage_url/name`` (file:// or s3://).
-    storage_url: str = "relaymap-runs"
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    #: Forward-pass precision: ``auto`` is bf16 autocast on CUDA and on CPUs with native
-    #: bf16 matmuls (AMX, AVX512-BF16), fp32 elsewhere; weights and optimiser stay fp32
-    #: (:mod:`relay_models.precision`). A resumed run may change it.
-    precision: Precision = "auto"
-    max_failures: int = Field(default=1, ge=0)
-    checkpoint_every: int = Field(default=50, ge=1)
-    val_every: int = Field(default=50, ge=1)
-    log_every: int = Field(default=10, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    seed: int = 0
 
 
 class OutputConfig(FrozenConfig):
@@ -206,37 +179,6 @@ def _save_best(run_url: str, model: torch.nn.Module, metrics: dict) -> None:
     )
 
 
-def _batches(loader, device: torch.device):
-    while True:
-        for batch in loader:
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _resume(model: torch.nn.Module) -> dict | None:
-    """The latest checkpoint's state (model loaded into ``model``), or None."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return None
-    # each worker its own copy: as_directory() shares one download folder between the
-    # workers of a node, and a torch.load of it once failed on a restart after a kill
-    with tempfile.TemporaryDirectory(prefix="relaymap-resume-") as d:
-        checkpoint.to_directory(d)
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    return state
-
-
-def _num_nodes(world: int) -> int:
-    import ray
-
-    nodes = [None] * world
-    if torch.distributed.is_initialized():
-        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return len(set(nodes)) if nodes[0] is not None else 1
-
-
 def train_loop_per_worker(raw: dict) -> None:
     """Ray Train's per-worker function: it only wires data, model, :func:`train_step`,
     validation, checkpoints and reports together."""
@@ -252,7 +194,7 @@ def train_loop_per_worker(raw: dict) -> None:
         torch.set_num_threads(1)  # one core per worker; no oversubscription
     torch.manual_seed(config.run.seed)
     model = create_model(**config.model.model_dump(), spec=spec)
-    state = _resume(model)
+    state = resume(model)
     start = int(state["step"]) if state else 0
     net = ray.train.torch.prepare_model(model)
     optim, run = config.optim, config.run
@@ -269,7 +211,7 @@ def train_loop_per_worker(raw: dict) -> None:
         consistency_weight=optim.consistency_weight,
         detach_consistency=optim.detach_consistency,
     )
-    run_url = join(run.storage_url, run.name)
+    run_url = run.url
     best = read_best(run_url, weights=False)
     best_miou = best["val_miou"] if best else -1.0
     augment = Augment(p_rescale=config.data.p_rescale, p_rotate=config.data.p_rotate)
@@ -285,8 +227,8 @@ def train_loop_per_worker(raw: dict) -> None:
     )
     tiles = TileDataset(config.data.val, spec) if config.data.val else None
     autocast = precision_autocast(run.precision, device)
-    batches = _batches(loader, device)
-    num_nodes, seen, t0 = _num_nodes(world), 0, time.perf_counter()
+    batches = device_batches(loader, device)
+    nodes, seen, t0 = num_nodes(world), 0, time.perf_counter()
     net.train()
     for step in range(start, optim.steps):
         lr = _learning_rate(optim, step)
@@ -329,26 +271,21 @@ def train_loop_per_worker(raw: dict) -> None:
         metrics |= {
             "step": done,
             "start_step": start,
-            "num_nodes": num_nodes,
+            "num_nodes": nodes,
             "loss": terms.total.item(),
             "loss_local": terms.local.item(),
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": seen * world / max(time.perf_counter() - t0, 1e-9),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if save and rank == 0:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "plateau": plateau.state_dict(),
-                        "step": done,
-                    },
-                    Path(tmp) / "state.pt",
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        state = None
+        if save and rank == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict(),
+                "step": done,
+            }
+        report(metrics, state)
         if rank == world - 1:
             fault_point(f"train:step-{done}")  # crash tests: a worker lost after a checkpoint
 
@@ -356,24 +293,15 @@ def train_loop_per_worker(raw: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _ray_storage(url: str) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for Ray Train, honouring an S3 endpoint."""
-    url = normalize_url(url)
-    if url.startswith("file://"):
-        return url.removeprefix("file://"), None
-    if url.startswith("s3://"):
-        from urllib.parse import urlparse
-
-        import pyarrow.fs
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kw: dict[str, Any] = {}
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kw = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return url.removeprefix("s3://"), pyarrow.fs.S3FileSystem(region=region, **kw)
-    return url, None
+def check_pretrained(config: TrainConfig) -> LoadReport | None:
+    """Fetch ``model.pretrained`` here on the driver, once, into the Hugging Face cache (the
+    workers of this node read it from there), and load it strictly into the run's model: a
+    missing source or a checkpoint that does not fit stops the run before anything is
+    written. The load report, or None without ``pretrained``."""
+    if config.model.pretrained is None:
+        return None
+    model = create_model(**config.model.model_dump(exclude={"pretrained"}))
+    return load_pretrained(model, config.model.pretrained)
 
 
 def check_inputs(config: TrainConfig) -> DataSpec:
@@ -398,113 +326,14 @@ def check_inputs(config: TrainConfig) -> DataSpec:
             f"model.num_classes={config.model.num_classes} but the stores' "
             f"labels have {classes} classes"
         )
-    probe = join(config.run.storage_url, config.run.name, f".write-probe-{uuid.uuid4().hex}")
-    try:
-        atomic_write(probe, b"ok")
-    except (StorageError, OSError) as e:
-        raise StorageError(
-            f"cannot write to run.storage_url={config.run.storage_url}: {e}"
-        ) from None
-    remove(probe)
+    check_storage(config.run)
     return data_spec(stores, window_px=config.data.window_px, factor=config.model.global_factor)
 
 
-class ReportQueue(UserCallback):
-    """Ray Train callback (it runs in the train controller): hands every report's metrics
-    (rank 0's) to a ``ray.util.queue.Queue`` the driver reads for its progress bar and the
-    run's history."""
-
-    def __init__(self, queue) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        m = {k: v for k, v in metrics[0].items() if isinstance(v, int | float | list)}
-        try:  # progress is best-effort: it must never stop the training it reports on
-            self.queue.put({**m, "checkpoint": checkpoint is not None}, timeout=10)
-        except Exception as e:
-            log.warning("progress report lost: %s", e)
-
-
-@contextlib.contextmanager
-def progress(config: TrainConfig, history: list[dict]) -> Iterator[ReportQueue]:
-    """A tqdm bar over the run's steps (loss, samples/s, validation mIoU, ETA), fed from the
-    reports while ``trainer.fit()`` runs in this thread; every report lands in ``history``."""
-    import ray
-    from ray.util.queue import Empty, Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # on this (the driver's) node: a worker node may die mid-run, the driver's may not
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    done = threading.Event()
-    bar = tqdm(total=config.optim.steps, unit="step", desc=f"training {config.run.name}")
-
-    def consume() -> None:
-        while not (done.is_set() and queue.empty()):
-            try:
-                m = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            history.append(m)
-            bar.update(int(m.get("step", 0)) - bar.n)
-            shown = {"loss": f"{m.get('loss', float('nan')):.3f}"}
-            if "val_miou" in m:
-                shown["val mIoU"] = f"{m['val_miou']:.3f}"
-            bar.set_postfix(shown, refresh=True)
-
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
-    try:
-        yield ReportQueue(queue)
-    finally:
-        done.set()
-        reader.join()
-        bar.close()
-        queue.shutdown()
-
-
-#: ``run`` settings a resumed run may change (with ``optim.steps``): how it executes.
-OPERATIONAL = {
-    "num_workers",
-    "use_gpu",
-    "precision",
-    "max_failures",
-    "checkpoint_every",
-    "val_every",
-    "log_every",
-    "keep_checkpoints",
-}
-
-
 def claim_run(config: TrainConfig, spec: DataSpec) -> None:
-    """Record what a run is (its settings and the data it reads: store fingerprints and the
-    data spec) in ``<storage_url>/<name>/relaymap-run.json``, or check that a rerun of the
-    same name is the same run. Only the step count and execution settings may change on a
-    resume: anything else would export old weights under new metadata.
-
-    Raises:
-        ValueError: the run name is taken by a run of other settings or data (the message
-            lists them).
-    """
-    doc = config.model_dump(mode="json", exclude={"output": True, "optim": {"steps"}})
-    doc["run"] = {k: v for k, v in doc["run"].items() if k not in OPERATIONAL}
-    doc["stores"] = {
-        u: open_scene(u).attrs.fingerprint for u in config.data.train + config.data.val
-    }
-    doc["spec"] = spec.model_dump(mode="json")
-    url = join(config.run.storage_url, config.run.name, "relaymap-run.json")
-    try:
-        before = json.loads(read_bytes(url))
-    except FileNotFoundError:
-        atomic_write(url, json.dumps(doc, indent=1, sort_keys=True).encode())
-        return
-    if before != doc:
-        changed = sorted(k for k in doc.keys() | before.keys() if doc.get(k) != before.get(k))
-        raise ValueError(
-            f"run {config.run.name!r} in {config.run.storage_url} was started with other "
-            f"{', '.join(changed)}; resume it with its own settings (only optim.steps and "
-            f"execution settings may change), or give the new run another run.name"
-        )
+    """Claim the run name for these settings, stores and data spec
+    (:func:`relaymap.flows.raytrain.claim_run`)."""
+    claim(config, config.data.train + config.data.val, spec=spec.model_dump(mode="json"))
 
 
 def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
@@ -515,42 +344,17 @@ def train(config: TrainConfig, *, address: str | None = None) -> TrainResult:
         address: an existing Ray cluster (``ray://`` or ``host:port``); default: local Ray
             (or the cluster ``RAY_ADDRESS`` names).
     """
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
+    check_pretrained(config)
     spec = check_inputs(config)
     claim_run(config, spec)
-    connect_ray(address)
-    history_url = join(config.run.storage_url, config.run.name, "history.json")
-    try:
-        history = json.loads(read_bytes(history_url))
-    except FileNotFoundError:
-        history = []
-    with progress(config, history) as reports:
-        path, fs = _ray_storage(config.run.storage_url)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": config.model_dump(mode="json"),
-                "spec": spec.model_dump(mode="json"),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=config.run.num_workers,
-                use_gpu=config.run.use_gpu,
-                resources_per_worker={"CPU": 1},
-            ),
-            run_config=RayRunConfig(
-                name=config.run.name,
-                storage_path=path,
-                storage_filesystem=fs,
-                failure_config=FailureConfig(max_failures=config.run.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-                callbacks=[reports],
-            ),
-        )
-        result = trainer.fit()
-    atomic_write(history_url, json.dumps(history).encode())
+    result, history = fit(
+        train_loop_per_worker,
+        {"config": config.model_dump(mode="json"), "spec": spec.model_dump(mode="json")},
+        config.run,
+        steps=config.optim.steps,
+        desc=f"training {config.run.name}",
+        address=address,
+    )
     return export(config, spec, result, history)
 
 
@@ -559,11 +363,8 @@ def export(
 ) -> TrainResult:
     """Write the final weights (safetensors, with the model config and data spec in its
     header) and the MLM model item (added to ``output.catalog_url`` when set)."""
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {config.run.name} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    run_url = join(config.run.storage_url, config.run.name)
+    state = final_state(result)
+    run_url = config.run.url
     best = read_best(run_url) if config.output.export == "best" else None
     checks = [h for h in history or [] if "val_miou" in h]
     exported = {
@@ -594,6 +395,7 @@ def export(
             "steps_done": state["step"],
             "pretrained": config.model.pretrained is not None,
         },
+        pretrained_source=public_source(config.model.pretrained),
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
         training_data=[
             (role, s.url, s.attrs.source_items)
@@ -608,9 +410,23 @@ def export(
         catalog.add_items([item])
         if isinstance(catalog, StaticCatalog):
             item = catalog.get_item(config.output.collection, item.id)
-    remove_unregistered_checkpoints(join(config.run.storage_url, config.run.name))
+    remove_unregistered_checkpoints(run_url)
     path = getattr(result.checkpoint, "path", None)
     return TrainResult(metrics, url, item, path)
+
+
+def public_source(ref: str | None) -> str | None:
+    """A weights reference as it may be published in an item: a URL without its query and
+    user info (signatures, tokens), anything else as it is."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if ref is None:
+        return None
+    parts = urlsplit(ref)
+    if not parts.netloc:
+        return ref
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def add_training_report(
@@ -662,22 +478,3 @@ def add_training_report(
         item.add_asset(
             key, pystac.Asset(url, title=titles[key], media_type="image/png", roles=roles)
         )
-
-
-def remove_unregistered_checkpoints(run_url: str) -> list[str]:
-    """Remove checkpoint folders Ray Train never registered (a worker killed while
-    uploading one leaves it behind: resume never uses it); the folders removed."""
-    fs, path = filesystem(run_url)
-    fs.invalidate_cache(path)
-    try:
-        snapshot = read_bytes(join(run_url, "checkpoint_manager_snapshot.json")).decode()
-    except FileNotFoundError:
-        return []
-    registered = set(re.findall(r'"checkpoint_dir_name":\s*"([^"]+)"', snapshot))
-    gone = []
-    for child in fs.ls(path, detail=False):
-        name = child.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("checkpoint_") and fs.isdir(child) and name not in registered:
-            fs.rm(child, recursive=True)
-            gone.append(name)
-    return gone

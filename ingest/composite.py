@@ -37,7 +37,7 @@ class CompositeConfig(FrozenConfig):
 
 def recipe(config: CompositeConfig, read: ReadOptions) -> str:
     """The settings as a string that goes into the store's fingerprint."""
-    doc = {"composite": config.model_dump(mode="json"), "read": read.model_dump(mode="json")}
+    doc = {"composite": config.model_dump(mode="json"), "read": read.recipe()}
     return json.dumps(doc, sort_keys=True)
 
 

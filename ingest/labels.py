@@ -9,6 +9,7 @@ A label source is an asset of STAC items (e.g. ESA WorldCover, or the sample sce
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,10 @@ from relay_models.windows import IGNORE
 from relaymap.catalog.storage import normalize_url, read_bytes, redact
 
 from .errors import CorruptRasterError, IngestError
-from .load import configure_odc, pixel_metres, resampling, rio_env
+from .load import configure_odc, pixel_metres, read_native, rio_env
+from .profiles import ReadOptions, signer_of
+from .resample import coarser, majority_valid, native_chunk_px, native_window, resampling
+from .signing import sign_assets
 
 
 @dataclass(frozen=True)
@@ -80,33 +84,82 @@ def map_values(
     return np.where(hit, vals[pos], IGNORE).astype(np.uint8)
 
 
+def _label_block(
+    item: pystac.Item,
+    asset: str,
+    grid: GeoBox,
+    gbox: GeoBox,
+    classes: Sequence[LabelClass],
+    nodata: float | None,
+    block_info=None,
+) -> np.ndarray:
+    """One chunk of finer labels onto ``gbox``: read on their own grid, mapped to class
+    indices, then the majority of the labelled pixels (255 where they cover less than
+    :data:`relaymap.ingest.resample.MIN_VALID_SHARE`)."""
+    (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    dst = gbox[y0:y1, x0:x1]
+    window = native_window(grid, dst)
+    raw = read_native(item, [asset], window)[asset]
+    return majority_valid(map_values(raw, classes, nodata), window, dst)
+
+
 def _from_items(
     items: Sequence[pystac.Item],
     asset: str,
     gbox: GeoBox,
     classes: Sequence[LabelClass],
     chunk_px: int,
+    read: ReadOptions | None = None,
 ) -> xr.DataArray:
+    """The items' labels on ``gbox``, the first item's where it has one. Going coarser,
+    a pixel's label is the majority of the labelled pixels it covers; otherwise the
+    nearest label."""
     configure_odc()
-    nodata = (items[0].assets[asset].extra_fields.get("raster:bands") or [{}])[0].get("nodata")
-    with rio_env(), rasterio.open(items[0].assets[asset].href) as src:
-        native_m = pixel_metres(src.transform, src.crs)
-    ds = odc.stac.load(
-        list(items),
-        bands=[asset],
-        geobox=gbox,
-        # finer labels onto this grid: the majority class of each cell
-        resampling=resampling(native_m, pixel_metres(gbox.transform, str(gbox.crs)), classes=True),
-        chunks={"x": chunk_px, "y": chunk_px},
-        groupby="id",
+    target_m = pixel_metres(gbox.transform, str(gbox.crs))
+    timeout_s = read.sign_timeout_s if read is not None else None
+    layers = []
+    for item in items:
+        item = sign_assets(item, [asset], signer_of(item, read), timeout_s=timeout_s).clone()
+        meta = item.assets[asset].extra_fields
+        nodata = (meta.get("raster:bands") or [{}])[0].get("nodata")
+        with rio_env(), rasterio.open(item.assets[asset].href) as src:
+            grid = GeoBox((src.height, src.width), src.transform, src.crs)
+            native_m = pixel_metres(src.transform, src.crs)
+            nodata = src.nodata if nodata is None else nodata
+        if nodata is None:  # outside the raster: NaN (no label), never a 0 that is a class
+            meta["raster:bands"] = [{"data_type": "float32"}]
+        if coarser(native_m, target_m):
+            step = native_chunk_px(chunk_px, target_m / native_m)
+            data = da.map_blocks(
+                _label_block,
+                item=item,
+                asset=asset,
+                grid=grid,
+                gbox=gbox,
+                classes=tuple(classes),
+                nodata=nodata,
+                chunks=da.core.normalize_chunks((step, step), gbox.shape),
+                dtype=np.uint8,
+                name=f"native-labels-{uuid.uuid4().hex}",
+            ).rechunk((chunk_px, chunk_px))
+        else:
+            ds = odc.stac.load(
+                [item],
+                bands=[asset],
+                geobox=gbox,
+                resampling=resampling(native_m, target_m, classes=True),
+                chunks={"x": chunk_px, "y": chunk_px},
+                groupby="id",
+            )
+            raw = ds[asset].isel(time=0, drop=True).data
+            data = raw.map_blocks(map_values, classes, nodata, dtype=np.uint8)
+        layers.append(data)
+    merged = layers[0]
+    for layer in layers[1:]:  # mosaic: the first item's label where it has one
+        merged = da.where(merged != IGNORE, merged, layer)
+    return xr.DataArray(
+        merged, dims=("y", "x"), coords=xr_coords(gbox, crs_coord_name="spatial_ref")
     )
-    raw = ds[asset]
-    # mosaic: first item's value where it has one
-    fill = nodata if nodata is not None else 0
-    merged = raw.isel(time=0, drop=True)
-    for t in range(1, raw.sizes["time"]):
-        merged = merged.where(merged != fill, raw.isel(time=t, drop=True))
-    return merged.copy(data=merged.data.map_blocks(map_values, classes, nodata, dtype=np.uint8))
 
 
 def _raster_item(url: str) -> pystac.Item:
@@ -184,8 +237,12 @@ def load_labels(
     asset: str = "labels",
     attribute: str = "class",
     chunk_px: int = 512,
+    read: ReadOptions | None = None,
 ) -> xr.DataArray:
-    """Lazy ``(y, x)`` uint8 class indices on ``geobox`` (255 = ignore).
+    """Lazy ``(y, x)`` uint8 class indices on ``geobox`` (255 = ignore). Going coarser
+    than the source, a pixel's label is the majority of the labelled pixels it covers,
+    and 255 where they cover less than half of it
+    (:func:`relaymap.ingest.resample.majority_valid`); otherwise the nearest label.
 
     Args:
         source: STAC items with a label ``asset``, or a URL of a raster file or a
@@ -195,9 +252,11 @@ def load_labels(
         asset: the label asset key of STAC items.
         attribute: the feature property holding the class value (vector files).
         chunk_px: dask chunk side.
+        read: how the items' hrefs are signed (``sign``, ``sign_timeout_s``; default: as
+            each item's source profile says).
     """
     if not isinstance(source, str):
-        labels = _from_items(source, asset, geobox, classes, chunk_px)
+        labels = _from_items(source, asset, geobox, classes, chunk_px, read)
     elif source.lower().endswith((".geojson", ".json")):
         labels = _from_vector(normalize_url(source), geobox, attribute, classes, chunk_px)
     else:

@@ -1,17 +1,20 @@
 """Loading STAC items onto one pixel grid, as lazy (dask) physical values.
 
 Each item is read as its source profile says (:mod:`relaymap.ingest.profiles`: which asset
-and band serve each model band, scale, offset, nodata, the cloud mask, href signing).
-odc-stac reads the assets onto the target grid with one resampling rule everywhere: the
-area average going coarser, bilinear going finer, and for class assets (masks, labels)
-the mode going coarser and the nearest value going finer. Items are then combined over
-time (first valid value, or the median).
+and band serve each model band, scale, offset, nodata, the cloud mask; hrefs signed by
+:mod:`relaymap.ingest.signing`). One resampling rule everywhere
+(:mod:`relaymap.ingest.resample`): going coarser, a band is read on its own grid, its
+nodata, NaN and masked pixels dropped, and each target pixel is the average of the valid
+pixels it covers (nodata where they cover less than half of it); going finer, odc-stac
+reads bilinear (the nearest value for the mask). Items are then combined over time (first
+valid value, or the median).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,20 +26,27 @@ import pystac
 import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
 from rasterio.errors import RasterioIOError
 
 from relaymap.catalog.storage import gdal_env, redact
 
-from .errors import CorruptRasterError, GridError, IngestError, MissingAssetError
+from .errors import CorruptRasterError, GridError, MissingAssetError
 from .profiles import ItemRead, MaskRule, ReadOptions, band_meta, plan_read
+from .resample import (
+    MIN_VALID_SHARE,
+    average_valid,
+    coarser,
+    native_chunk_px,
+    native_window,
+    valid_share,
+)
+from .resample import resampling as finer_resampling
+from .signing import sign_assets
 
 #: ``first`` valid value in item order; ``best``: the same, least cloudy item first
 #: (``eo:cloud_cover``); ``median`` of the valid values.
 Composite = Literal["first", "best", "median"]
-
-
-class SigningError(IngestError):
-    """Hrefs could not be signed (the token service refused or cannot be reached)."""
 
 
 @contextlib.contextmanager
@@ -52,12 +62,13 @@ def configure_odc() -> None:
 
 
 def resampling(native_m: float, target_m: float, *, classes: bool = False) -> str:
-    """The one resampling rule: going coarser, the area average (the mode for class
-    values: masks, labels); otherwise bilinear (the nearest value for classes)."""
-    coarser = target_m > native_m * 1.001
-    if classes:
-        return "mode" if coarser else "nearest"
-    return "average" if coarser else "bilinear"
+    """odc-stac's resampling of an asset read straight onto the target grid: GDAL's
+    ``average`` (``mode`` for classes) going coarser, which only a quick look uses
+    (``load_scene(overviews=True)``: it averages what the file header does not call
+    nodata, and reads overviews); otherwise :func:`relaymap.ingest.resample.resampling`."""
+    if coarser(native_m, target_m):
+        return "mode" if classes else "average"
+    return finer_resampling(native_m, target_m, classes=classes)
 
 
 def pixel_metres(transform: rasterio.Affine, crs: rasterio.crs.CRS | str | None) -> float:
@@ -70,12 +81,14 @@ def pixel_metres(transform: rasterio.Affine, crs: rasterio.crs.CRS | str | None)
 
 @dataclass(frozen=True)
 class AssetHeader:
-    """What an asset's file says of itself: band count, data type, nodata, pixel size."""
+    """What an asset's file says of itself: band count, data type, nodata, pixel size and
+    its pixel grid."""
 
     count: int
     dtype: str
     nodata: float | None
     pixel_m: float
+    grid: GeoBox
 
 
 def read_headers(plans: Sequence[ItemRead]) -> dict[tuple[str, str], AssetHeader]:
@@ -104,6 +117,7 @@ def read_headers(plans: Sequence[ItemRead]) -> dict[tuple[str, str], AssetHeader
                             src.dtypes[0],
                             src.nodata,
                             pixel_metres(src.transform, src.crs),
+                            GeoBox((src.height, src.width), src.transform, src.crs),
                         )
                 except RasterioIOError as e:
                     raise CorruptRasterError(
@@ -120,21 +134,14 @@ def read_headers(plans: Sequence[ItemRead]) -> dict[tuple[str, str], AssetHeader
 
 
 def signed(plan: ItemRead) -> pystac.Item:
-    """The item with its hrefs signed as its profile says (a copy), on the node that reads
-    them: tokens never travel with tasks, items or logs."""
-    if plan.signer is None:
-        return plan.item
-    import planetary_computer
-    import requests
+    """The item with the hrefs of the assets the plan reads signed as its profile says (a
+    copy), on the node that reads them: tokens never travel with tasks, items or logs.
 
-    try:
-        return planetary_computer.sign(plan.item, copy=True)
-    except (requests.RequestException, ValueError) as e:
-        raise SigningError(
-            f"cannot sign the hrefs of item {plan.item.id} with the Planetary Computer token "
-            f"service ({planetary_computer.settings.Settings.get().sas_url}): "
-            f"{redact(str(e))}"
-        ) from None
+    Raises:
+        SigningError: the token service gave no token within its budget (the message
+            names ``--sign none``).
+    """
+    return sign_assets(plan.item, plan.assets, plan.signer, timeout_s=plan.sign_timeout_s)
 
 
 def _odc_ready(item: pystac.Item, plan: ItemRead, headers) -> tuple[pystac.Item, dict[str, str]]:
@@ -202,27 +209,57 @@ def target_geobox(
     return GeoBox.from_bbox(bounds, crs=crs, resolution=resolution)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Which of a chunk's ``(y, x)`` blocks of one item is what, in the order
+    ``map_blocks`` passes them: the bands odc-stac read onto the target grid (raw asset
+    values); the mask read onto it (raw classes), if any; then the bands read on their own
+    grids and reduced (:func:`_native_block`: raw values averaged over valid pixels, NaN =
+    no data, masked already), and after them the mask's clear share, if reduced too."""
+
+    #: Per model band: ``("grid", i)`` the i-th target-grid block, or ``("native", j)``
+    #: the j-th reduced one.
+    bands: tuple[tuple[str, int], ...]
+    n_grid: int
+    #: The mask of the target-grid bands: ``grid`` (raw classes after those bands),
+    #: ``native`` (the last block, 1 where clear), or None (none, or no such band).
+    mask: str | None
+
+    def split(
+        self, blocks: Sequence[np.ndarray], rule: MaskRule | None
+    ) -> tuple[list[tuple[np.ndarray, bool]], np.ndarray | None]:
+        """Per band ``(raw block, reduced)``, and where the target-grid bands are clear."""
+        grid, rest = blocks[: self.n_grid], blocks[self.n_grid :]
+        clear = None
+        if self.mask == "grid":
+            clear, rest = rule.clear(rest[0]), rest[1:]
+        elif self.mask == "native":
+            clear = rest[-1] > 0.5
+        raws = [(grid[i], False) if kind == "grid" else (rest[i], True) for kind, i in self.bands]
+        return raws, clear
+
+
 def _decode_bands(
-    *blocks: np.ndarray, encodings: Sequence[tuple], mask: MaskRule | None
+    *blocks: np.ndarray, encodings: Sequence[tuple], inputs: Inputs, mask: MaskRule | None
 ) -> np.ndarray:
-    """One chunk of every band, raw asset values -> ``(band, y, x)`` float32 physical
-    values, NaN where nodata or (with a mask block last) not clear. One pass per band,
-    straight into the output: a task per chunk that needs every band's block keeps dask
-    from loading the whole scene band by band before it can combine them."""
-    clear = mask.clear(blocks[-1]) if mask is not None else None
-    raws = blocks[:-1] if mask is not None else blocks
-    out = np.empty((len(raws), *raws[0].shape), dtype=np.float32)
-    for band, raw, (nodata, scale, offset) in zip(out, raws, encodings, strict=True):
+    """One chunk of every band of an item (see :class:`Inputs`), raw asset values ->
+    ``(band, y, x)`` float32 physical values, NaN where nodata or not clear. One pass per
+    band, straight into the output: a task per chunk that needs every band's block keeps
+    dask from loading the whole scene band by band before it can combine them."""
+    raws, clear = inputs.split(blocks, mask)
+    out = np.empty((len(raws), *raws[0][0].shape), dtype=np.float32)
+    for band, (raw, reduced), (nodata, scale, offset) in zip(out, raws, encodings, strict=True):
         band[...] = raw
         if scale != 1:
             band *= np.float32(scale)
         if offset:
             band += np.float32(offset)
         bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
-        if nodata is not None and not np.isnan(nodata):
-            bad |= raw == nodata
-        if clear is not None:
-            bad |= ~clear
+        if not reduced:  # a reduced band is masked already, its nodata NaN
+            if nodata is not None and not np.isnan(nodata):
+                bad |= raw == nodata
+            if clear is not None:
+                bad |= ~clear
         band[bad] = np.nan
     return out
 
@@ -290,15 +327,21 @@ def _encode_bands(
     *blocks: np.ndarray,
     shifts: Sequence[int],
     nodatas: Sequence[float],
+    inputs: Inputs,
     mask: MaskRule | None,
 ) -> np.ndarray:
-    """One chunk of every band, raw integer DN -> ``(band, y, x)`` int16 store counts
-    (:class:`CountEncoding`), ``COUNT_FILL`` where nodata or (with a mask block last)
-    not clear: integer arithmetic only, straight into the output."""
-    clear = mask.clear(blocks[-1]) if mask is not None else None
-    raws = blocks[:-1] if mask is not None else blocks
-    out = np.empty((len(raws), *raws[0].shape), dtype=np.int16)
-    for band, raw, shift, nodata in zip(out, raws, shifts, nodatas, strict=True):
+    """One chunk of every band of an item (see :class:`Inputs`), raw integer DN (or
+    reduced means of DN) -> ``(band, y, x)`` int16 store counts (:class:`CountEncoding`),
+    ``COUNT_FILL`` where nodata or not clear: integer arithmetic for integers, straight
+    into the output."""
+    raws, clear = inputs.split(blocks, mask)
+    out = np.empty((len(raws), *raws[0][0].shape), dtype=np.int16)
+    for band, (raw, reduced), shift, nodata in zip(out, raws, shifts, nodatas, strict=True):
+        if reduced:  # means of valid DN (NaN: none), rounded as the float path rounds
+            with np.errstate(invalid="ignore"):
+                wide = np.rint(np.clip(raw + shift, COUNT_MIN, COUNT_MAX))
+            band[...] = np.where(np.isfinite(wide), wide, COUNT_FILL)
+            continue
         if raw.dtype == np.uint16 and shift == -32768 and nodata == 0:
             # DN - 32768 is the top bit flipped, and nodata (DN 0) lands on the fill value
             np.bitwise_xor(raw.view(np.int16), np.int16(COUNT_FILL), out=band)
@@ -315,6 +358,129 @@ def _encode_bands(
     return out
 
 
+def read_native(item: pystac.Item, names: Sequence[str], window: GeoBox) -> dict[str, np.ndarray]:
+    """odc-stac's bands ``names`` of one item on ``window``, a part of their own pixel grid
+    (a paste: nothing resampled; outside the asset, its nodata or NaN), as numpy."""
+    ds = odc.stac.load([item], bands=list(names), geobox=window, resampling="nearest")
+    return {n: ds[n].values[0] for n in names}
+
+
+def _native_block(
+    item: pystac.Item,
+    groups: Sequence[tuple[GeoBox, tuple[tuple[int, str | None, float | None], ...]]],
+    gbox: GeoBox,
+    mask: tuple[str, MaskRule] | None,
+    n_out: int,
+    block_info=None,
+) -> np.ndarray:
+    """One target chunk of the bands an item gives at a finer pixel size than ``gbox``:
+    per group of bands on one native grid, the chunk's part of that grid is read (with the
+    mask, by the nearest value), nodata, NaN and masked pixels dropped, then reduced by
+    :func:`relaymap.ingest.resample.average_valid`. ``(n_out, y, x)`` float32 raw values,
+    NaN = no data; a member without a name is the mask's own clear share (1 = clear)."""
+    (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+    dst = gbox[y0:y1, x0:x1]
+    out = np.full((n_out, y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+    for grid, members in groups:
+        window = native_window(grid, dst)
+        names = [n for _, n, _ in members if n is not None]
+        raw = read_native(item, names + ([mask[0]] if mask else []), window)
+        clear = mask[1].clear(raw[mask[0]]) if mask else None
+        last = None  # (bad, share) of the band before: bands mostly share their valid pixels
+        for index, name, nodata in members:
+            if name is None:
+                share = valid_share(clear, window, dst)
+                out[index] = share >= MIN_VALID_SHARE - 1e-6
+                continue
+            values = raw[name].astype(np.float32)
+            bad = ~np.isfinite(values)
+            if nodata is not None and not np.isnan(nodata):
+                bad |= raw[name] == nodata
+            if clear is not None:
+                bad |= ~clear
+            values[bad] = np.nan
+            if last is None or not np.array_equal(bad, last[0]):
+                last = bad, valid_share(~bad, window, dst)
+            out[index] = average_valid(values, window, dst, share=last[1])
+    return out
+
+
+def _item_blocks(
+    item: pystac.Item,
+    plan: ItemRead,
+    names: dict[str, str],
+    headers: dict[tuple[str, str], AssetHeader],
+    gbox: GeoBox,
+    chunk_px: int,
+    overviews: bool,
+) -> tuple[list[da.Array], Inputs]:
+    """An item's lazy ``(y, x)`` blocks on ``gbox``, ``chunk_px`` chunks (see
+    :class:`Inputs`): assets at the target's pixel size or coarser read onto it by
+    odc-stac, finer ones read on their own grids and reduced (with ``overviews``, finer
+    ones too go through odc-stac: GDAL's average of what the file header does not call
+    nodata, from the assets' overviews; a quick look only)."""
+    target_m = pixel_metres(gbox.transform, str(gbox.crs))
+
+    def native(key: str) -> bool:
+        return not overviews and coarser(headers[(item.id, key)].pixel_m, target_m)
+
+    mask = plan.mask if plan.mask_asset is not None else None
+    on_grid = [b for b in plan.bands if not native(b.asset)]
+    reduced = [b for b in plan.bands if native(b.asset)]
+    mask_kind = None
+    if mask is not None and on_grid:
+        mask_kind = "native" if native(plan.mask_asset) else "grid"
+    arrays = []
+    # target-grid reads: bands not coarser, and their mask when it is not finer
+    how = {
+        names[b.band]: resampling(headers[(item.id, b.asset)].pixel_m, target_m) for b in on_grid
+    }
+    if mask_kind == "grid":
+        header = headers[(item.id, plan.mask_asset)]
+        how[plan.mask_asset] = resampling(header.pixel_m, target_m, classes=True)
+    if how:
+        ds = odc.stac.load(
+            [item],
+            bands=list(how),
+            geobox=gbox,
+            resampling=how,
+            chunks={"x": chunk_px, "y": chunk_px},
+            groupby="id",
+        )
+        arrays = [ds[name].isel(time=0, drop=True).data for name in how]
+    # native reads, reduced: bands finer than the target, and their mask's clear share
+    groups: dict[tuple, tuple[GeoBox, list]] = {}
+    for i, b in enumerate(reduced):
+        header = headers[(item.id, b.asset)]
+        nodata = b.nodata if b.nodata is not None else header.nodata
+        key = (str(header.grid.crs), header.grid.transform, tuple(header.grid.shape))
+        groups.setdefault(key, (header.grid, []))[1].append((i, names[b.band], nodata))
+    n_native = len(reduced) + (mask_kind == "native")
+    if mask_kind == "native":
+        grid = headers[(item.id, plan.mask_asset)].grid
+        key = (str(grid.crs), grid.transform, tuple(grid.shape))
+        groups.setdefault(key, (grid, []))[1].append((len(reduced), None, None))
+    if n_native:
+        factor = max(target_m / headers[(item.id, k)].pixel_m for k in plan.assets)
+        step = native_chunk_px(chunk_px, factor)
+        stack = da.map_blocks(
+            _native_block,
+            item=item,
+            groups=tuple((g, tuple(m)) for g, m in groups.values()),
+            gbox=gbox,
+            mask=(plan.mask_asset, mask) if mask is not None else None,
+            n_out=n_native,
+            chunks=((n_native,), *da.core.normalize_chunks((step, step), gbox.shape)),
+            dtype=np.float32,
+            name=f"native-read-{uuid.uuid4().hex}",
+        ).rechunk((-1, chunk_px, chunk_px))
+        arrays += [stack[j] for j in range(n_native)]
+    counter = {"grid": iter(range(len(on_grid))), "native": iter(range(len(reduced)))}
+    kinds = ["native" if native(b.asset) else "grid" for b in plan.bands]
+    order = tuple((kind, next(counter[kind])) for kind in kinds)
+    return arrays, Inputs(order, len(on_grid), mask_kind)
+
+
 def load_scene(
     items: Sequence[pystac.Item],
     bands: Sequence[str],
@@ -327,9 +493,14 @@ def load_scene(
     chunk_px: int = 1024,
     read: ReadOptions | None = None,
     counts: bool = False,
+    overviews: bool = False,
 ) -> xr.DataArray:
     """Lazy ``(band, y, x)`` float32 physical values (NaN = no data) on one grid; with
     ``counts``, the scene store's int16 counts where the sources allow it.
+
+    Going coarser than an asset's pixels, a target pixel is the average of the valid
+    (not nodata, not NaN, clear) pixels it covers, and no data where they cover less than
+    :data:`relaymap.ingest.resample.MIN_VALID_SHARE` of it.
 
     Args:
         items: the scene's items (e.g. a search result), combined in the given order.
@@ -346,6 +517,9 @@ def load_scene(
             ``attrs["encoding"]`` (:func:`count_encoding`; what :func:`write_scene` stores
             as it is): no float32 copy of the scene is made. Sources that need floats (and
             ``median`` composites) come back as float32 as without it.
+        overviews: going coarser, let GDAL average straight onto the target from the
+            assets' overviews (fast, but nodata the file header does not declare and masked
+            pixels enter the average): a quick look, such as a range check, never a scene.
 
     Raises:
         MissingAssetError, AmbiguousBandError: an item lacks a band, or has two for one.
@@ -365,55 +539,29 @@ def load_scene(
     )
     if gbox.shape[0] < 1 or gbox.shape[1] < 1:
         raise GridError(f"the target grid is empty: {gbox}")
-    target_m = pixel_metres(gbox.transform, str(gbox.crs))
     configure_odc()
     encoding = count_encoding(plans, headers) if counts and composite != "median" else None
+    coords = xr_coords(gbox, crs_coord_name="spatial_ref")
+    chunks = ((len(bands),), *da.core.normalize_chunks((chunk_px, chunk_px), gbox.shape))
     layers = []
     for plan in plans:
         item, names = _odc_ready(signed(plan), plan, headers)
-        mask = plan.mask if plan.mask_asset is not None else None
-        how = {
-            names[b.band]: resampling(headers[(item.id, b.asset)].pixel_m, target_m)
-            for b in plan.bands
-        }
-        if mask is not None:
-            header = headers[(item.id, plan.mask_asset)]
-            how[plan.mask_asset] = resampling(header.pixel_m, target_m, classes=True)
-        encodings = [
-            (
-                b.nodata if b.nodata is not None else headers[(item.id, b.asset)].nodata,
-                b.scale,
-                b.offset,
-            )
+        arrays, inputs = _item_blocks(item, plan, names, headers, gbox, chunk_px, overviews)
+        nodatas = [
+            b.nodata if b.nodata is not None else headers[(item.id, b.asset)].nodata
             for b in plan.bands
         ]
-        ds = odc.stac.load(
-            [item],
-            bands=list(how),
-            geobox=gbox,
-            resampling=how,
-            chunks={"x": chunk_px, "y": chunk_px},
-            groupby="id",
-        )
-        raws = [ds[names[b.band]].isel(time=0, drop=True) for b in plan.bands]
-        if mask is not None:
-            raws.append(ds[plan.mask_asset].isel(time=0, drop=True))
         if encoding is None:
+            encodings = [(n, b.scale, b.offset) for n, b in zip(nodatas, plan.bands, strict=True)]
             fn, kw, dtype = _decode_bands, {"encodings": encodings}, np.float32
         else:
-            shifts = encoding.shifts[len(layers)]
-            kw = {"shifts": shifts, "nodatas": [e[0] for e in encodings]}
+            kw = {"shifts": encoding.shifts[len(layers)], "nodatas": nodatas}
             fn, dtype = _encode_bands, np.int16
+        mask = plan.mask if inputs.mask == "grid" else None
         data = da.map_blocks(
-            fn,
-            *(r.data for r in raws),
-            **kw,
-            mask=mask,
-            new_axis=0,
-            chunks=((len(bands),), *raws[0].data.chunks),
-            dtype=dtype,
+            fn, *arrays, **kw, inputs=inputs, mask=mask, new_axis=0, chunks=chunks, dtype=dtype
         )
-        layers.append(xr.DataArray(data, dims=("band", "y", "x"), coords=raws[0].coords))
+        layers.append(xr.DataArray(data, dims=("band", "y", "x"), coords=coords))
     if encoding is not None:
         image = layers[0]
         for layer in layers[1:]:  # the first valid count in item order

@@ -30,7 +30,8 @@ def ingest_items(
     **write_kw,
 ) -> SceneStore:
     """Load ``bands`` of ``items`` on the first item's grid (at ``resolution``, in its CRS
-    units, when given: area-averaged going coarser), with labels from ``label_asset``
+    units, when given: going coarser, the average of the valid pixels, and the majority of
+    the labelled ones; see :mod:`relaymap.ingest.resample`), with labels from ``label_asset``
     (classes from its ``classification:classes``, or ``class_names`` for the label values
     ``0..K-1``), into a store at ``url``. ``read``: the source profile and overrides.
 
@@ -44,7 +45,7 @@ def ingest_items(
     )
     if classes is not None:
         labels = load_labels(
-            items, image.odc.geobox, classes, asset=label_asset, chunk_px=READ_CHUNK_PX
+            items, image.odc.geobox, classes, asset=label_asset, chunk_px=READ_CHUNK_PX, read=read
         )
     return write_scene(url, image, labels, classes=classes, **write_kw)
 

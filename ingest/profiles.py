@@ -198,13 +198,22 @@ class ReadOptions(FrozenConfig):
     offset: dict[str, float] = Field(default_factory=dict)
     #: The cloud mask: ``auto`` (the profile's), a rule, or None (no mask).
     mask: MaskRule | Literal["auto"] | None = "auto"
-    #: Href signing: ``auto`` (the profile's), a signer, or ``none`` (e.g. your own Azure
-    #: storage, which Planetary Computer's token service does not serve).
+    #: Href signing: ``auto`` (the profile's), a signer, or ``none`` (public copies, your
+    #: own Azure storage, which Planetary Computer's token service does not serve; and the
+    #: way to run when the token service cannot be reached).
     sign: Signer | Literal["auto", "none"] = "auto"
+    #: The token service's total time budget per item, in seconds (default: the reading
+    #: node's ``RELAYMAP_SIGN_TIMEOUT_S``, else 30; see :mod:`relaymap.ingest.signing`).
+    sign_timeout_s: float | None = Field(default=None, gt=0)
 
     def read_options(self) -> ReadOptions:
         """Just these settings, out of a config that extends them (a source's)."""
         return ReadOptions.model_validate(self.model_dump(include=set(ReadOptions.model_fields)))
+
+    def recipe(self) -> dict:
+        """The settings that decide the pixels, as JSON (for fingerprints): how long the
+        token service may take is left out, so a rerun with another budget redoes nothing."""
+        return self.read_options().model_dump(mode="json", exclude={"sign_timeout_s"})
 
     @field_validator("profile")
     @classmethod
@@ -238,6 +247,15 @@ class ItemRead:
     mask: MaskRule | None
     mask_asset: str | None
     signer: Signer | None
+    #: The token service's budget (None: :func:`relaymap.ingest.signing.default_timeout_s`).
+    sign_timeout_s: float | None = None
+
+    @property
+    def assets(self) -> tuple[str, ...]:
+        """The keys of the assets the plan reads (its bands', then the mask's): the only
+        ones signed."""
+        keys = [b.asset for b in self.bands] + [self.mask_asset] * (self.mask_asset is not None)
+        return tuple(dict.fromkeys(keys))
 
     @property
     def reflectance(self) -> bool:
@@ -387,5 +405,15 @@ def plan_read(
         )
     mask = profile.mask if options.mask == "auto" else options.mask
     key = asset_key(item, mask.asset) if mask is not None else None
-    signer = {"auto": profile.signer, "none": None}.get(options.sign, options.sign)
-    return ItemRead(item, profile, tuple(reads), mask, key, signer)
+    signer = signer_of(item, options)
+    return ItemRead(item, profile, tuple(reads), mask, key, signer, options.sign_timeout_s)
+
+
+def signer_of(item: pystac.Item, options: ReadOptions | None = None) -> Signer | None:
+    """How ``item``'s hrefs are signed: the option's signer, none, or its profile's."""
+    options = options or ReadOptions()
+    if options.sign == "none":
+        return None
+    if options.sign == "auto":
+        return choose_profile(item, options.profile).signer
+    return options.sign

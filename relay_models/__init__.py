@@ -11,6 +11,7 @@ from . import geometry
 from .attention_maps import relay_attention_maps, relay_read_shares
 from .config import FrozenConfig, ModelConfig, ModelOptions
 from .factory import create_model
+from .hub import WeightsError, WeightsNotFound, fetch_weights
 from .inference import predict_array, predict_tiles, to_classes
 from .losses import LossTerms, RelayLoss
 from .metrics import ConfusionMatrix
@@ -35,10 +36,13 @@ __all__ = [
     "RelayOutput",
     "SavedModel",
     "Segmenter",
+    "WeightsError",
+    "WeightsNotFound",
     "count_flops",
     "count_params",
     "create_model",
     "evaluate",
+    "fetch_weights",
     "geometry",
     "list_models",
     "load_pretrained",

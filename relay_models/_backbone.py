@@ -33,6 +33,18 @@ class Transition(NamedTuple):
 Step = Block | Transition
 
 
+class TokenMask(NamedTuple):
+    """Patch tokens to hide from a backbone (masked image modelling): ``where`` ``(B, h, w)``
+    bool on the first stage's token grid, replaced by ``token`` ``(D0,)``."""
+
+    where: torch.Tensor
+    token: torch.Tensor
+
+    def apply(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, h, w, D0)`` patch tokens with the masked ones replaced."""
+        return torch.where(self.where[..., None], self.token.to(tokens.dtype), tokens)
+
+
 class Backbone(nn.Module, ABC):
     """Base for relay-capable backbones; subclasses define ``embed``, ``steps``, ``stage_output``.
 
@@ -53,8 +65,10 @@ class Backbone(nn.Module, ABC):
     side_multiple: int
 
     @abstractmethod
-    def embed(self, x: torch.Tensor, branch: str) -> Any:
-        """Turn an image ``(B, C, H, W)`` into the first step's state for ``branch``."""
+    def embed(self, x: torch.Tensor, branch: str, mask: TokenMask | None = None) -> Any:
+        """Turn an image ``(B, C, H, W)`` into the first step's state for ``branch``; with
+        ``mask``, the masked patch tokens are replaced by its token before positions are
+        added (masked image modelling, :mod:`relay_models.pretraining`)."""
 
     @abstractmethod
     def steps(self) -> Iterator[tuple[Step, int | None]]:
@@ -91,6 +105,7 @@ class Backbone(nn.Module, ABC):
         *,
         relay_mode: RelayMode | None = None,
         global_blocks: int | None = None,
+        masks: dict[str, TokenMask] | None = None,
     ) -> dict[str, list[torch.Tensor]]:
         """Run the backbone on each named window, exchanging relays when ``relay_mode`` is set.
 
@@ -101,6 +116,7 @@ class Backbone(nn.Module, ABC):
                 ``"parallel"``; with one window both mean "registers".
             global_blocks: run the ``global`` branch through the first N blocks only (its
                 feature list then stops short); ``None``: through all.
+            masks: per branch, patch tokens to replace by a mask token (pretraining).
 
         Returns:
             Per branch, one ``(B, C_i, L/r_i, L/r_i)`` feature map per stage in ``feature_info``.
@@ -110,7 +126,8 @@ class Backbone(nn.Module, ABC):
         if relay_mode is not None and self.relay_tokens is None:
             raise ValueError("this backbone was built with relays=0; build it with relays > 0")
         names: Sequence[str] = list(inputs)
-        states = {b: self.embed(x, b) for b, x in inputs.items()}
+        masks = masks or {}
+        states = {b: self.embed(x, b, masks.get(b)) for b, x in inputs.items()}
         batch = next(iter(inputs.values())).shape[0]
         relays = None
         if relay_mode is not None:

@@ -63,7 +63,10 @@ class ModelOptions(FrozenConfig):
     factor: int = Field(default=4, ge=1)
     #: Stochastic depth at the last block; ``None`` keeps the backbone's default.
     drop_path_rate: float | None = Field(default=None, ge=0.0, lt=1.0)
-    #: timm-format checkpoint for the backbone: path, URL or ``hf-hub:ORG/NAME`` (cache only).
+    #: timm-format checkpoint for the backbone: a path, an fsspec URL,
+    #: ``hf-hub:ORG/NAME[@REVISION]``, timm's ``NAME.TAG`` (``timm/NAME.TAG`` on the Hub) or
+    #: an MLM item (``.json``), fetched once into the Hugging Face cache
+    #: (:mod:`relay_models.hub`).
     pretrained: str | None = None
 
     @field_validator("name")

@@ -53,8 +53,10 @@ def create_model(
             truncated at +-2; 1: the authors' unit normal, the default).
         relay_blocks: run the global branch (and so relay context) in the first N blocks
             only; ``None``: all (``_relay``).
-        pretrained: timm-format backbone checkpoint: path, URL or ``hf-hub:ORG/NAME``
-            (local cache only); loaded strictly, see :func:`load_pretrained`.
+        pretrained: timm-format backbone checkpoint: a path, an fsspec URL,
+            ``hf-hub:ORG/NAME[@REVISION]``, timm's ``NAME.TAG`` or an MLM item (``.json``),
+            fetched once into the Hugging Face cache (:mod:`relay_models.hub`); loaded
+            strictly, see :func:`load_pretrained`.
         head: ``convt`` (the paper's transposed convolution) or ``fpn`` (Swin only).
         separate_patch_embed: own patch projection for the global window (``_relay``).
         factor: global/local side ratio (two-window models crop global logits with it).
@@ -69,7 +71,8 @@ def create_model(
 
     Raises:
         ValueError: unknown name, head or relay mode (the message lists valid choices), a
-            spec that does not fit, or a checkpoint that does not fit.
+            spec that does not fit, or a checkpoint that does not fit (``WeightsError``).
+        WeightsNotFound: the checkpoint is missing or unreachable and not cached.
     """
     arch = dict(
         num_classes=num_classes,

@@ -7,7 +7,9 @@ One core for an in-memory scene (:func:`predict_array`) and for batch inference 
 2. :func:`read_tiles`: each tile's local window and centred global window, read and
    normalised by the window reader (:mod:`relay_models.windows`) as the model's
    :class:`~relay_models.spec.DataSpec` says;
-3. :func:`run_tiles`: class probabilities of the local branch, tiles without data skipped;
+3. :func:`run_tiles`: class probabilities of the local branch, tiles without data skipped,
+   by an engine (:mod:`relay_models.engines`: the model in PyTorch, or its ONNX export in
+   ONNX Runtime; every function here takes a model or an engine);
 
 and blends the tiles with :class:`~relay_models.stitch.RowStitcher` (its docstring states
 the blending rule).
@@ -23,8 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .engines import TileEngine, as_engine
+from .engines import predict_tiles as predict_tiles  # its home before engines.py
 from .geometry import Tile, tile_grid
-from .precision import Precision, autocast
+from .precision import Precision
 from .spec import DataSpec
 from .stitch import Blend, RowStitcher, Sink
 from .windows import ArrayPyramid, Pyramid, Region, read_window
@@ -82,41 +86,31 @@ def read_tiles(source: Pyramid, tiles: Sequence[Tile], spec: DataSpec) -> dict[s
     return out
 
 
-@torch.inference_mode()
-def predict_tiles(
-    model: nn.Module, local: torch.Tensor, global_: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Class probabilities ``(N, K, L, L)`` float32 of the local windows (local branch)."""
-    return model.predict_local(local, global_).float().softmax(1)
-
-
 def run_tiles(
-    model: nn.Module,
+    model: nn.Module | TileEngine,
     tiles: dict[str, torch.Tensor],
     device: torch.device | None = None,
     *,
     precision: Precision = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(N, K, L, L)`` float32 of :func:`read_tiles` output (zeros for tiles
-    without data, which are not run) and the ``(N,)`` bool mask of tiles that ran. The model
-    runs in ``precision`` (:mod:`relay_models.precision`: ``auto`` is bf16 on CUDA and on
-    CPUs with bf16 matmuls, fp32 elsewhere); probabilities are always float32."""
-    device = device or next(model.parameters()).device
+    without data, which are not run) and the ``(N,)`` bool mask of tiles that ran. A model
+    runs on ``device`` in ``precision`` (:mod:`relay_models.precision`: ``auto`` is bf16 on
+    CUDA and on CPUs with bf16 matmuls, fp32 elsewhere); an engine as it was made.
+    Probabilities are always float32."""
+    engine = as_engine(model, device, precision)
     valid = tiles["valid"]
     n, size = valid.shape[0], valid.shape[-1]
-    probs = np.zeros((n, model.spec.num_classes, size, size), dtype=np.float32)
+    probs = np.zeros((n, engine.spec.num_classes, size, size), dtype=np.float32)
     ran = valid.reshape(n, -1).any(1).numpy()
     if ran.any():
-        local = tiles["local"][ran].to(device)
         glob = tiles.get("global")
-        glob = None if glob is None else glob[ran].to(device)
-        with autocast(precision, device):
-            probs[ran] = predict_tiles(model, local, glob).float().cpu().numpy()
+        probs[ran] = engine(tiles["local"][ran], None if glob is None else glob[ran]).numpy()
     return probs, ran
 
 
 def predict_source(
-    model: nn.Module,
+    model: nn.Module | TileEngine,
     source: Pyramid,
     sink: Sink,
     *,
@@ -143,8 +137,8 @@ def predict_source(
     Returns:
         ``(tiles run, tiles planned)``.
     """
-    spec: DataSpec = model.spec
-    device = torch.device(device) if device else next(model.parameters()).device
+    engine = as_engine(model, device, precision)
+    spec: DataSpec = engine.spec
     tile_px = tile_px or spec.window_px
     batch_size = batch_size or default_batch_size(tile_px)
     overlap = tile_overlap(tile_px, overlap_px)
@@ -169,7 +163,7 @@ def predict_source(
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
             inputs = read_tiles(source, batch, spec)
-            probs, ran = run_tiles(model, inputs, device, precision=precision)
+            probs, ran = run_tiles(engine, inputs)
             for t, p, r, v in zip(batch, probs, ran, inputs["valid"].numpy(), strict=True):
                 done[id(t)] = (p if r else None, v)
             ran_count += int(ran.sum())
@@ -187,7 +181,7 @@ def predict_source(
 
 @torch.inference_mode()
 def predict_array(
-    model: nn.Module,
+    model: nn.Module | TileEngine,
     image: np.ndarray | torch.Tensor,
     *,
     tile_px: int | None = None,
@@ -202,8 +196,9 @@ def predict_array(
     """Segment a whole in-memory scene with overlapping tiles.
 
     Args:
-        model: a model from ``create_model`` in eval mode; its ``spec`` says how to
-            normalise the bands and how large the global window is.
+        model: a model from ``create_model`` in eval mode, or an engine running one
+            (:mod:`relay_models.engines`); its ``spec`` says how to normalise the bands and
+            how large the global window is.
         image: ``(C, H, W)`` bands in the spec's units (``spec.mean`` / ``spec.std``), any
             size; NaN = no data.
         tile_px: local window side L (default ``spec.window_px``).
@@ -212,10 +207,11 @@ def predict_array(
         valid: optional ``(H, W)`` bool data mask; pixels outside it count as no data.
         batch_size: tiles per forward pass (default: :func:`default_batch_size`).
         blend: ``cosine`` or ``center`` (:mod:`relay_models.stitch`).
-        device: where to run the model (default: the model's device).
+        device: where to run a model (default: the model's device; an engine's own).
         precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16 matmuls,
-            else fp32), ``fp32`` or ``bf16`` (:mod:`relay_models.precision`); blending and
-            the returned probabilities are float32 either way.
+            else fp32), ``fp32`` or ``bf16`` (:mod:`relay_models.precision`) for a model (an
+            engine has its own); blending and the returned probabilities are float32 either
+            way.
         progress: show a tile progress bar.
 
     Returns:

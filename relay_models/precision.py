@@ -8,12 +8,18 @@ elsewhere: on a CPU without bf16 instructions, PyTorch emulates bf16 matmuls and
 pass is many times *slower* than in fp32 (measured 9-27x on an AVX2-only AMD EPYC,
 ``docs/benchmarks.md``, "Speed"). What leaves the model (logits) is cast to float32 before
 the softmax, and the tiled engine blends and accumulates in float32 whatever the precision.
+
+Hosts of one machine kind differ (AVX2-only vs AVX512-BF16 CPUs), so ``auto`` means different
+things on them. ``RELAYMAP_NATIVE_BF16=1`` (or ``0``) makes a CPU count as one with (or
+without) native bf16 matmuls: what ``auto`` resolves to on the other kind of host, for
+tests and for measuring; unset, the CPU's own flags decide.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from typing import Literal
 
@@ -22,6 +28,8 @@ import torch
 #: ``auto``: bf16 autocast where bf16 matmuls are native (:func:`native_bf16`), else fp32.
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: Environment switch: ``1``/``0`` make the CPU count as having native bf16 matmuls or not.
+NATIVE_BF16_ENV = "RELAYMAP_NATIVE_BF16"
 
 
 @functools.cache
@@ -44,12 +52,20 @@ def _cpu_native_bf16() -> bool:
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU that supports bf16
-    (Ampere and later), or a CPU with bf16 instructions (:func:`_cpu_native_bf16`)."""
+    (Ampere and later), or a CPU with bf16 instructions (:func:`_cpu_native_bf16`, unless
+    :data:`NATIVE_BF16_ENV` says otherwise).
+
+    Raises:
+        ValueError: :data:`NATIVE_BF16_ENV` is set to something other than ``0`` or ``1``.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return _cpu_native_bf16()
+        switch = os.environ.get(NATIVE_BF16_ENV, "").strip()
+        if switch not in ("", "0", "1"):
+            raise ValueError(f"{NATIVE_BF16_ENV} must be 0 or 1, got {switch!r}")
+        return switch == "1" if switch else _cpu_native_bf16()
     return False
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backbone import Backbone, Step, Transition
+from ._backbone import Backbone, Step, TokenMask, Transition
 from ._layers import DropPath, Mlp, PatchEmbed, drop_path_rates, init_linear
 
 #: Ways to pool the windows' relay copies after attention (``WindowAttention.pool_relays``).
@@ -463,11 +463,13 @@ class SwinTransformerV2(Backbone):
         if self.relay_tokens is not None:
             nn.init.trunc_normal_(self.relay_tokens, std=self.relay_init_std)
 
-    def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, branch: str, mask: TokenMask | None = None) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, H/4, W/4, D0)``; the global window may use its own proj."""
+        proj = self.patch_embed
         if branch == "global" and self.patch_embed_global is not None:
-            return self.patch_embed_global(x)
-        return self.patch_embed(x)
+            proj = self.patch_embed_global
+        tokens = proj(x)
+        return tokens if mask is None else mask.apply(tokens)
 
     def steps(self) -> Iterator[tuple[Step, int | None]]:
         for i, stage in enumerate(self.layers):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backbone import Backbone, Step
+from ._backbone import Backbone, Step, TokenMask
 from ._layers import DropPath, Mlp, PatchEmbed, drop_path_rates, init_linear
 
 
@@ -170,10 +170,15 @@ class VisionTransformer(Backbone):
         if self.relay_tokens is not None:
             nn.init.trunc_normal_(self.relay_tokens, std=self.relay_init_std)
 
-    def embed(self, x: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, H, W)`` -> ``(cls (B, 1, D), patches (B, H/16, W/16, D))`` with positions."""
+    def embed(
+        self, x: torch.Tensor, branch: str, mask: TokenMask | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` -> ``(cls (B, 1, D), patches (B, H/16, W/16, D))`` with positions
+        (added after ``mask``, so a masked token still knows where it is)."""
         proj = self.patch_embed_global if branch == "global" else None
         patches = (proj or self.patch_embed)(x)
+        if mask is not None:
+            patches = mask.apply(patches)
         b, h, w, d = patches.shape
         pos = resample_pos_embed(self.pos_embed[:, 1:], (h, w)).to(patches.dtype)
         patches = patches + pos.view(1, h, w, d)

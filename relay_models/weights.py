@@ -1,8 +1,11 @@
 """Loading timm-format checkpoints into relaymap backbones, strictly and with a report.
 
-``pretrained`` may be a local path, an fsspec URL (``s3://``, ``https://`` ...) or
-``hf-hub:ORG/NAME``, resolved from the local Hugging Face cache only (never downloaded at run
-time). Files are safetensors or torch pickles loaded with ``weights_only=True``.
+``pretrained`` may be a local path, an fsspec URL (``s3://``, ``https://`` ...),
+``hf-hub:ORG/NAME[@REVISION]``, timm's ``NAME.TAG`` (published as ``timm/NAME.TAG``) or a
+STAC MLM item (``.json``) whose model asset holds the weights. :mod:`relay_models.hub` fetches
+each once into the Hugging Face cache and verifies what its source publishes (the Hub's LFS
+SHA-256, an MLM asset's ``file:checksum``); later uses read the cache without a request.
+Files are safetensors or torch pickles loaded with ``weights_only=True``.
 
 Input channels other than the checkpoint's get this initialisation:
 
@@ -12,6 +15,10 @@ Input channels other than the checkpoint's get this initialisation:
   and fine-tuning grows the new bands' kernels from there.
 * **fewer bands**: every band gets the sum of the checkpoint's kernels divided by the band
   count, so a grey image (all bands equal) gives the pretrained response.
+
+A checkpoint of a relay backbone (``relaymap pretrain`` writes them) loads into every twin
+of that backbone: a relay model uses its relay keys (:data:`NEW_KEY`), the others report
+them as unused.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from ._backbone import Backbone
+from .hub import WeightsError, fetch_weights
 from .vision_transformer import VisionTransformer, resample_pos_embed
 
 log = logging.getLogger(__name__)
@@ -51,50 +59,42 @@ class LoadReport:
     source: str
     initialised: tuple[str, ...]
     unused: tuple[str, ...]
+    #: Backbone tensors loaded from the checkpoint.
+    loaded: int = 0
+    #: The local file read (in the cache for a download).
+    file: str = ""
 
-
-def _hf_cache_file(ref: str) -> Path:
-    repo = ref.removeprefix("hf-hub:")
-    roots = [
-        os.environ.get("HF_HUB_CACHE"),
-        os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
-        os.path.expanduser("~/.cache/huggingface/hub"),
-    ]
-    folder = "models--" + repo.replace("/", "--")
-    for root in filter(None, roots):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            hits = sorted(Path(root, folder, "snapshots").glob(f"*/{name}"))
-            if hits:
-                return hits[-1]
-    raise FileNotFoundError(
-        f"{ref}: no model.safetensors or pytorch_model.bin for {repo} in the Hugging Face cache "
-        f"({', '.join(filter(None, roots))}); relaymap never downloads weights at run time: "
-        f"fetch them once (e.g. huggingface-cli download {repo}) or pass a file path"
-    )
+    def summary(self) -> str:
+        """Two lines: what was loaded and left at init, and what was not used."""
+        new = f": {_first(list(self.initialised), 4)}" if self.initialised else ""
+        unused = f": {_first(list(self.unused), 4)}" if self.unused else ""
+        where = f" ({self.file})" if self.file and self.file != self.source else ""
+        return (
+            f"pretrained {self.source}{where}: {self.loaded} backbone tensors loaded, "
+            f"{len(self.initialised)} new left at init{new}\n"
+            f"unused checkpoint keys: {len(self.unused)}{unused}"
+        )
 
 
 def read_checkpoint(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a path, URL or ``hf-hub:`` reference (unwrapping ``model`` /
-    ``state_dict`` wrappers)."""
-    import fsspec
+    """Read a state dict from any ``pretrained`` reference (fetched by
+    :func:`~relay_models.hub.fetch_weights`), unwrapping ``model`` / ``state_dict``
+    wrappers."""
+    return _read_file(fetch_weights(source), source)
+
+
+def _read_file(path: Path, source: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    ref = str(source)
-    if ref.startswith("hf-hub:"):
-        ref = str(_hf_cache_file(ref))
-    try:
-        with fsspec.open(ref, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {source}") from None
-    if ref.endswith(".safetensors") or blob[8:9] == b"{":  # u64 header length, then JSON
+    blob = path.read_bytes()
+    if path.name.endswith(".safetensors") or blob[8:9] == b"{":  # u64 header length, JSON
         try:
             sd = load_safetensors(blob)
         except SafetensorError as e:
-            raise ValueError(f"{source} is not a readable safetensors file: {e}") from e
+            raise WeightsError(f"{source} is not a readable safetensors file: {e}") from e
     elif not blob.startswith((b"PK\x03\x04", b"\x80")):  # torch zip, or a legacy pickle
-        raise ValueError(f"{source} is not a readable torch checkpoint or safetensors file")
+        raise WeightsError(f"{source} is not a readable torch checkpoint or safetensors file")
     else:
         try:
             sd = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
@@ -105,12 +105,12 @@ def read_checkpoint(source: str | os.PathLike) -> dict[str, torch.Tensor]:
             IndexError,
             zipfile.BadZipFile,
         ) as e:
-            raise ValueError(f"{source} is not a readable torch checkpoint: {e}") from e
+            raise WeightsError(f"{source} is not a readable torch checkpoint: {e}") from e
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{source} does not hold a state dict of tensors")
+        raise WeightsError(f"{source} does not hold a state dict of tensors")
     return sd
 
 
@@ -167,19 +167,29 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> LoadReport:
     """Load a timm-format backbone checkpoint into ``model.backbone``, strictly.
 
     Every backbone key must be in the checkpoint except relaymap's new ones (relays, relay
-    projections, second patch embedding), and every checkpoint key must be a backbone key
-    except the classifier's; shapes must match. The global patch embedding, when absent,
-    starts as a copy of the local one.
+    projections, second patch embedding: :data:`NEW_KEY`), and every checkpoint key must be
+    a backbone key except the classifier's and relaymap's new ones (a relay backbone's
+    checkpoint fits its sliding-window, fusion and downsample twins); shapes must match.
+    The global patch embedding, when absent, starts as a copy of the local one.
+
+    Args:
+        model: a model from :func:`relay_models.create_model`.
+        source: any ``pretrained`` reference (:mod:`relay_models.hub`), fetched once.
 
     Raises:
-        ValueError: naming the missing, unexpected or mis-shaped keys: the checkpoint is of
-            another architecture.
+        WeightsError: (a ``ValueError``) naming the missing, unexpected or mis-shaped keys
+            (the checkpoint is of another architecture), or an unreadable file.
+        WeightsNotFound: the source is missing or unreachable and not cached.
+        ChecksumMismatch: the downloaded file is not the one its source publishes.
     """
     backbone: Backbone = model.backbone
-    sd = checkpoint_filter_fn(read_checkpoint(source), backbone)
+    path = fetch_weights(source)
+    sd = checkpoint_filter_fn(_read_file(path, source), backbone)
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in sd and not NEW_KEY.match(k))
-    unexpected = sorted(k for k in sd if k not in own and not CLASSIFIER_KEY.match(k))
+    unexpected = sorted(
+        k for k in sd if k not in own and not (CLASSIFIER_KEY.match(k) or NEW_KEY.match(k))
+    )
     shapes = sorted(
         f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
@@ -193,7 +203,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> LoadReport:
             problems.append(f"unexpected keys: {_first(unexpected)}")
         if shapes:
             problems.append(f"shape mismatches (checkpoint vs model): {_first(shapes, 4)}")
-        raise ValueError(
+        raise WeightsError(
             f"checkpoint {source} does not fit {type(backbone).__name__} "
             f"(is it of another architecture or size?): " + "; ".join(problems)
         )
@@ -209,4 +219,4 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike) -> LoadReport:
         log.info("%s: new parameters not in the checkpoint: %s", source, _first(initialised))
     if unused:
         log.info("%s: checkpoint keys not used: %s", source, _first(unused))
-    return LoadReport(str(source), tuple(initialised), tuple(unused))
+    return LoadReport(str(source), tuple(initialised), tuple(unused), len(used), str(path))

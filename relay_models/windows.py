@@ -217,18 +217,22 @@ def read_pair(
     *,
     with_global: bool = True,
     labels: bool = False,
+    global_valid: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A local window and (``with_global``) its global window, read by :func:`read_window`.
 
     Returns:
         ``{"local": (C, L, L), "valid": (L, L) bool, "global": (C, L, L)}`` (no ``global``
         without ``with_global``), plus ``"labels": (L, L)`` int64 when ``labels`` (255
-        where there is no label, or everywhere when the source has none).
+        where there is no label, or everywhere when the source has none) and
+        ``"global_valid": (L, L)`` bool when ``global_valid`` (pretraining's loss mask).
     """
     local, valid, lab = read_window(source, pair.local, out_px, norm, labels=labels)
     out = {"local": local, "valid": valid}
     if with_global:
-        out["global"] = read_window(source, pair.global_, out_px, norm)[0]
+        out["global"], gvalid, _ = read_window(source, pair.global_, out_px, norm)
+        if global_valid:
+            out["global_valid"] = gvalid
     if labels:
         out["labels"] = (
             lab if lab is not None else torch.full((out_px, out_px), IGNORE, dtype=torch.long)

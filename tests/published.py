@@ -12,10 +12,13 @@ Azure refuses them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.server
 import json
 import math
+import socket
+import struct
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -225,14 +228,18 @@ class PlanetaryComputerStandIn:
     answers); blob reads arrive as HTTP proxy requests for
     ``http://<account>.blob.core.windows.net/<container>/<path>`` (GDAL's
     ``GDAL_HTTP_PROXY``) and are served from ``root`` only when signed with a token this
-    service issued (403 otherwise, as Azure does). ``requests`` counts what was asked.
+    service issued (403 otherwise, as Azure does), or, unsigned, from a ``public``
+    container (as a public copy or one's own storage would be). ``requests`` counts what
+    was asked, ``tokens`` the token requests per ``account/container``.
     """
 
     SIG = "sig=relaymap-test-signature"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, public: Sequence[str] = ()) -> None:
         self.root = root
+        self.public = set(public)
         self.requests = {"token": 0, "signed": 0, "unsigned": 0}
+        self.tokens: collections.Counter[str] = collections.Counter()
 
     def href(self, path: Path) -> str:
         """The blob URL of a file under ``root`` (account ``teststorage``, a container)."""
@@ -249,6 +256,7 @@ class PlanetaryComputerStandIn:
                 url = urllib.parse.urlsplit(self.path)
                 if url.path.startswith("/api/sas/v1/token/"):
                     stand_in.requests["token"] += 1
+                    stand_in.tokens[url.path.removeprefix("/api/sas/v1/token/")] += 1
                     doc = {
                         "msft:expiry": "2099-01-01T00:00:00Z",
                         "token": f"se=2099&{stand_in.SIG}",
@@ -257,7 +265,7 @@ class PlanetaryComputerStandIn:
                 signed = stand_in.SIG in url.query
                 stand_in.requests["signed" if signed else "unsigned"] += 1
                 path = stand_in.root / url.path.lstrip("/")
-                if not signed:
+                if not signed and url.path.lstrip("/").split("/")[0] not in stand_in.public:
                     return self._send(403, b"AuthenticationFailed", body)
                 if not path.is_file():
                     return self._send(404, b"BlobNotFound", body)
@@ -303,6 +311,65 @@ class PlanetaryComputerStandIn:
         finally:
             server.shutdown()
             server.server_close()
+            _forget_settings()
+
+
+class TokenServiceDown:
+    """A token service that cannot give a token, on loopback: it accepts connections, then
+    with ``stall`` never answers (as a dead proxy or a black-holed route), with ``reset``
+    closes them at once (as a refused connection), with ``refuse`` answers HTTP 401 (as to
+    a bad subscription key). ``connections`` counts the tries that reached it."""
+
+    def __init__(self, behaviour: str = "stall") -> None:
+        assert behaviour in ("stall", "reset", "refuse")
+        self.behaviour = behaviour
+        self.connections = 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[dict[str, str]]:
+        """Serve; yield (and set) the environment that points the signer at it."""
+        server = socket.create_server(("127.0.0.1", 0))
+        held: list[socket.socket] = []
+        done = threading.Event()
+
+        def accept() -> None:
+            server.settimeout(0.1)
+            while not done.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                self.connections += 1
+                if self.behaviour == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                elif self.behaviour == "refuse":
+                    conn.settimeout(5)
+                    conn.recv(65536)  # the request (small: one GET)
+                    conn.sendall(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
+                    conn.close()
+                else:
+                    held.append(conn)  # open, silent
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        port = server.getsockname()[1]
+        env = {"PC_SDK_SAS_URL": f"http://127.0.0.1:{port}/api/sas/v1/token"}
+        try:
+            with environ(env):
+                _forget_settings()
+                yield env
+        finally:
+            done.set()
+            thread.join()
+            server.close()
+            for conn in held:
+                conn.close()
             _forget_settings()
 
 

@@ -11,22 +11,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Import name of each top-level folder.
+#: Import name of each package folder (``flows/products`` is a layer of its own).
 PACKAGES = {
     "relay_models": "relay_models",
     "ingest": "relaymap.ingest",
     "catalog": "relaymap.catalog",
+    "flows/products": "relaymap.flows.products",
     "flows": "relaymap.flows",
 }
 GENERIC = {"catalog", "ingest", "flows"}
-MODELS, INGEST, CATALOG, FLOWS = PACKAGES.values()
-#: What each package may import of ours: lower layers never import upper ones.
+MODELS, INGEST, CATALOG, PRODUCTS, FLOWS = PACKAGES.values()
+#: What each package may import of ours: lower layers never import upper ones. The products
+#: (COGs, mosaics, change, ...) never import the orchestration that runs them. A module
+#: belongs to the first package here its name starts with (products before flows).
 LAYERS = {
     MODELS: set(),
     CATALOG: {MODELS},
     INGEST: {MODELS, CATALOG},
-    FLOWS: {MODELS, CATALOG, INGEST},
-    "bench": {MODELS, CATALOG, INGEST, FLOWS},
+    PRODUCTS: {MODELS, CATALOG, INGEST},
+    FLOWS: {MODELS, CATALOG, INGEST, PRODUCTS},
+    "bench": {MODELS, CATALOG, INGEST, PRODUCTS, FLOWS},
 }
 
 
@@ -121,6 +125,11 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "stats.py"
     bad.write_text("from . import create_model\nfrom relaymap.flows.infer import _plan\n")
     found = _imports("relay_models.stats", bad)
+    product = MODULES["relaymap.flows.products.change"]
+    assert _ours("relaymap.flows.products.change") == PRODUCTS and FLOWS not in LAYERS[PRODUCTS]
+    assert ("relaymap.flows.products.cog", "NODATA") in [
+        (m, n) for m, n, _ in _imports("relaymap.flows.products.change", product)
+    ]
     assert ("relay_models", "create_model", 1) in found and (
         "relaymap.flows.infer",
         "_plan",

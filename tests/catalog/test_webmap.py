@@ -3,11 +3,17 @@ HTTP and in Debian's Chromium (WebGL through SwiftShader), driven by Playwright.
 
 The catalog holds two scene maps (``relaymap-maps``) and an area collection of two periods
 whose imagery, stable maps and change are made by relaymap's own writers
-(:func:`relaymap.flows.timeline.derive`, its per-cell tasks run in this process)."""
+(:func:`relaymap.flows.products.timeline.derive`, its per-cell tasks run in this process),
+with its class-area table and plot (relaymap's writers too).
+
+The browser tests share one Chromium and one load of the page (each sets the view it
+checks: period, comparison, toggles); their screenshots go to the ``webmap-shots`` folder of
+the run's temporary directory."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import io
 import shutil
@@ -32,7 +38,7 @@ from relaymap.catalog import StaticCatalog, map_item
 from relaymap.catalog.server import free_port, wait_for_http
 from relaymap.catalog.webmap import BACKGROUND as BACKGROUND_HEX
 from relaymap.catalog.webmap import NODATA_HATCH
-from relaymap.flows.cog import NODATA, palette, to_cog
+from relaymap.flows.products.cog import NODATA, palette, to_cog
 from relaymap.flows.serve import serve
 
 CRS = "EPSG:32633"
@@ -144,8 +150,9 @@ def _write_raster(path: Path, values: np.ndarray, x0: float, y0: float, classes)
 
 @dataclass(frozen=True)
 class AreaSpec:
-    """A test area run: one 256 px cell mapped in two periods with a known change, cloud
-    strips in each period, and true-colour composites."""
+    """A test area run: one 256 px cell mapped in two periods with two known changes (a
+    crop field built over, a pond drained to crop), cloud strips in each period,
+    true-colour composites and a class-area table."""
 
     collection: str = "area-test"
     periods: tuple[str, str] = ("2024-08", "2024-09")
@@ -162,15 +169,19 @@ class AreaSpec:
         (0.16, 0.13, 0.12),
         (0.03, 0.05, 0.09),
     )
-    #: ``(row, col)`` of pixels checked on screen: crop that became urban, crop both times,
-    #: water both times, crop under the first period's cloud, urban under the second's.
+    #: ``(row, col)`` of pixels checked on screen: crop that became urban, water that
+    #: became crop, crop both times, water both times, crop under the first period's cloud,
+    #: urban under the second's.
     probes: tuple[tuple[str, int, int], ...] = (
         ("changed", 80, 168),
+        ("water2crop", 170, 40),
         ("crop", 80, 40),
         ("water", 192, 64),
         ("cloud1", 16, 64),
         ("cloud2", 192, 244),
     )
+    #: The area mapped with low confidence in the later period (km2 of urban).
+    low_confidence_km2: float = 0.05
 
     def raster(self, period: int) -> np.ndarray:
         """(H, W) uint8 classes of period 0 or 1."""
@@ -179,7 +190,8 @@ class AreaSpec:
         if period == 0:
             a[:32] = NODATA  # a cloud
         else:
-            a[48:112, 136:200] = 1  # a field built over
+            a[48:112, 136:200] = 1  # a field built over: 64 x 64 px, 0.4096 km2
+            a[150:190, 20:60] = 0  # a pond drained: 40 x 40 px, 0.16 km2
             a[:, 232:] = NODATA
         return a
 
@@ -196,6 +208,25 @@ class AreaSpec:
         c = next(c for c in self.classes if c["name"] == name)
         return tuple(bytes.fromhex(c["color_hint"]))
 
+    def km2(self, period: int) -> dict[str, float]:
+        """Each class's area in a period, and the observable area (``None``), in km2."""
+        counts = np.bincount(self.raster(period).ravel(), minlength=256)
+        areas = {c["name"]: counts[c["index"]] * RES_M**2 / 1e6 for c in self.classes}
+        return {**areas, None: sum(areas.values())}
+
+    def stretch(self) -> tuple[float, float]:
+        """The imagery stretch the page should use: per period the 2nd and 98th percentiles
+        of the stored values (reflectance x 10000) of the three bands together, averaged
+        over both periods."""
+        lows, highs = [], []
+        for i in range(2):
+            classes = self.raster(i)
+            rgb = np.array(self.rgb, np.float32)[np.minimum(classes, 2)][classes != NODATA]
+            lo, hi = np.percentile(np.rint(rgb * 10000), (2, 98))
+            lows.append(lo)
+            highs.append(hi)
+        return float(np.mean(lows)), float(np.mean(highs))
+
 
 AREA = AreaSpec()
 
@@ -208,8 +239,9 @@ def _make_area(root: Path, catalog_url: str) -> None:
     from odc.geo.xr import xr_coords
 
     from relaymap.flows.area import AreaConfig
-    from relaymap.flows.mosaic import write_mosaic
-    from relaymap.flows.timeline import cell_task, derive
+    from relaymap.flows.products.class_areas import class_area_rows, plot_class_areas, write_table
+    from relaymap.flows.products.mosaic import write_mosaic
+    from relaymap.flows.products.timeline import cell_task, derive
     from relaymap.ingest import write_scene
 
     gbox = GeoBox((SIDE_PX, SIDE_PX), from_origin(AREA.x0_m, AREA.y0_m, RES_M, RES_M), CRS)
@@ -237,6 +269,7 @@ def _make_area(root: Path, catalog_url: str) -> None:
         ),
     )
     collection.extra_fields["relaymap:model"] = "model"
+    names = [c["name"] for c in AREA.classes]
     for i, period in enumerate(AREA.periods):
         classes = AREA.raster(i)
         cog = root / "maps" / AREA.collection / period / AREA.cell(i) / "classes.tif"
@@ -260,6 +293,9 @@ def _make_area(root: Path, catalog_url: str) -> None:
                 "relaymap:cell": "c0",
                 "relaymap:model": "model",
                 "relaymap:inputs": f"inputs-{period}",
+                "relaymap:class_areas_km2": {n: AREA.km2(i)[n] for n in names},
+                "relaymap:observable_km2": AREA.km2(i)[None],
+                "relaymap:low_confidence_km2": {"urban": AREA.low_confidence_km2 * i},
             }
         )
         items.append(item)
@@ -292,6 +328,18 @@ def _make_area(root: Path, catalog_url: str) -> None:
                 },
             ),
         )
+    rows = class_area_rows(AREA.periods, names, items)  # as an area run writes them
+    out = root / "maps" / AREA.collection
+    for key, url, title, media_type in (
+        ("class-areas", write_table(f"file://{out}/class-areas.csv", rows), "", "text/csv"),
+        (
+            "class-areas-plot",
+            plot_class_areas(f"file://{out}/class-areas.png", rows),
+            "",
+            "image/png",
+        ),
+    ):
+        collection.add_asset(key, pystac.Asset(url, title=title or key, media_type=media_type))
     catalog = StaticCatalog(catalog_url)
     catalog.add_collection(collection)
     catalog.add_items(items)
@@ -305,6 +353,8 @@ def _make_area(root: Path, catalog_url: str) -> None:
         run=lambda tasks: [cell_task(t) for t in tasks],
     )
     assert done.warnings == [] and len(done.changes) == 1, done
+    secret = root / "maps" / AREA.collection / "secret.csv"  # beside the tables, never registered
+    secret.write_text("period,class\n")
 
 
 def _make_catalog(root: Path) -> Path:
@@ -489,10 +539,75 @@ class TestHttp:
                 ).json()
                 assert got["map"] == spec.item_id and (got["lon"], got["lat"]) == (lon, lat)
                 assert got["name"] == (None if name == "nodata" else name)
+                assert got["inside"] is True  # nodata inside the map, not outside it
         outside = requests.get(
             f"{server}/maps/{MAP_A.item_id}/class", params={"lon": 0, "lat": 0}, timeout=60
         ).json()
         assert outside["value"] is None and outside["name"] is None
+        assert outside["inside"] is False
+
+    def test_webmap_tables_served_only_if_registered(self, server, catalog):
+        """The class-area and transition tables (JSON and CSV) and their plots (PNG) of an
+        area collection, as its assets say; nothing else of the collection's folder, and no
+        other asset (a mosaic VRT)."""
+        listed = requests.get(f"{server}/maps.json", timeout=60).json()
+        p0, p1 = AREA.periods
+        c = AREA.collection
+        change_id = f"{c}.change-{p0}_{p1}"
+        assert listed["tables"] == {
+            c: {
+                "class_areas": {
+                    "table": f"tables/{c}/class-areas",
+                    "csv": f"assets/{c}/class-areas",
+                    "plot": f"assets/{c}/class-areas-plot",
+                },
+                "transitions": {
+                    change_id: {
+                        "table": f"tables/{c}/transitions-{p0}_{p1}",
+                        "csv": f"assets/{c}/transitions-{p0}_{p1}",
+                        "plot": f"assets/{c}/transitions-plot-{p0}_{p1}",
+                    }
+                },
+            }
+        }
+        col = pystac.Collection.from_file(str(catalog / c / "collection.json"))
+        urls = listed["tables"][c]
+        for key, url in (
+            ("class-areas", urls["class_areas"]["csv"]),
+            ("class-areas-plot", urls["class_areas"]["plot"]),
+            (f"transitions-{p0}_{p1}", urls["transitions"][change_id]["csv"]),
+            (f"transitions-plot-{p0}_{p1}", urls["transitions"][change_id]["plot"]),
+        ):
+            resp = requests.get(f"{server}/{url}", timeout=60)
+            asset = col.assets[key]
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith(
+                asset.media_type
+            )
+            assert (
+                resp.content == Path(asset.get_absolute_href().removeprefix("file://")).read_bytes()
+            )
+        table = requests.get(f"{server}/{urls['class_areas']['table']}", timeout=60).json()
+        assert table["header"] == [
+            "period",
+            "class",
+            "area_km2",
+            "low_confidence_km2",
+            "observable_km2",
+            "cells",
+        ]
+        urban = next(r for r in table["rows"] if r[:2] == [p1, "urban"])
+        assert float(urban[2]) == pytest.approx(AREA.km2(1)["urban"], abs=1e-4)
+        for path in (
+            f"/assets/{c}/secret.csv",  # in the folder, not an asset
+            f"/assets/{c}/..%2Fsecret.csv",
+            f"/assets/{c}/mosaic-{p0}",  # an asset, but not a table or a plot
+            f"/tables/{c}/class-areas-plot",  # a plot is not a table
+            "/assets/relaymap-maps/class-areas",
+            "/assets/not-a-collection/class-areas",
+            f"/assets/{c}/class-areas.csv",
+        ):
+            resp = requests.get(server + path, timeout=60)
+            assert resp.status_code == 404, path
 
     def test_page_and_offline_assets(self, server):
         page = requests.get(server + "/", timeout=60)
@@ -519,9 +634,10 @@ def _area_layers(server: str) -> dict[str, dict]:
 
 
 def _stretched(rescale: list, rgb: tuple[float, ...]) -> tuple[int, ...]:
-    """The colour a reflectance shows with the layer's stretch (titiler's rescale)."""
+    """The colour a reflectance shows with the layer's stretch (titiler's rescale; ``rgb``
+    stored as the imagery writer stores it)."""
     return tuple(
-        int(np.clip((v * 10000 - lo) / (hi - lo), 0, 1) * 255)
+        int(np.clip((np.rint(np.float32(v) * 10000) - lo) / (hi - lo), 0, 1) * 255)
         for v, (lo, hi) in zip(rgb, rescale, strict=True)
     )
 
@@ -553,28 +669,41 @@ class TestWebmapAreaLayers:
         }
         change = layers[("change", p1)]
         assert change["before"] == p0 and change["id"] == f"{AREA.collection}.change-{p0}_{p1}"
-        assert [c["name"] for c in change["classes"]] == ["no change", "crop → urban"]
-        # one stretch for both periods (they compare), 2nd-98th percentiles of the pixels
-        stretches = [layers[("imagery", p)]["rescale"] for p in AREA.periods]
-        assert stretches[0] == stretches[1] and len(stretches[0]) == 3
-        for (lo, hi), band in zip(stretches[0], zip(*AREA.rgb, strict=True), strict=True):
-            assert min(band) * 1e4 - 1 <= lo < hi <= max(band) * 1e4 + 1
+        names = [c["name"] for c in change["classes"]]
+        assert names == ["no change", "crop → urban", "water → crop"]
         assert {m["kind"] for m in listed["maps"]} == {"classes"}  # the others are overlays
 
+    def test_webmap_imagery_one_stretch_for_the_three_bands(self, server):
+        """The true-colour stretch is one for red, green and blue (a per-band one turns
+        vegetation near black) and for both periods: the 2nd-98th percentiles of the
+        three bands' values together, averaged over the periods."""
+        layers = _area_layers(server)
+        stretches = [layers[("imagery", p)]["rescale"] for p in AREA.periods]
+        assert stretches[0] == stretches[1] and len(stretches[0]) == 3
+        assert stretches[0][0] == stretches[0][1] == stretches[0][2]
+        lo, hi = AREA.stretch()
+        assert abs(stretches[0][0][0] - lo) <= 1 and abs(stretches[0][0][1] - hi) <= 1
+
     def test_webmap_imagery_and_change_tiles(self, server):
+        from relaymap.catalog.webmap import NO_CHANGE
+        from relaymap.flows.products.change import NO_CHANGE as WRITTEN
+
+        assert NO_CHANGE == WRITTEN  # the value the page draws transparent
         layers = _area_layers(server)
         p1 = AREA.periods[1]
         imagery = layers[("imagery", p1)]
         got = _tile_pixel(server, imagery["id"], *AREA.lonlat(*AREA.pixel("crop")))
         assert got[3] == 255 and _near(got, _stretched(imagery["rescale"], AREA.rgb[0]), 2)
+        assert got[0] > got[1] > got[2]  # one stretch: the bands keep their order (crop)
         cloud = _tile_pixel(server, imagery["id"], *AREA.lonlat(*AREA.pixel("cloud2")))
         assert cloud[3] == 0  # no composite under the cloud
         change = layers[("change", p1)]
         colours = {c["name"]: c["color"] for c in change["classes"]}
-        for probe, name in (("changed", "crop → urban"), ("crop", "no change")):
+        for probe, name in (("changed", "crop → urban"), ("water2crop", "water → crop")):
             got = _tile_pixel(server, change["id"], *AREA.lonlat(*AREA.pixel(probe)))
             assert got == (*bytes.fromhex(colours[name][1:]), 255), probe
-        for probe in ("cloud1", "cloud2"):  # unobservable in one of the periods
+        # no change, and unobservable in one of the periods: transparent (the map beneath)
+        for probe in ("crop", "cloud1", "cloud2"):
             got = _tile_pixel(server, change["id"], *AREA.lonlat(*AREA.pixel(probe)))
             assert got[3] == 0, probe
         # the stable map of the later period (window 2: ties go to the most recent class)
@@ -586,8 +715,8 @@ class TestWebmapAreaLayers:
 def test_webmap_quicklook_nodata_is_striped_and_named(tmp_path):
     """Quicklooks draw nodata as the grey stripes and name it in their legend (not white
     on white)."""
-    from relaymap.flows.cog import NODATA_HATCH as COG_HATCH
-    from relaymap.flows.cog import quicklook
+    from relaymap.flows.products.cog import NODATA_HATCH as COG_HATCH
+    from relaymap.flows.products.cog import quicklook
 
     assert [bytes(c).hex() for c in COG_HATCH] == [c[1:] for c in NODATA_HATCH]
     cog = tmp_path / "a.tif"
@@ -601,7 +730,7 @@ def test_webmap_quicklook_nodata_is_striped_and_named(tmp_path):
 
 
 def _screen(page, spec, row: float, col: float, which: str = "relaymapMap") -> tuple[int, int]:
-    """Where a pixel of a test map is on the page, on the left map or the compared one."""
+    """Where a pixel of a test map is on the page, on the left map or the right one."""
     lon, lat = spec.lonlat(row, col)
     return tuple(
         page.evaluate(
@@ -616,26 +745,16 @@ def _screen(page, spec, row: float, col: float, which: str = "relaymapMap") -> t
     )
 
 
-@contextlib.contextmanager
-def _browser_page(url: str) -> Iterator:
-    """The page in headless Chromium, loaded; errors on the page or its console are
-    collected in ``page.errors``."""
-    from playwright.sync_api import sync_playwright
-
-    from tests.services import ensure_chromium
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(ensure_chromium()), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.errors = []
-            page.on("pageerror", lambda e: page.errors.append(str(e)))
-            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-            page.goto(url + "/")
-            _wait(page)
-            yield page
-        finally:
-            browser.close()
+def _open(browser, url: str):
+    """A new page of ``url`` in the shared browser, loaded; errors on the page or its console
+    are collected in ``page.errors``."""
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/")
+    _wait(page)
+    return page
 
 
 def _wait(page) -> None:
@@ -649,7 +768,7 @@ def _shot(page, path: Path) -> Image.Image:
 
 
 def _fit(page, spec) -> None:
-    """Zoom the (left) map to a test map."""
+    """Zoom the (left) map to a test map (the right one follows)."""
     page.evaluate(
         "(b) => window.relaymapMap.fitBounds(b, {padding: 40, animate: false})",
         [list(spec.lonlat(SIDE_PX, 0)), list(spec.lonlat(0, SIDE_PX))],
@@ -657,164 +776,457 @@ def _fit(page, spec) -> None:
     _wait(page)
 
 
-def _toggle(page, map_id: str, on: bool) -> None:
-    box = page.locator(f'input.toggle[data-map="{map_id}"]')
-    box.check() if on else box.uncheck()
+def _view(page, period: str, compare: str = "", mode: str = "side") -> None:
+    """Show ``period``, compared with ``compare`` (side by side or by swipe) if given."""
+    page.select_option("#period", period)
+    page.select_option("#compare", compare)
+    if compare:
+        page.check(f'input[name="mode"][value="{mode}"]')
     _wait(page)
 
 
+def _show(page, side: str, **on: bool) -> None:
+    """Set the toggles of the area's layers of one side (``main``: the period chosen,
+    ``compare``: the one compared), e.g. ``_show(page, "main", imagery=False)``."""
+    for kind, want in on.items():
+        sel = (
+            f'input.toggle[data-side="{side}"][data-kind="{kind}"][data-map^="{AREA.collection}."]'
+        )
+        box = page.locator(sel)
+        if box.count():
+            box.check() if want else box.uncheck()
+    _wait(page)
+
+
+def _hex(colour: str) -> tuple[int, ...]:
+    return tuple(bytes.fromhex(colour.lstrip("#")))
+
+
+def _km2(v: float) -> str:
+    """An area as the page writes it."""
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.2f}" if v >= 1 else f"{v:.2g}"
+
+
+def _rect(page, selector: str) -> dict:
+    return page.evaluate(
+        "(s) => { const r = document.querySelector(s).getBoundingClientRect();"
+        " return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; }",
+        selector,
+    )
+
+
+def _click(page, xy: tuple[int, int]) -> list[str]:
+    """Click the page there; the popup's lines once it has read the point."""
+    page.evaluate("document.getElementById('popup').dataset.done = '0'")
+    page.mouse.click(*xy)
+    page.wait_for_function("document.getElementById('popup').dataset.done === '1'")
+    return page.locator("#popup .line").all_inner_texts()
+
+
+def _popups(page) -> int:
+    """How many popups are on the page (the page's own, and MapLibre's)."""
+    return page.evaluate(
+        "document.querySelectorAll('#popup:not([hidden]), .maplibregl-popup').length"
+    )
+
+
+def _split(page) -> dict:
+    """The swipe's split (page x, from the right map's clip), the centres of the line and
+    its handle."""
+    return page.evaluate(
+        """() => {
+            const view = document.getElementById("view").getBoundingClientRect();
+            const clip = getComputedStyle(document.getElementById("map-compare")).clipPath;
+            const inset = Number(clip.match(/([\\d.]+)px\\)$/)[1]);
+            const centre = (r) => [r.left + r.width / 2, r.top + r.height / 2];
+            const d = document.getElementById("divider").getBoundingClientRect();
+            const k = document.querySelector("#divider .knob").getBoundingClientRect();
+            return {split: view.left + inset, line: centre(d)[0], knob: centre(k)};
+        }"""
+    )
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's browser tests."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.services import ensure_chromium
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(ensure_chromium()), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where the browser tests keep their screenshots."""
+    return tmp_path_factory.mktemp("webmap-shots")
+
+
+@pytest.fixture(scope="module")
+def page(browser, server, shots):
+    """The page of the test catalog, loaded once for the browser tests (each test sets the
+    view it checks); what it showed when it opened is kept in ``page.first``."""
+    page = _open(browser, server)
+    at = {name: _screen(page, AREA, r, c) for name, r, c in AREA.probes}
+    at.update({s.item_id: _screen(page, s, *s.probes[0][1:]) for s in (MAP_A, MAP_B)})
+    page.first = {
+        "shot": _shot(page, shots / "0-first.png"),
+        "at": at,
+        "period": page.locator("#period").input_value(),
+        "compare": page.locator("#compare").input_value(),
+        "legend": [t.strip() for t in page.locator("#legend li").all_inner_texts()],
+        "change legend": page.locator("#legend-change").inner_text(),
+        "more": page.locator("#legend-more").inner_text(),
+        "note": page.locator("#no-basemap").inner_text(),
+        "note visible": page.locator("#no-basemap").is_visible(),
+    }
+    yield page
+    page.close()
+
+
 @pytest.mark.slow
-def test_webmap_browser_views(server, tmp_path):
-    """The page in headless Chromium, each view checked on its screenshot at known pixels:
-    one period (the latest) by default; imagery; the change layer and its legend; two
-    periods side by side and by swipe; a scene map's period with a click query, opacity
-    and toggle. No errors in the console."""
-    layers = _area_layers(server)
+def test_webmap_opens_on_the_latest_period(page):
+    """The latest period, its land cover over its imagery, nothing of other periods; nodata
+    striped; the legend names the classes and the stripes; no base map, said so."""
+    first = page.first
+    shot, at = first["shot"], first["at"]
+    assert (first["period"], first["compare"]) == (AREA.periods[1], "")
+    assert _near(shot.getpixel(at["changed"]), AREA.colour("urban"))
+    assert _near(shot.getpixel(at["water"]), AREA.colour("water"))
+    assert _is_hatch(shot.getpixel(at["cloud2"])), shot.getpixel(at["cloud2"])
+    for spec in (MAP_A, MAP_B):  # other periods are not stacked under it
+        assert _near(shot.getpixel(at[spec.item_id]), BACKGROUND, 4)
+    assert first["legend"] == ["crop", "urban", "water"]
+    assert first["change legend"] == ""
+    assert "no data (cloud / not observed)" in first["more"] and "imagery" in first["more"]
+    assert first["note visible"] and "No base map" in first["note"]
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_imagery_one_stretch_on_screen(page, server, shots):
+    """The imagery alone: each class's pixels in the colour of one common stretch of the
+    three bands (the bands keep their order: crop reddish, water bluish)."""
+    p1 = AREA.periods[1]
+    _view(page, p1)
+    _show(page, "main", imagery=True, classes=False, stable=False, change=False)
+    _fit(page, AREA)
+    shot = _shot(page, shots / "1-imagery.png")
+    rescale = _area_layers(server)[("imagery", p1)]["rescale"]
+    for probe, cls in (("changed", 1), ("crop", 0), ("water", 2)):
+        got = shot.getpixel(_screen(page, AREA, *AREA.pixel(probe)))
+        want = _stretched(rescale, AREA.rgb[cls])
+        assert _near(got, want, 8), (probe, got, want)
+        order = np.argsort(AREA.rgb[cls])
+        assert got[order[2]] > got[order[0]], (probe, got)
+    assert _is_hatch(shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud2"))))
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_change_is_transparent_where_nothing_changed(page, server, catalog, shots):
+    """The change layer over the land cover: the changes in their colours, the land cover
+    where nothing changed or a period was not observed; alone, the background there (not
+    grey, not stripes). The legend lists the transitions that occurred, grouped by the
+    class they came from, with their areas from the transition table."""
     p0, p1 = AREA.periods
-    ids = {key: m["id"] for key, m in layers.items()}
-    with _browser_page(server) as page:
-        # one period, the latest: the area's later map over its imagery, nothing else
-        assert page.locator("#period").input_value() == p1
-        shot = _shot(page, tmp_path / "1-latest.png")
-        assert _near(
-            shot.getpixel(_screen(page, AREA, *AREA.pixel("changed"))), AREA.colour("urban")
-        )
-        assert _near(shot.getpixel(_screen(page, AREA, *AREA.pixel("water"))), AREA.colour("water"))
-        got = shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud2")))
-        assert _is_hatch(got), got  # nodata: grey stripes, not the page
-        for spec in (MAP_A, MAP_B):  # other periods are not stacked under it
-            _, row, col = spec.probes[0]
-            assert _near(shot.getpixel(_screen(page, spec, row, col)), BACKGROUND, 4)
-        legend = [t.strip() for t in page.locator("#legend li").all_inner_texts()]
-        assert legend == ["crop", "urban", "water"]
-        assert page.locator("#legend-change li").count() == 0
-        more = page.locator("#legend-more").inner_text()
-        assert "no data" in more and "imagery" in more
-        note = page.locator("#no-basemap")
-        assert note.is_visible() and "No base map" in note.inner_text()
-
-        # imagery: the land cover off, the composite's true colour with the shared stretch
-        _toggle(page, ids[("classes", p1)], False)
-        shot = _shot(page, tmp_path / "2-imagery.png")
-        rescale = layers[("imagery", p1)]["rescale"]
-        for probe, cls in (("changed", 1), ("crop", 0), ("water", 2)):
-            got = shot.getpixel(_screen(page, AREA, *AREA.pixel(probe)))
-            want = _stretched(rescale, AREA.rgb[cls])
-            assert _near(got, want, 8), (probe, got, want)
-        assert _is_hatch(shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud2"))))
-
-        # change since the period before, over the land cover, with its legend
-        _toggle(page, ids[("classes", p1)], True)
-        _toggle(page, ids[("change", p1)], True)
-        shot = _shot(page, tmp_path / "3-change.png")
-        colours = {c["name"]: c["color"] for c in layers[("change", p1)]["classes"]}
-        hexrgb = lambda h: tuple(bytes.fromhex(h[1:]))  # noqa: E731
-        checks = (
-            ("changed", hexrgb(colours["crop → urban"])),
-            ("crop", hexrgb(colours["no change"])),
-            ("cloud1", AREA.colour("crop")),  # no change value there: the map below shows
-        )
-        for probe, want in checks:
-            got = shot.getpixel(_screen(page, AREA, *AREA.pixel(probe)))
-            assert _near(got, want), (probe, got, want)
-        change_legend = [t.strip() for t in page.locator("#legend-change li").all_inner_texts()]
-        assert change_legend == ["no change", "crop → urban"]
-        _toggle(page, ids[("change", p1)], False)
-
-        # two periods side by side: the later on the left, the earlier on the right
-        page.select_option("#compare", p0)
-        _wait(page)
-        assert page.locator("#map-compare").is_visible()
-        _fit(page, AREA)  # on the left map; the right one follows
-        shot = _shot(page, tmp_path / "4-side.png")
-        left = _screen(page, AREA, *AREA.pixel("changed"))
-        right = _screen(page, AREA, *AREA.pixel("changed"), which="relaymapCompare")
-        assert right[0] > left[0] + 200  # the same place, on the other map
-        assert _near(shot.getpixel(left), AREA.colour("urban"))
-        assert _near(shot.getpixel(right), AREA.colour("crop"))
-        assert _is_hatch(
-            shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud1"), "relaymapCompare"))
-        )
-        badges = page.locator(".badge").all_inner_texts()
-        assert badges == [p1, p0]
-
-        # swipe: both maps over each other, the earlier one right of the handle
-        page.check('input[name="mode"][value="swipe"]')
-        _wait(page)
-        _fit(page, AREA)
-        shot = _shot(page, tmp_path / "5-swipe.png")
-        handle = page.evaluate(
-            """() => {
-                const r = document.getElementById("map").getBoundingClientRect();
-                return r.left + r.width * document.getElementById("swipe").value / 100;
-            }"""
-        )
-        cloud1, changed = (_screen(page, AREA, *AREA.pixel(p)) for p in ("cloud1", "changed"))
-        assert cloud1[0] < handle < changed[0]
-        assert _near(shot.getpixel(cloud1), AREA.colour("crop"))  # left: the later period
-        assert _near(shot.getpixel(changed), AREA.colour("crop"))  # right: the earlier one
-        page.evaluate(
-            """() => {
-                const s = document.getElementById("swipe");
-                s.value = 100;
-                s.dispatchEvent(new Event("input"));
-            }"""
-        )
-        _wait(page)
-        shot = _shot(page, tmp_path / "6-swiped.png")
-        assert _near(shot.getpixel(changed), AREA.colour("urban"))  # all the later period
-
-        # back to one period: a scene map's date
-        page.select_option("#compare", "")
-        page.select_option("#period", "2024-06-15")
-        _wait(page)
-        assert not page.locator("#map-compare").is_visible()
-        _fit(page, MAP_A)
-        shot = _shot(page, tmp_path / "7-scene.png")
-        for name, row, col in MAP_A.probes:
-            got = shot.getpixel(_screen(page, MAP_A, row, col))
-            assert _near(got, MAP_A.colour(name)) if name != "nodata" else _is_hatch(got), name
-        legend = [t.strip() for t in page.locator("#legend li").all_inner_texts()]
-        assert legend == ["crop", "water"]
-
-        # click: the class name and the coordinates
-        lon, lat = MAP_A.lonlat(80, 192)
-        page.mouse.click(*_screen(page, MAP_A, 80, 192))
-        page.wait_for_function("document.getElementById('info').dataset.done === '1'")
-        info = page.locator("#info").inner_text()
-        assert info.startswith("water (class 1)"), info
-        shown = info.splitlines()[1].replace(",", "").split()  # lon X lat Y
-        assert abs(float(shown[1]) - lon) < 2e-4 and abs(float(shown[3]) - lat) < 2e-4
-        page.evaluate("document.querySelectorAll('.maplibregl-popup').forEach(p => p.remove())")
-
-        # opacity 50%: red over the stripes of the map's footprint
-        page.evaluate(
-            """(id) => {
-                const s = document.querySelector(`input.opacity[data-map="${id}"]`);
-                s.value = 50;
-                s.dispatchEvent(new Event("input"));
-            }""",
-            MAP_A.item_id,
-        )
-        _wait(page)
-        got = _shot(page, tmp_path / "8-opacity.png").getpixel(_screen(page, MAP_A, 80, 64))
-        halves = [
-            tuple(0.5 * r + 0.5 * h for r, h in zip((255, 0, 0), c, strict=True)) for c in HATCH
+    change = _area_layers(server)[("change", p1)]
+    colours = {c["name"]: _hex(c["color"]) for c in change["classes"]}
+    _view(page, p1)
+    _show(page, "main", imagery=False, classes=True, stable=False, change=True)
+    _fit(page, AREA)
+    shot = _shot(page, shots / "2-change.png")
+    for probe, want in (
+        ("changed", colours["crop → urban"]),
+        ("water2crop", colours["water → crop"]),
+        ("crop", AREA.colour("crop")),  # no change: the land cover beneath
+        ("cloud1", AREA.colour("crop")),  # not observed before: the land cover beneath
+    ):
+        got = shot.getpixel(_screen(page, AREA, *AREA.pixel(probe)))
+        assert _near(got, want), (probe, got, want)
+    groups = page.evaluate(
+        """() => [...document.querySelectorAll("#legend-change .change-group")].map((g) => [
+            g.dataset.from,
+            [...g.querySelectorAll("li")].map((li) => [
+                li.querySelector("span:not(.swatch):not(.km2)").textContent,
+                li.querySelector(".km2").textContent,
+            ]),
+        ])"""
+    )
+    # the transition table the catalog registers, and what the rasters say
+    table = catalog / AREA.collection / "collection.json"
+    href = pystac.Collection.from_file(str(table)).assets[f"transitions-{p0}_{p1}"]
+    with open(href.get_absolute_href().removeprefix("file://")) as f:
+        rows = list(csv.reader(f))
+    from_table = [
+        [row[0], [[f"→ {to}", f"{_km2(float(v))} km²"]]]
+        for row in rows[1:-1]
+        for to, v in zip(rows[0][1:-1], row[1:-1], strict=True)
+        if to != row[0] and float(v) > 0
+    ]
+    assert (
+        groups
+        == from_table
+        == [
+            ["crop", [["→ urban", f"{_km2(64 * 64 * RES_M**2 / 1e6)} km²"]]],
+            ["water", [["→ crop", f"{_km2(40 * 40 * RES_M**2 / 1e6)} km²"]]],
         ]
-        low, high = np.min(halves, axis=0) - 8, np.max(halves, axis=0) + 8  # a stripe or its edge
-        assert all(lo <= g <= hi for g, lo, hi in zip(got, low, high, strict=True)), (got, halves)
-
-        # toggle off: the map and its footprint's stripes are gone
-        _toggle(page, MAP_A.item_id, False)
-        got = _shot(page, tmp_path / "9-off.png").getpixel(_screen(page, MAP_A, 80, 64))
-        assert _near(got, BACKGROUND, 4), got
-        assert page.errors == []
+    )
+    title = page.locator("#legend-change .change-title").inner_text()
+    assert title == f"change {p0} → {p1}"
+    # the change alone: where nothing changed, what is beneath (here the background)
+    _show(page, "main", classes=False)
+    shot = _shot(page, shots / "3-change-alone.png")
+    assert _near(shot.getpixel(_screen(page, AREA, *AREA.pixel("crop"))), BACKGROUND, 4)
+    got = shot.getpixel(_screen(page, AREA, *AREA.pixel("changed")))
+    assert _near(got, colours["crop → urban"])
+    assert page.errors == []
 
 
 @pytest.mark.slow
-def test_webmap_base_map(catalog, tmp_path):
+def test_webmap_tables_of_the_periods_shown(page, shots):
+    """The panel shows the class areas of the period shown and the transitions into it,
+    from the catalog's tables, with their plots; comparing, those of both periods."""
+    p0, p1 = AREA.periods
+    _view(page, p1)
+    page.wait_for_function(
+        "[...document.querySelectorAll('#tables img')].every(i => i.complete && i.naturalWidth)"
+    )
+    page.locator("#tables").scroll_into_view_if_needed()
+    _shot(page, shots / "4-tables.png")
+
+    def table(selector: str) -> list[list[str]]:
+        return page.evaluate(
+            """(s) => [...document.querySelectorAll(s + " tr")].map(
+                (tr) => [...tr.children].map((c) => c.textContent))""",
+            selector,
+        )
+
+    want = AREA.km2(1)
+    low = {"urban": AREA.low_confidence_km2}
+    assert table(f'#tables table.class-areas[data-period="{p1}"]') == [
+        ["class", "area", "low confidence"],
+        *([n, _km2(want[n]), _km2(low.get(n, 0))] for n in ("crop", "urban", "water")),
+    ]
+    caption = page.locator("#tables table.class-areas caption").inner_text()
+    assert f"observable {_km2(want[None])}" in caption
+    crop_urban, water_crop = (_km2(n * n * RES_M**2 / 1e6) for n in (64, 40))
+    matrix = table("#tables table.transitions")
+    assert matrix[0] == ["from \\ to", "crop", "urban", "water", "total"]
+    assert matrix[1][2] == crop_urban and matrix[3][1] == water_crop
+    assert [r[0] for r in matrix[1:]] == ["crop", "urban", "water", "total"]
+    unchanged = page.locator("#tables table.transitions td.same").all_inner_texts()
+    assert unchanged == [matrix[1][1], matrix[2][2], matrix[3][3]]  # the diagonal, in grey
+    images = page.evaluate("[...document.querySelectorAll('#tables img')].map(i => i.src)")
+    assert [i.rsplit("/", 1)[1] for i in images] == [
+        f"transitions-plot-{p0}_{p1}",
+        "class-areas-plot",
+    ]
+    # comparing: both periods' class areas
+    _view(page, p1, p0)
+    periods = page.evaluate(
+        "[...document.querySelectorAll('#tables table.class-areas')].map(t => t.dataset.period)"
+    )
+    assert periods == [p0, p1]
+    assert page.locator("#tables table.transitions").count() == 1  # into p1; none into p0
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_popups(page, shots):
+    """A click reads the point into one popup (a second click, on either map, replaces it),
+    in lines: the class, what and when, the coordinates; no internal ids; nodata and an
+    unknown change in words; inside the view at its edges, over both maps."""
+    p0, p1 = AREA.periods
+    _view(page, p1)
+    _show(page, "main", imagery=True, classes=True, stable=False, change=True)
+    _fit(page, AREA)
+    lines = _click(page, _screen(page, AREA, *AREA.pixel("changed")))
+    lon, lat = AREA.lonlat(*AREA.pixel("changed"))
+    assert lines[:3] == ["crop → urban", f"change {p0} → {p1}", "land cover: urban"]
+    shown = lines[-1].replace(",", "").split()  # lon X lat Y
+    assert shown[0] == "lon" and abs(float(shown[1]) - lon) < 2e-4
+    assert shown[2] == "lat" and abs(float(shown[3]) - lat) < 2e-4
+    text = "\n".join(lines)
+    for internal in (AREA.collection, "mosaic", "class 1", "change-"):
+        assert internal not in text
+    _shot(page, shots / "5-popup.png")
+    # not observed in the earlier period: an unknown change, not a class
+    lines = _click(page, _screen(page, AREA, *AREA.pixel("cloud1")))
+    assert lines[:3] == ["unknown change", f"change {p0} → {p1}", f"no data in {p0}"]
+    assert _click(page, _screen(page, AREA, *AREA.pixel("cloud1"))) == lines  # twice
+    assert _popups(page) == 1
+    # the change off: nodata in words
+    _show(page, "main", change=False)
+    lines = _click(page, _screen(page, AREA, *AREA.pixel("cloud2")))
+    assert lines[:2] == ["no data (cloud / not observed)", f"land cover, {p1}"]
+    # two maps: a click on each, one popup (the last), each side read as itself
+    _view(page, p1, p0)
+    _show(page, "compare", imagery=True, classes=True, stable=False)
+    lines = _click(page, _screen(page, AREA, *AREA.pixel("changed")))
+    assert lines[:2] == ["crop", f"land cover, {p0}"]
+    lines = _click(page, _screen(page, AREA, *AREA.pixel("changed"), "relaymapCompare"))
+    assert lines[:2] == ["urban", f"land cover, {p1}"]
+    assert _popups(page) == 1
+    # at the view's edges (the far corner of the right map, the top left of the left one)
+    view = _rect(page, "#view")
+    for xy in ((view["right"] - 4, view["bottom"] - 4), (view["left"] + 4, view["top"] + 4)):
+        _click(page, (int(xy[0]), int(xy[1])))
+        box = _rect(page, "#popup")
+        assert view["left"] <= box["left"] and box["right"] <= view["right"], (xy, box)
+        assert view["top"] <= box["top"] and box["bottom"] <= view["bottom"], (xy, box)
+    # swipe: a popup across the split is whole, over both maps
+    _view(page, p1, p0, "swipe")
+    split = _split(page)["split"]
+    _click(page, (int(split) + 14, int((view["top"] + view["bottom"]) / 2) + 60))
+    _shot(page, shots / "6-popup-swipe.png")
+    box = _rect(page, "#popup")
+    assert box["left"] < split < box["right"]
+    on_top = page.evaluate(
+        """(b) => [[b.left + 2, b.top + 2], [b.right - 2, b.top + 2], [b.left + 2, b.bottom - 2],
+            [b.right - 2, b.bottom - 2]].every(([x, y]) =>
+            document.getElementById("popup").contains(document.elementFromPoint(x, y)))""",
+        box,
+    )
+    assert on_top and _popups(page) == 1
+    page.locator("#popup .close").click()
+    assert _popups(page) == 0
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_side_by_side(page, shots):
+    """Two periods side by side: the earlier on the left whichever is chosen first, both
+    refitted to what the single map showed; the compared side has its own toggles."""
+    p0, p1 = AREA.periods
+    _view(page, p1)
+    _fit(page, AREA)
+    _view(page, p1, p0)
+    assert page.locator(".badge").all_inner_texts() == [p0, p1]
+    headings = page.locator("#maps h4").all_inner_texts()
+    assert headings == [f"left map: {p0}", f"right map: {p1}"]
+    # refitted: the whole area on both maps, at the same place in each
+    corners = [(0, 0), (SIDE_PX, SIDE_PX)]
+    for which, box in (("relaymapMap", "#map"), ("relaymapCompare", "#map-compare")):
+        r = _rect(page, box)
+        for corner in corners:
+            x, y = _screen(page, AREA, *corner, which)
+            assert r["left"] <= x <= r["right"] and r["top"] <= y <= r["bottom"], which
+    left, right = (_rect(page, b) for b in ("#map", "#map-compare"))
+    a = _screen(page, AREA, *AREA.pixel("changed"))
+    b = _screen(page, AREA, *AREA.pixel("changed"), "relaymapCompare")
+    assert abs((a[0] - left["left"]) - (b[0] - right["left"])) <= 1 and abs(a[1] - b[1]) <= 1
+    # land cover on both sides: the earlier period left
+    _show(page, "main", imagery=True, classes=True, stable=False, change=False)
+    _show(page, "compare", imagery=True, classes=True, stable=False, change=False)
+    shot = _shot(page, shots / "7-side.png")
+    assert _near(shot.getpixel(a), AREA.colour("crop"))
+    assert _near(shot.getpixel(b), AREA.colour("urban"))
+    assert _is_hatch(shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud1"))))
+    # the compared side's own toggles: its land cover off (its imagery shows), and the
+    # chosen side's change on
+    _show(page, "compare", classes=False)
+    _show(page, "main", change=True)
+    shot = _shot(page, shots / "8-side-toggles.png")
+    got = shot.getpixel(a)
+    assert not _near(got, AREA.colour("crop"), 20) and got[0] > got[1] > got[2], got  # imagery
+    change = page.locator('input.toggle[data-side="main"][data-kind="change"]')
+    assert change.is_checked()
+    assert not _near(shot.getpixel(b), AREA.colour("urban"), 20)  # the change's colour
+    # the earlier period chosen, the later compared: still the earlier on the left
+    _view(page, p0, p1)
+    assert page.locator(".badge").all_inner_texts() == [p0, p1]
+    assert page.locator("#maps h4").all_inner_texts() == [f"left map: {p0}", f"right map: {p1}"]
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_swipe_split_is_dragged(page, shots):
+    """Swipe: the earlier period left of the split, the later right; the line and its
+    handle sit exactly at the split; a mouse drag on the handle moves the split there
+    (arrow keys too)."""
+    p0, p1 = AREA.periods
+    _view(page, p1, p0, "swipe")
+    _show(page, "main", imagery=False, classes=True, stable=False, change=False)
+    _show(page, "compare", imagery=False, classes=True, stable=False, change=False)
+    _fit(page, AREA)
+    at = _split(page)
+    assert abs(at["line"] - at["split"]) <= 0.5 and abs(at["knob"][0] - at["split"]) <= 0.5
+    shot = _shot(page, shots / "9-swipe.png")
+    view = _rect(page, "#view")
+    for x in (int(at["split"]) - 1, int(at["split"])):  # the line: white, full height
+        for y in (int(view["top"]) + 60, int(view["bottom"]) - 60):
+            assert min(shot.getpixel((x, y))) >= 230, (x, y, shot.getpixel((x, y)))
+    # drag the handle onto the built-over field: crop left of the split, urban right
+    target = _screen(page, AREA, *AREA.pixel("changed"))
+    page.mouse.move(*at["knob"])
+    page.mouse.down()
+    page.mouse.move(target[0], at["knob"][1], steps=5)
+    page.mouse.up()
+    _wait(page)
+    moved = _split(page)
+    assert abs(moved["split"] - target[0]) <= 1, (moved, target)
+    assert abs(moved["knob"][0] - moved["split"]) <= 0.5
+    shot = _shot(page, shots / "10-swipe-dragged.png")
+    y = target[1]
+    assert _near(shot.getpixel((int(moved["split"]) - 8, y)), AREA.colour("crop"))
+    assert _near(shot.getpixel((int(moved["split"]) + 8, y)), AREA.colour("urban"))
+    page.focus("#divider")
+    page.keyboard.press("ArrowLeft")
+    width = view["right"] - view["left"]
+    assert abs(_split(page)["split"] - (moved["split"] - 0.02 * width)) <= 1
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_scene_map_read_fade_and_hide(page, shots):
+    """A scene map's date: its classes and nodata on screen, its legend, a click naming the
+    class (not the map's id); opacity 50% blends it over the stripes; off, it is gone."""
+    period = MAP_A.when.date().isoformat()
+    _view(page, period)
+    _fit(page, MAP_A)
+    shot = _shot(page, shots / "11-scene.png")
+    for name, row, col in MAP_A.probes:
+        got = shot.getpixel(_screen(page, MAP_A, row, col))
+        assert _near(got, MAP_A.colour(name)) if name != "nodata" else _is_hatch(got), name
+    assert [t.strip() for t in page.locator("#legend li").all_inner_texts()] == ["crop", "water"]
+    lines = _click(page, _screen(page, MAP_A, 80, 192))
+    assert lines[:2] == ["water", f"land cover, {period}"]
+    assert MAP_A.item_id not in "\n".join(lines)
+    page.locator("#popup .close").click()
+    page.evaluate(
+        """(id) => {
+            const s = document.querySelector(`input.opacity[data-map="${id}"][data-side="main"]`);
+            s.value = 50;
+            s.dispatchEvent(new Event("input"));
+        }""",
+        MAP_A.item_id,
+    )
+    _wait(page)
+    got = _shot(page, shots / "12-opacity.png").getpixel(_screen(page, MAP_A, 80, 64))
+    halves = [tuple(0.5 * r + 0.5 * h for r, h in zip((255, 0, 0), c, strict=True)) for c in HATCH]
+    low, high = np.min(halves, axis=0) - 8, np.max(halves, axis=0) + 8  # a stripe or its edge
+    assert all(lo <= g <= hi for g, lo, hi in zip(got, low, high, strict=True)), (got, halves)
+    page.locator(f'input.toggle[data-map="{MAP_A.item_id}"][data-side="main"]').uncheck()
+    _wait(page)
+    got = _shot(page, shots / "13-off.png").getpixel(_screen(page, MAP_A, 80, 64))
+    assert _near(got, BACKGROUND, 4), got
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_webmap_base_map(catalog, browser, tmp_path):
     """With --basemap (an XYZ URL, here a loopback tile server of one colour) the base map
-    shows around the maps, with its attribution; nodata inside a map stays striped."""
+    shows around the maps, with its attribution; nodata inside a map stays striped. When
+    the tile server goes away, the page says the base map is unreachable; so it does when a
+    style URL cannot be read, and shows the maps without it."""
     import http.server
     import threading
 
@@ -835,12 +1247,10 @@ def test_webmap_base_map(catalog, tmp_path):
     tiles = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tiles)
     threading.Thread(target=tiles.serve_forever, daemon=True).start()
     xyz = f"http://127.0.0.1:{tiles.server_address[1]}/{{z}}/{{x}}/{{y}}.png"
-    try:
-        args = ("--basemap", xyz, "--attribution", "Test tiles")
-        with (
-            _serving(str(catalog), tmp_path / "serve.log", *args) as url,
-            _browser_page(url) as page,
-        ):
+    args = ("--basemap", xyz, "--attribution", "Test tiles")
+    with _serving(str(catalog), tmp_path / "serve.log", *args) as url:
+        page = _open(browser, url)
+        try:
             assert requests.get(f"{url}/maps.json", timeout=60).json()["basemap"] == {
                 "url": xyz,
                 "attribution": "Test tiles",
@@ -853,5 +1263,25 @@ def test_webmap_base_map(catalog, tmp_path):
             assert "Test tiles" in page.locator(".maplibregl-ctrl-attrib").inner_text()
             assert not page.locator("#no-basemap").is_visible()
             assert page.errors == []
-    finally:
-        tiles.shutdown()
+            # the tile server gone (its port closed): new tiles fail, and the page says so
+            tiles.shutdown()
+            tiles.server_close()
+            page.evaluate("window.relaymapMap.zoomTo(window.relaymapMap.getZoom() + 2)")
+            note = page.locator("#no-basemap")
+            note.wait_for(state="visible", timeout=60_000)
+            assert note.inner_text().startswith(f"Base map unreachable ({xyz})")
+            _shot(page, tmp_path / "basemap-unreachable.png")
+        finally:
+            page.close()
+    style = f"http://127.0.0.1:{free_port()}/style.json"  # nothing listens there
+    with _serving(str(catalog), tmp_path / "serve-style.log", "--basemap", style) as url:
+        page = _open(browser, url)  # loads all the same
+        try:
+            note = page.locator("#no-basemap")
+            assert note.is_visible()
+            assert note.inner_text().startswith(f"Base map unreachable ({style})")
+            shot = _shot(page, tmp_path / "basemap-style-unreachable.png")
+            assert _is_hatch(shot.getpixel(_screen(page, AREA, *AREA.pixel("cloud2"))))
+            assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e] == []
+        finally:
+            page.close()

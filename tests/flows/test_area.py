@@ -283,3 +283,29 @@ def test_aoi_cells_in_flight_composite_while_the_other_runs_the_model(source, mo
     order = [("ask composite", "cell1"), ("composite", "cell0"), ("composited", "cell0")]
     order += [("return composite", "cell0"), ("composite", "cell1")]
     assert sorted(order, key=log.index) == order, log
+
+
+@pytest.mark.precision
+def test_area_cell_at_bf16_precision_agrees_with_fp32(source):
+    """One cell mapped on a worker (``map_cell``, in this process) at fp32 and at bf16: the
+    bf16 cell's probabilities and classes agree with fp32's within the stated bf16 tolerance
+    (``tests/relay_models/helpers.py``), and its nodata is the same."""
+    from relaymap.flows import cells
+    from relaymap.flows.area import plan
+    from relaymap.flows.trained import load_trained
+    from tests.relay_models.helpers import assert_bf16_agrees
+
+    cfg = config(source["api"], source["model"], "s3://relaymap-test/area-precision")
+    task = next(t for t in plan(cfg).tasks if t["period"] == "2026-01")
+    info, model = load_trained(cfg.model)
+    probs = {}
+    for precision in ("fp32", "bf16"):
+        options = {**task["options"], "precision": precision, "probabilities": True}
+        result = cells.map_cell(model, info, {**task, "options": options}, torch.device("cpu"))
+        assert result["status"] == "mapped", result
+        href = result["item"]["assets"]["probabilities"]["href"]
+        with rasterio.Env(**gdal_env()), rasterio.open(href) as src:
+            probs[precision] = src.read()
+    valid = probs["fp32"][0] != 255
+    assert np.array_equal(valid, probs["bf16"][0] != 255)
+    assert_bf16_agrees(probs["bf16"] / 254, probs["fp32"] / 254, valid)

@@ -20,7 +20,8 @@ from rasterio.transform import from_origin
 from relaymap.catalog import StaticCatalog, map_item, serve_stac
 from relaymap.catalog.storage import read_bytes
 from relaymap.flows.area import AreaConfig, map_area
-from relaymap.flows.change import (
+from relaymap.flows.cli import main
+from relaymap.flows.products.change import (
     MAX_CLASSES,
     NO_CHANGE,
     ChangeError,
@@ -28,10 +29,9 @@ from relaymap.flows.change import (
     pair_code,
     transitions,
 )
-from relaymap.flows.class_areas import plot_class_areas
-from relaymap.flows.cli import main
-from relaymap.flows.cog import write_class_cog
-from relaymap.flows.stable import stable_classes
+from relaymap.flows.products.class_areas import plot_class_areas
+from relaymap.flows.products.cog import write_class_cog
+from relaymap.flows.products.stable import stable_classes
 from relaymap.ingest.sample import CLASSES, SyntheticChange, change_mask, s2_area_layout
 
 from .area_data import CELL, DATES, MARGIN, config, expected_clear, make_source
@@ -88,6 +88,187 @@ class TestTransitions:
             [NO_CHANGE, pair_code(0, 1, 3), NO_CHANGE],
             [pair_code(2, 0, 3), 255, 255],
         ]
+
+
+def _square(shape, y, x, h, w) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[y : y + h, x : x + w] = True
+    return m
+
+
+class TestMinimumMappingUnit:
+    """Regions of one from -> to pair (8-connected) below the unit become no change; the
+    matrix is the change map's (a removed pixel keeps its earlier class)."""
+
+    K = 3
+
+    def _maps(self):
+        before = np.zeros((60, 60), np.uint8)
+        after = before.copy()
+        sliver = _square(before.shape, 2, 2, 7, 7)  # 49 px: one short of 0.5 ha at 10 m
+        unit = _square(before.shape, 2, 20, 5, 10)  # 50 px: the unit itself
+        ring = _square(before.shape, 55, 0, 1, 30)  # a one-pixel edge, 30 px
+        diagonal = np.zeros_like(sliver)  # 50 px touching only by their corners
+        diagonal[np.arange(50) + 10, np.arange(50) + 10] = True
+        after[sliver | unit] = 1
+        after[ring | diagonal] = 2
+        return before, after, {"sliver": sliver, "unit": unit, "ring": ring, "diag": diagonal}
+
+    def test_change_mmu_removes_slivers_keeps_the_unit(self):
+        before, after, parts = self._maps()
+        counts, change = transitions(before, after, self.K, min_pixels=50)
+        kept = change != NO_CHANGE
+        assert not kept[parts["sliver"] | parts["ring"]].any()
+        assert (change[parts["unit"]] == pair_code(0, 1, self.K)).all()
+        assert (change[parts["diag"]] == pair_code(0, 2, self.K)).all()  # 8-connected
+        assert kept.sum() == 100
+        # the matrix is the change map's; removed pixels kept their earlier class
+        assert counts.tolist() == [[60 * 60 - 100, 50, 50], [0, 0, 0], [0, 0, 0]]
+        raw, _ = transitions(before, after, self.K)
+        assert raw.tolist() == [[60 * 60 - 179, 99, 80], [0, 0, 0], [0, 0, 0]]
+        assert (change == transitions(before, after, self.K, min_pixels=0)[1]).sum() == 3600 - 79
+
+    def test_change_mmu_regions_are_per_pair(self):
+        """Two touching regions of different pairs are two regions: 30 px each, below 50;
+        together they would pass."""
+        before = np.zeros((20, 20), np.uint8)
+        after = before.copy()
+        after[_square(before.shape, 2, 2, 5, 6)] = 1
+        after[_square(before.shape, 7, 2, 5, 6)] = 2
+        counts, change = transitions(before, after, self.K, min_pixels=50)
+        assert (change == NO_CHANGE).all() and counts[0, 0] == 400
+        counts, change = transitions(before, after, self.K, min_pixels=30)
+        assert counts[0].tolist() == [340, 30, 30]
+
+    def test_change_mmu_keeps_nodata_and_counts_only_the_cell(self):
+        """With a margin, regions are measured over the whole window but only the cell's
+        pixels are returned and counted; unobservable pixels stay 255."""
+        before, after, _ = self._maps()
+        before[0, :] = 255
+        counts, change = transitions(before, after, self.K, min_pixels=50, margin=10)
+        _, full = transitions(before, after, self.K, min_pixels=50)
+        assert change.shape == (40, 40)
+        assert np.array_equal(change, full[10:50, 10:50])
+        assert counts.sum() == 40 * 40 and counts[0, 2] == 40  # the diagonal's inner part
+        assert (full[0] == 255).all()
+
+    def test_change_mmu_config(self, tmp_path):
+        """``products.change`` takes the switch it was or a unit; a negative unit is one
+        line naming it (exit 2) in a config file and as a flag, before any work."""
+        base = {
+            "area": "15,43,15.1,43.1",
+            "period": "2025-01",
+            "model": "none",
+            "source": {"stac_api": "http://127.0.0.1:1", "collections": ["none"]},
+            "out": str(tmp_path / "maps"),
+        }
+        for given, unit in ((True, 0.5), ({}, 0.5), ({"min_area_ha": 2}, 2.0), (None, None)):
+            cfg = AreaConfig.model_validate({**base, "products": {"change": given}})
+            assert (cfg.products.change and cfg.products.change.min_area_ha) == unit
+        assert AreaConfig.model_validate(base).products.change.min_area_ha == 0.5
+        assert (
+            AreaConfig.model_validate({**base, "products": {"change": False}}).products.change
+            is None
+        )
+        path = tmp_path / "area.yaml"
+        path.write_text(json.dumps({**base, "products": {"change": {"min_area_ha": -1}}}))
+        runner = CliRunner()
+        bad = runner.invoke(main, ["map", "--config", str(path)])
+        lines = bad.stderr.strip().splitlines()
+        assert bad.exit_code == 2 and len(lines) == 1, bad.output
+        assert "products.change.min_area_ha" in lines[0]
+        bad = runner.invoke(
+            main, ["change", str(tmp_path), "--from", "a", "--to", "b", "--min-area-ha", "-1"]
+        )
+        lines = bad.stderr.strip().splitlines()
+        assert bad.exit_code == 2 and len(lines) == 1 and "--min-area-ha" in lines[0], bad.output
+        assert not (tmp_path / "maps").exists()
+
+
+def test_change_mmu_measures_regions_across_cell_borders(tmp_path):
+    """2x2 cells of 64 px mapped apart, with a unit of 0.5 ha (50 px at 10 m): a region
+    split by a cell border (or by the corner of four cells) is measured whole, so it stays
+    when the whole is at least the unit and goes when it is not, in both cells. The cells'
+    change maps join to the change map of the whole area made at once, and the registered
+    matrix is that map's (per pair, its pixels x 100 m2)."""
+    from relaymap.flows.products.change import change_products
+    from relaymap.flows.products.timeline import cell_task
+
+    side, k = 64, len(CLASSES)
+    shape = (2 * side, 2 * side)
+    before = np.full(shape, CROPLAND, np.uint8)
+    after = before.copy()
+    regions = {  # name: (mask, kept)
+        "across": (_square(shape, 10, side - 3, 10, 6), True),  # 30 + 30 px
+        "split small": (_square(shape, 40, side - 2, 10, 4), False),  # 20 + 20 px
+        "corner": (_square(shape, side - 4, side - 4, 8, 8), True),  # 16 px in each cell
+        "sliver": (_square(shape, 100, 10, 7, 7), False),  # 49 px in one cell
+        "unit": (_square(shape, 100, 90, 5, 10), True),  # 50 px in one cell
+    }
+    for mask, _ in regions.values():
+        after[mask] = URBAN
+    after[_square(shape, 2, 2, 3, 3)] = 255  # unobservable later
+    table = [
+        {"index": i, "name": c.name, "color_hint": c.color_hint} for i, c in enumerate(CLASSES)
+    ]
+    periods = {}
+    for m, (period, values) in enumerate((("2025-01", before), ("2025-02", after))):
+        cells = {}
+        for cy in range(2):
+            for cx in range(2):
+                cell = f"cell-x{cx}-y{cy}"
+                url = f"file://{tmp_path}/maps/{period}/{cell}.tif"
+                write_class_cog(
+                    url,
+                    values[cy * side : (cy + 1) * side, cx * side : (cx + 1) * side],
+                    crs="EPSG:32633",
+                    transform=from_origin(5e5 + cx * side * 10, 5e6 - cy * side * 10, 10, 10),
+                    classes=table,
+                )
+                start = dt.datetime(2025, m + 1, 1, tzinfo=dt.UTC)
+                item = map_item(
+                    url,
+                    item_id=f"{period}-{cell}",
+                    collection="cells",
+                    classes=table,
+                    sources=[],
+                    datetime=start,
+                )
+                item.properties |= {
+                    "start_datetime": start.isoformat(),
+                    "end_datetime": start.isoformat(),
+                    "relaymap:period": period,
+                    "relaymap:cell": cell,
+                }
+                cells[cell] = item
+        periods[period] = cells
+    catalog_url = str(tmp_path / "catalog")
+    StaticCatalog(catalog_url).add_items([it for c in periods.values() for it in c.values()])
+    product = change_products(
+        catalog_url,
+        "cells",
+        *periods.items(),
+        table,
+        str(tmp_path / "out"),
+        lambda tasks: [cell_task(t) for t in tasks],
+        min_area_ha=0.5,
+    )
+    change = _read(product.mosaic)
+    code = pair_code(CROPLAND, URBAN, k)
+    for name, (mask, kept) in regions.items():
+        assert (change[mask] == (code if kept else NO_CHANGE)).all(), name
+    _, whole = transitions(before, after, k, min_pixels=50)
+    assert np.array_equal(change, whole)
+    matrix = product.matrix_km2
+    for a, name_a in enumerate(NAMES):
+        for b, name_b in enumerate(NAMES):
+            if a != b:
+                pixels = (change == pair_code(a, b, k)).sum()
+                assert matrix[name_a][name_b] == pytest.approx(pixels * 1e-4, abs=1e-9)
+    observable = sum(sum(row.values()) for row in matrix.values())
+    assert observable == pytest.approx((change != 255).sum() * 1e-4)
+    assert product.summary()["min_area_ha"] == 0.5
+    assert "minimum mapping unit 0.5 ha" in product.item.assets["transitions"].title
 
 
 class TestStableClasses:
@@ -214,6 +395,32 @@ def test_change_products_are_registered_with_lineage(change_run):
     assert validate_tree(change_run["root"] / "maps" / "catalog") == []
 
 
+@pytest.mark.slow
+def test_change_matrix_is_the_change_map_of_the_run(change_run):
+    """The area run's change (the default unit, 0.5 ha): every changed region of the
+    change map is at least 50 pixels, and each off-diagonal entry of the matrix is its
+    pair's pixels in the change map; the titles say the unit."""
+    from scipy import ndimage
+
+    cfg, result = change_run["config"], change_run["result"]
+    (change,) = result.derived["changes"]
+    assert change["min_area_ha"] == 0.5
+    change_map = _read(change["mosaic"])
+    k = len(NAMES)
+    for a, name_a in enumerate(NAMES):
+        for b, name_b in enumerate(NAMES):
+            if a == b:
+                continue
+            mine = change_map == pair_code(a, b, k)
+            assert change["matrix_km2"][name_a][name_b] == pytest.approx(mine.sum() * 1e-4)
+            labels, n = ndimage.label(mine, structure=np.ones((3, 3)))
+            assert n == 0 or np.bincount(labels.ravel())[1:].min() >= 50, (name_a, name_b)
+    pid = "_".join(PERIODS)
+    col = _collection(cfg)
+    for key in (f"change-{pid}", f"transitions-{pid}", f"transitions-plot-{pid}"):
+        assert "minimum mapping unit 0.5 ha" in col.assets[key].title, key
+
+
 def change_run_observable(change_run) -> float:
     """km2 observable in both months, from the sources' masks."""
     both = expected_clear(change_run["source"], DATES[0])
@@ -288,6 +495,20 @@ def test_change_command(change_run, tmp_path):
     assert summary["mosaic"] == f"file://{out}/changes/{'_'.join(PERIODS)}/change.vrt"
     table = runner.invoke(main, ["change", catalog, "--from", PERIODS[0], "--to", PERIODS[1]])
     assert table.exit_code == 0 and "cropland" in table.stdout and "change map:" in table.stdout
+    assert "minimum mapping unit 0.5 ha" in table.stdout
+    every = runner.invoke(
+        main,
+        [
+            *("change", catalog, "--from", PERIODS[0], "--to", PERIODS[1]),
+            *("--min-area-ha", "0", "--out", str(tmp_path / "every-pixel"), "--json"),
+        ],
+    )
+    assert every.exit_code == 0, every.output
+    raw = json.loads(every.stdout)
+    assert raw["min_area_ha"] == 0 and raw["changed_km2"] > summary["changed_km2"]
+    # the same pixels observable in both: a removed pixel counts as unchanged
+    totals = [sum(sum(r.values()) for r in x["matrix_km2"].values()) for x in (raw, summary)]
+    assert totals[0] == pytest.approx(totals[1], abs=1e-5)
 
     def files() -> list[str]:
         return sorted(str(p) for p in Path(cfg.out).rglob("*") if p.is_file())
@@ -313,7 +534,8 @@ def test_stable_cuts_spurious_changes_by_half(ray_local, tmp_path):
     (window 3) change in at most half as many pixels, besides the true change, as the raw
     maps (over the pixels observable in both raw maps), and show the same true change."""
     from bench.stable import noisy
-    from relaymap.flows.timeline import derive
+    from relaymap.flows.jobs import run_cell_tasks
+    from relaymap.flows.products.timeline import derive
 
     rng = np.random.default_rng(0)
     side, months, since = 160, 6, 3
@@ -363,11 +585,21 @@ def test_stable_cuts_spurious_changes_by_half(ray_local, tmp_path):
             "source": {"stac_api": "http://127.0.0.1:1", "collections": ["none"]},
             "out": str(tmp_path / "maps"),
             "collection": "noisy",
-            "products": {"imagery": False, "stable": {"window": 3, "lookback": 6}},
+            # raw change products without a unit: they count every changed pixel
+            "products": {
+                "imagery": False,
+                "stable": {"window": 3, "lookback": 6},
+                "change": {"min_area_ha": 0},
+            },
         }
     )
     done = derive(
-        cfg, table, periods, list(catalog.items("noisy")), catalog_url=str(tmp_path / "catalog")
+        cfg,
+        table,
+        periods,
+        list(catalog.items("noisy")),
+        catalog_url=str(tmp_path / "catalog"),
+        run=run_cell_tasks,
     )
     assert done.warnings == [] and len(done.changes) == months - 1
     stable = [_read(done.stable[p]) for p in periods]

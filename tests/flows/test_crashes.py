@@ -164,7 +164,7 @@ def test_aoi_cli_survives_a_worker_killed_after_its_upload(scenes, tmp_path):
     (start,) = [i for i, ln in enumerate(lines) if ln.startswith(head)]
     assert lines[start].endswith(" s)")
     mosaic = f"file://{out}/relaymap-area/2026-01/mosaic.vrt"
-    ours = [ln for ln in lines[start + 1 :] if "(raylet)" not in ln and "MapWorker" not in ln]
+    ours = [ln for ln in lines[start + 1 :] if "(raylet)" not in ln and "CellMapper" not in ln]
     assert ours[:3] == [
         f"mosaic 2026-01: {mosaic}",
         f"collection: file://{out}/catalog/relaymap-area/collection.json",

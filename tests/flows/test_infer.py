@@ -18,6 +18,7 @@ from relaymap.flows.infer import InferConfig, MapOptions, infer
 from relaymap.flows.trained import ModelError, load_trained
 from relaymap.ingest import StoreError, open_scene
 from relaymap.ingest.sample import CLASSES
+from tests.relay_models.helpers import assert_bf16_agrees
 
 from .stores import array_store
 
@@ -94,38 +95,50 @@ def test_scene_to_cog_on_s3_registered_in_a_searchable_catalog(ray_local, scenes
     assert not [p for p in fs.find(path) if ".tmp-" in p]
 
 
-@pytest.mark.slow
-def test_ray_mapping_and_predict_array_are_one_engine(ray_local, tmp_path, scenes):
-    """Batch inference on a store and ``predict_array`` on the same pixels in memory give the
-    same probabilities (one read rule, one blend rule), nodata included; a tile as large as
-    the scene gives the model's answer on that one window."""
-    info, model = load_trained(scenes["model"])
-    # a 192 px scene cut from a sample scene, with a nodata block
+@pytest.fixture(scope="module")
+def small_scene(tmp_path_factory, scenes):
+    """A 192 px scene cut from a sample scene, with a nodata block: ``(image, store)``."""
     image, _ = open_scene(scenes["stores"][1]).read_box((400, 400, 592, 592))
     image[:, 150:, :40] = np.nan
-    small = array_store(str(tmp_path / "small.zarr"), image, None, bands=list(BANDS))
+    root = tmp_path_factory.mktemp("small")
+    return image, array_store(str(root / "small.zarr"), image, None, bands=list(BANDS))
+
+
+def _map_small(scenes, small_scene, out, **options):
+    """``infer`` of the small scene on Ray: probabilities ``(K, H, W)`` and classes."""
+    config = InferConfig(
+        model=scenes["model"],
+        scene=small_scene[1].url,
+        out=str(out),
+        item_id="-".join(f"{k}{v}" for k, v in options.items()),
+        options=MapOptions(probabilities=True, **options),
+    )
+    product = infer(config, progress=False)
+    return _read(product.probabilities_url)[0] / 254, _read(product.classes_url)[0][0]
+
+
+@pytest.mark.slow
+@pytest.mark.precision
+def test_ray_mapping_and_predict_array_are_one_engine(ray_local, tmp_path, scenes, small_scene):
+    """Batch inference on a store and ``predict_array`` on the same pixels in memory give the
+    same probabilities (one read rule, one blend rule), nodata included, both at fp32; a tile
+    as large as the scene gives the model's answer on that one window."""
+    info, model = load_trained(scenes["model"])
+    image = small_scene[0]
     tol = 0.6 / 254  # probabilities are stored as round(p * 254)
-
-    def run(**options):
-        config = InferConfig(
-            model=scenes["model"],
-            scene=small.url,
-            out=str(tmp_path / "maps"),
-            item_id="-".join(f"{k}{v}" for k, v in options.items()),
-            options=MapOptions(probabilities=True, **options),
-        )
-        product = infer(config, progress=False)
-        return _read(product.probabilities_url)[0] / 254, _read(product.classes_url)[0][0]
-
-    one, _ = run(tile_px=192)
+    one, _ = _map_small(scenes, small_scene, tmp_path, tile_px=192, precision="fp32")
     tiles = plan_tiles((192, 192), 192)
     inputs = read_tiles(ArrayPyramid(image, num_levels=2), tiles, info.spec)
-    ref = predict_tiles(model, inputs["local"], inputs["global"])[0].numpy()
+    with torch.inference_mode():  # fp32, as the Ray path
+        ref = predict_tiles(model, inputs["local"], inputs["global"])[0].numpy()
     valid = np.isfinite(image).all(0)
     np.testing.assert_allclose(one[:, valid], ref[:, valid], atol=tol)
     for overlap in (0, 16):
-        probs, classes = run(tile_px=64, overlap_px=overlap)
-        ref = predict_array(model, image, tile_px=64, overlap_px=overlap).numpy()
+        probs, classes = _map_small(
+            scenes, small_scene, tmp_path, tile_px=64, overlap_px=overlap, precision="fp32"
+        )
+        ref = predict_array(model, image, tile_px=64, overlap_px=overlap, precision="fp32")
+        ref = ref.numpy()
         np.testing.assert_allclose(probs[:, valid], ref[:, valid], atol=tol)
         assert (classes[~valid] == 255).all()
         clear = np.abs(np.diff(np.sort(ref, 0)[-2:], axis=0)[0]) > tol
@@ -133,10 +146,26 @@ def test_ray_mapping_and_predict_array_are_one_engine(ray_local, tmp_path, scene
 
 
 @pytest.mark.slow
+@pytest.mark.precision
+def test_ray_mapping_at_bf16_precision_agrees_with_fp32(ray_local, tmp_path, scenes, small_scene):
+    """The Ray path at bf16 against the fp32 engine on the same pixels: within the stated
+    bf16 tolerance (``tests/relay_models/helpers.py``), nodata kept."""
+    _, model = load_trained(scenes["model"])
+    image = small_scene[0]
+    bf16, classes = _map_small(
+        scenes, small_scene, tmp_path, tile_px=64, overlap_px=16, precision="bf16"
+    )
+    ref = predict_array(model, image, tile_px=64, overlap_px=16, precision="fp32")
+    valid = np.isfinite(image).all(0)
+    assert_bf16_agrees(bf16, ref, valid)
+    assert (classes[~valid] == 255).all()
+
+
+@pytest.mark.slow
 def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
     ray_local, tmp_path, scenes, monkeypatch
 ):
-    import relaymap.flows.cog
+    import relaymap.flows.products.cog
 
     cfg = _config(scenes, tmp_path, tile_px=128, overlap_px=0, quicklook=False, probabilities=True)
     product = infer(cfg, progress=False)
@@ -147,7 +176,7 @@ def test_an_interrupted_run_leaves_no_partial_cog_and_keeps_the_old_one(
             f.write(b"II*\x00partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(relaymap.flows.cog, "to_cog", crash)
+    monkeypatch.setattr(relaymap.flows.products.cog, "to_cog", crash)
     with pytest.raises(OSError, match="disk full"):
         infer(cfg, progress=False)
     np.testing.assert_array_equal(_read(product.classes_url)[0], before)
@@ -293,6 +322,35 @@ def test_cli_infer(ray_local, tmp_path, scenes):
     assert (tmp_path / "cat" / "relaymap-maps" / "items").is_dir()
     bad = CliRunner().invoke(main, [*args, "--batch-size", "0"])
     assert bad.exit_code == 2 and "batch_size" in bad.output
+
+
+@pytest.mark.slow
+def test_cli_infer_console_has_no_ray_core_worker_line_engine_onnxruntime(
+    tmp_path, scenes, small_scene
+):
+    """``relaymap infer`` as a user runs it (a process of its own, its own local Ray), on
+    ONNX Runtime: the console has our lines and no Ray core worker line (the actors take
+    their arguments inline, ``relaymap.flows.pool``), and the map is the model's at fp32."""
+    import subprocess
+
+    out = tmp_path / "console"
+    args = ["relaymap", "infer", "--model", scenes["model"], "--scene", small_scene[1].url]
+    args += ["--out", str(out), "--tile-px", "64", "--engine", "onnxruntime", "--probabilities"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    for internal in ("core_worker", "Traceback", "WARNING", "ERROR"):
+        assert internal not in run.stdout + run.stderr, run.stderr
+    (probabilities,) = out.rglob("probabilities.tif")
+    (classes,) = out.rglob("classes.tif")
+    probs, labels = _read(str(probabilities))[0] / 254, _read(str(classes))[0][0]
+    _, model = load_trained(scenes["model"])
+    image = small_scene[0]
+    ref = predict_array(model, image, tile_px=64, precision="fp32").numpy()
+    valid = np.isfinite(image).all(0)
+    np.testing.assert_allclose(probs[:, valid], ref[:, valid], atol=0.6 / 254)
+    assert (labels[~valid] == 255).all()
+    clear = np.abs(np.diff(np.sort(ref, 0)[-2:], axis=0)[0]) > 1 / 254
+    assert (labels == ref.argmax(0))[clear & valid].all()
 
 
 def test_two_models_of_one_architecture_make_different_map_ids(tmp_path, scenes):

@@ -151,15 +151,15 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
 ):
     """The S3 endpoint goes away just before the products are uploaded (a real SeaweedFS
     behind a TCP proxy that is cut); the task retries once the endpoint is back."""
-    import relaymap.flows.cog
     import relaymap.flows.infer
+    import relaymap.flows.products.cog
     from tests.services import TcpProxy
 
     proxy = TcpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     real_to_cog, real_check, attempts = (
-        relaymap.flows.cog.to_cog,
+        relaymap.flows.products.cog.to_cog,
         relaymap.flows.infer.check_writable,
         [],
     )
@@ -176,7 +176,7 @@ def test_s3_down_mid_run_is_retried_and_leaves_no_partial_products(
         return real_to_cog(*a, **kw)
 
     monkeypatch.setattr(relaymap.flows.infer, "check_writable", check_writable)
-    monkeypatch.setattr(relaymap.flows.cog, "to_cog", to_cog)
+    monkeypatch.setattr(relaymap.flows.products.cog, "to_cog", to_cog)
     out, catalog = "s3://relaymap-test/flaky-maps", "s3://relaymap-test/flaky-catalog"
     params = InferParams(
         model=scenes["model"], stores=[scenes["stores"][1]], out_url=out, catalog_url=catalog
@@ -310,6 +310,7 @@ NON_DEFAULT = MapOptions(
     overlap_px=8,
     batch_size=3,
     precision="fp32",
+    engine="torch",
     workers=1,
     use_gpu=False,
     probabilities=True,

@@ -2,12 +2,15 @@
 changed; see :mod:`tests.published`), with no config beyond ``--source``/``--collection``:
 Earth Search and Planetary Computer (signed by a local stand-in of its token service) give
 the same map of the same land cover; Landsat maps at 30 m with a 30 m model; raw counts
-without a scale stop with one line until ``--scale`` is given."""
+without a scale stop with one line until ``--scale`` is given, and each command's hint
+names a flag it has; offline, Planetary Computer items stop with one line naming
+``--sign none``, and ``sign: none`` maps without the token service."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,9 +24,12 @@ from relay_models.geometry import cell_halo
 from relaymap.catalog import serve_stac
 from relaymap.flows.infer import tile_overlap
 from relaymap.ingest import ingest_items, make_sample_scenes
+from relaymap.ingest.profiles import ReadOptions
+from relaymap.ingest.signing import SIGN_TIMEOUT_ENV
 from tests.published import (
     BANDS,
     PlanetaryComputerStandIn,
+    TokenServiceDown,
     area_geojson,
     cell_inside,
     item_epsg,
@@ -31,6 +37,7 @@ from tests.published import (
     published,
     synthesise,
 )
+from tests.services import environ
 
 from .models import quick_model
 
@@ -175,3 +182,86 @@ def test_source_raw_counts_without_scale_stop_until_scale_is_given(scenes, tmp_p
             )
     assert mapped.returncode == 0, mapped.stderr[-3000:]
     assert len(json.loads(mapped.stdout)["mapped"]) == 1
+
+
+def test_signing_map_offline_stops_naming_sign_none_and_maps_with_sign_none(scenes, tmp_path):
+    """Planetary Computer items while its token service cannot be reached (it accepts and
+    never answers): ``relaymap map`` stops after the budget with one line naming ``--sign
+    none``, exit 2, nothing written; with ``sign: none`` in the area config (the hrefs
+    readable as they are) it maps, and asks the token service nothing."""
+    cell_px = 112
+    azure = tmp_path / "azure"
+    stand_in = PlanetaryComputerStandIn(azure, public=["sentinel2-l2"])
+    down = TokenServiceDown("stall")
+    item, col, area, crs, period = _layout(
+        "pc-s2-l2a", azure / "sentinel2-l2", cell_px, 10.0, stand_in
+    )
+    config = tmp_path / "area.yaml"
+    config.write_text("source:\n  sign: none\n")
+    out = tmp_path / "out"
+    with serve_stac([col], [item]) as api, stand_in.running(), down.running():
+        with environ({SIGN_TIMEOUT_ENV: "2"}):
+            refused = _map(api, col.id, area, crs, period, scenes["model"], out, cell_px)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"relaymap: SigningError: cannot sign the hrefs of item {item.id}")
+        assert "within 2 s" in line and "--sign none" in line and "PC_SDK_SAS_URL" in line
+        assert down.connections == 1
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+        mapped = _map(
+            api, col.id, area, crs, period, scenes["model"], out, cell_px, "--config", str(config)
+        )
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    assert len(json.loads(mapped.stdout)["mapped"]) == 1
+    assert down.connections == 1 and stand_in.tokens == {}  # no token asked for
+    assert stand_in.requests["unsigned"] > 0 and stand_in.requests["signed"] == 0
+
+
+def _flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+
+
+def _help(command: str) -> set[str]:
+    run = subprocess.run(["relaymap", command, "--help"], capture_output=True, text=True)
+    return _flags(run.stdout)
+
+
+def test_signing_dn_hint_of_each_command_names_a_flag_it_has(scenes, tmp_path):
+    """Raw counts (a scale of 1) refused by ``relaymap ingest --model`` before a store is
+    written, hinting at its own ``--scale``; a store of raw counts refused by ``relaymap
+    infer``, which has no ``--scale``: its hint says to ingest again (``relaymap map`` is
+    checked by the test above)."""
+    item = scenes["items"][0]
+    col = pystac.Collection(
+        item.collection_id,
+        "sample",
+        pystac.Extent(
+            pystac.SpatialExtent([item.bbox]), pystac.TemporalExtent([[item.datetime, None]])
+        ),
+        license="other",
+    )
+    with serve_stac([col], [item]) as api:
+        out = tmp_path / "scenes"
+        run = subprocess.run(
+            ["relaymap", "ingest", api, "--collection", col.id, "--ids", item.id, "--out",
+             str(out), "--model", scenes["model"], "--scale", "1"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"relaymap: OutOfRangeError: source item {item.id} of {api}")
+    assert "--scale blue=" in line and _flags(line) <= _help("ingest")
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+    store = ingest_items([item], str(tmp_path / "dn.zarr"), BANDS, read=ReadOptions(scale={"*": 1}))
+    run = subprocess.run(
+        ["relaymap", "infer", "--model", scenes["model"], "--scene", store.url, "--out",
+         str(tmp_path / "maps")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"relaymap: OutOfRangeError: scene {store.url}")
+    here, _, there = line.partition("relaymap ingest ")
+    assert "--scale blue=" in there and _flags(there) <= _help("ingest")
+    assert _flags(here) <= _help("infer") and "--scale" not in _help("infer")

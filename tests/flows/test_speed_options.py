@@ -10,7 +10,7 @@ from relay_models.geometry import cell_step
 from relay_models.inference import tile_overlap
 from relaymap.flows.area import STORE_LEVELS, GridConfig, default_cell_px
 from relaymap.flows.options import MapOptions
-from relaymap.flows.train import OPERATIONAL, RunConfig
+from relaymap.flows.raytrain import OPERATIONAL, RunConfig
 
 
 def test_precision_is_a_map_option_with_its_choices():

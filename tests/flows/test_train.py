@@ -260,6 +260,7 @@ def test_a_rerun_with_other_settings_or_data_is_refused(tmp_path):
         claim_run(other_config, check_inputs(other_config))
 
 
+@pytest.mark.precision
 def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
     """A run whose validation mIoU falls as it learns (validation labels inverted): the
     exported weights are the best check's, the model item says so with its per-class IoU,
@@ -273,9 +274,9 @@ def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
     store = _toy(tmp_path)
     val = _toy(tmp_path, name="inverted", inverted=True)
     storage = str(tmp_path / "runs")
-    config = _config(
-        [store.url], storage, data={"val": [val.url]}, run={"val_every": 4, "checkpoint_every": 8}
-    )
+    # validation during the run and the check below score at one stated precision
+    run = {"val_every": 4, "checkpoint_every": 8, "precision": "fp32"}
+    config = _config([store.url], storage, data={"val": [val.url]}, run=run)
     result = train(config)
     history = json.loads(read_bytes(f"{storage}/toy/history.json"))
     checks = {h["step"]: h["val_miou"] for h in history if "val_miou" in h}
@@ -292,7 +293,7 @@ def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
     # the exported weights score what the record says, on the validation tiles
     info, model = load_trained(result.weights_url)
     tiles = TileDataset([val.url], info.spec)
-    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=8), 2)
+    cm = evaluate(model, torch.utils.data.DataLoader(tiles, batch_size=8), 2, precision="fp32")
     assert cm.miou() == pytest.approx(checks[best_step], abs=1e-6)
     validation = result.model_item.properties["relaymap:validation"]
     assert validation["miou"] == pytest.approx(checks[best_step])

@@ -91,13 +91,13 @@ def test_levels_average_imagery_and_take_majority_labels(store):
     assert scene.level(3)["image"].shape == (len(BANDS), 32, 32)
 
 
-def test_a_store_written_in_strips_equals_one_written_at_once(store, monkeypatch, tmp_path):
-    """Rows are written a strip at a time (memory bounded by the scene's width): strips of
-    96 rows (chunks of 128 split across strips, 64 px read chunks) change no pixel."""
+def test_a_store_written_in_tiles_equals_one_written_at_once(store, monkeypatch, tmp_path):
+    """Pixels are written a tile at a time (memory bounded by two tiles): tiles of 96 px
+    (chunks of 128 split across tiles, 64 px read chunks) change no pixel."""
     import relaymap.ingest.store as store_module
 
     item, scene = store
-    monkeypatch.setattr(store_module, "strip_rows", lambda chunk_px, num_levels, source_rows: 96)
+    monkeypatch.setattr(store_module, "tile_px", lambda chunk_px, num_levels, source_px: 96)
     image = load_scene([item], BANDS, chunk_px=64)
     classes = classes_from_stac(item.assets["labels"].extra_fields["classification:classes"])
     labels = load_labels([item], image.odc.geobox, classes, chunk_px=64)

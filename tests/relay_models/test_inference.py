@@ -1,4 +1,8 @@
-"""Tiled inference on in-memory scenes against independent references."""
+"""Tiled inference on in-memory scenes against independent references.
+
+Every map here is computed at ``precision="fp32"``, the precision of the direct calls it
+is compared with (``auto`` would be bf16 on CPUs with native bf16 matmuls); bf16 against
+fp32 is ``tests/relay_models/test_precision.py``'s."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import torch.nn.functional as F
 
 from relay_models import create_model, predict_array, predict_tiles, to_classes
 from tests.relay_models.helpers import perturb_norms
+
+pytestmark = pytest.mark.precision  # references computed at fp32: checked on both host kinds
 
 TILE = 64
 
@@ -35,14 +41,16 @@ def _direct(model, local, glob):
 
 def test_one_window_scene_equals_direct_call(relay_model):
     scene = torch.randn(3, TILE, TILE)
-    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=16)
+    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=16, precision="fp32")
     ref = _direct(relay_model, scene, _global_window(scene, (32, 32)))
     torch.testing.assert_close(probs, ref, atol=1e-5, rtol=0)
 
 
 def test_disjoint_tiles_equal_tile_by_tile(relay_model):
     scene = torch.randn(3, 2 * TILE, 2 * TILE)
-    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=0, batch_size=3)
+    probs = predict_array(
+        relay_model, scene, tile_px=TILE, overlap_px=0, batch_size=3, precision="fp32"
+    )
     for oy in (0, TILE):
         for ox in (0, TILE):
             local = scene[:, oy : oy + TILE, ox : ox + TILE]
@@ -55,20 +63,26 @@ def test_disjoint_tiles_equal_tile_by_tile(relay_model):
 @pytest.mark.parametrize("blend", ["cosine", "center"])
 def test_overlapping_tiles_blend_to_distributions(relay_model, blend):
     scene = torch.randn(3, 150, 130)
-    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=24, blend=blend)
+    probs = predict_array(
+        relay_model, scene, tile_px=TILE, overlap_px=24, blend=blend, precision="fp32"
+    )
     assert probs.shape == (4, 150, 130)
     torch.testing.assert_close(probs.sum(0), torch.ones(150, 130), atol=1e-5, rtol=0)
 
 
 def test_center_blend_keeps_each_tiles_own_prediction(relay_model):
     scene = torch.randn(3, TILE, 112)  # tiles at x = 0 and 48; the cut is at x = 56
-    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=16, blend="center")
+    probs = predict_array(
+        relay_model, scene, tile_px=TILE, overlap_px=16, blend="center", precision="fp32"
+    )
     right = _direct(relay_model, scene[:, :, 48:112], _global_window(scene, (32, 80)))
     torch.testing.assert_close(probs[:, :, 56:], right[:, :, 8:], atol=1e-5, rtol=0)
 
 
 def test_scene_smaller_than_a_tile_is_padded(relay_model):
-    probs = predict_array(relay_model, torch.randn(3, 40, 50), tile_px=TILE, overlap_px=16)
+    probs = predict_array(
+        relay_model, torch.randn(3, 40, 50), tile_px=TILE, overlap_px=16, precision="fp32"
+    )
     assert probs.shape == (4, 40, 50)
     torch.testing.assert_close(probs.sum(0), torch.ones(40, 50), atol=1e-5, rtol=0)
 
@@ -77,7 +91,9 @@ def test_nodata_tiles_are_skipped_and_marked(relay_model):
     scene = torch.randn(3, TILE, 4 * TILE)
     valid = torch.zeros(TILE, 4 * TILE, dtype=torch.bool)
     valid[:, : TILE + 10] = True
-    probs = predict_array(relay_model, scene, tile_px=TILE, overlap_px=0, valid=valid)
+    probs = predict_array(
+        relay_model, scene, tile_px=TILE, overlap_px=0, valid=valid, precision="fp32"
+    )
     assert (probs[:, :, 2 * TILE :] == 0).all()  # tiles 3 and 4 never ran
     classes = to_classes(probs, valid)
     assert classes.dtype == torch.uint8
@@ -90,7 +106,9 @@ def test_sliding_window_model_needs_no_global_window():
     scene = torch.randn(3, TILE, TILE)
     with torch.no_grad():
         ref = model(scene.unsqueeze(0)).softmax(1)[0]
-    torch.testing.assert_close(predict_array(model, scene, tile_px=TILE, overlap_px=0), ref)
+    torch.testing.assert_close(
+        predict_array(model, scene, tile_px=TILE, overlap_px=0, precision="fp32"), ref
+    )
     assert predict_tiles(model, scene.unsqueeze(0)).shape == (1, 3, TILE, TILE)
 
 

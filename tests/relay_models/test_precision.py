@@ -9,7 +9,9 @@ import torch
 from relay_models import RelayLoss, RelayOutput, create_model, evaluate, predict_array, train_step
 from relay_models import precision as prec
 from relay_models.inference import run_tiles
-from tests.relay_models.helpers import perturb_norms
+from tests.relay_models.helpers import BF16_AGREEMENT, assert_bf16_agrees, perturb_norms
+
+pytestmark = pytest.mark.precision
 
 TILE = 32
 
@@ -28,12 +30,24 @@ class TestPrecisionOption:
 
     @pytest.mark.parametrize("native", [True, False])
     def test_precision_auto_follows_the_cpu(self, monkeypatch, native):
+        monkeypatch.delenv(prec.NATIVE_BF16_ENV, raising=False)
         monkeypatch.setattr(prec, "_cpu_native_bf16", lambda: native)
         assert prec.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
         ctx = prec.autocast("auto", "cpu")
         with ctx:
             dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
         assert dtype == (torch.bfloat16 if native else torch.float32)
+
+    @pytest.mark.parametrize("native", [True, False])
+    def test_precision_switch_makes_auto_resolve_as_on_the_other_host(self, monkeypatch, native):
+        """``RELAYMAP_NATIVE_BF16`` overrides the CPU's flags either way (``.ci/run`` reruns
+        the precision tests with it flipped); anything but 0/1 is refused by name."""
+        monkeypatch.setattr(prec, "_cpu_native_bf16", lambda: not native)
+        monkeypatch.setenv(prec.NATIVE_BF16_ENV, "1" if native else "0")
+        assert prec.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        monkeypatch.setenv(prec.NATIVE_BF16_ENV, "yes")
+        with pytest.raises(ValueError, match="RELAYMAP_NATIVE_BF16 must be 0 or 1"):
+            prec.resolve_precision("auto", "cpu")
 
     def test_precision_auto_is_fp32_without_a_gpu(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -81,7 +95,7 @@ def test_precision_of_run_tiles_is_the_option(relay_model, monkeypatch):
         seen.append(prec.resolve_precision(precision, device))
         return real(precision, device)
 
-    monkeypatch.setattr("relay_models.inference.autocast", spy)
+    monkeypatch.setattr("relay_models.engines.autocast", spy)
     tiles = {
         "local": torch.randn(2, 3, TILE, TILE),
         "global": torch.randn(2, 3, TILE, TILE),
@@ -144,3 +158,71 @@ def test_precision_evaluate_in_inference_mode_then_train():
     cm = evaluate(model, [batch], 3)
     assert int(cm.counts.sum()) == 2 * TILE * TILE and model.training
     train_step(model, batch, RelayLoss(factor=4), opt)
+
+
+@pytest.fixture(scope="module")
+def trained_ish():
+    """A nano relay model with non-trivial norms and a fixed batch of 32 px windows."""
+    torch.manual_seed(3)
+    model = perturb_norms(create_model("swinv2_nano_relay", num_classes=4), seed=3)
+    batch = {
+        "local": torch.randn(4, 3, TILE, TILE),
+        "global": torch.randn(4, 3, TILE, TILE),
+        "labels": torch.randint(0, 4, (4, TILE, TILE)),
+    }
+    return model, batch
+
+
+def test_bf16_precision_training_step_agrees_with_fp32(trained_ish):
+    """One training step from the same weights on the same batch: the bf16 step's loss is
+    within 1% of fp32's and its update points the same way (cosine > 0.99 over all
+    parameters): bf16 autocast trains what fp32 trains."""
+    import copy
+
+    model, batch = trained_ish
+    updates, losses = [], []
+    for precision in ("fp32", "bf16"):
+        net = copy.deepcopy(model).train()
+        before = torch.cat([p.detach().flatten() for p in net.parameters()])
+        opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+        torch.manual_seed(0)  # the same stochastic depth in both steps
+        terms = train_step(
+            net, batch, RelayLoss(factor=4), opt, autocast=prec.autocast(precision, "cpu")
+        )
+        after = torch.cat([p.detach().flatten() for p in net.parameters()])
+        updates.append(after - before)
+        losses.append(terms.total.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.01)
+    cos = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0).item()
+    assert cos > 0.99, cos
+
+
+def test_bf16_precision_evaluation_agrees_with_fp32(trained_ish):
+    """``evaluate`` at bf16 counts nearly the same confusion matrix as at fp32: the share of
+    pixels it moves between cells is within the stated bf16 class tolerance."""
+    model, batch = trained_ish
+    cms = {p: evaluate(model, [batch], 4, precision=p).counts for p in ("fp32", "bf16")}
+    assert cms["bf16"].sum() == cms["fp32"].sum()
+    moved = (cms["bf16"] - cms["fp32"]).abs().sum().item() / 2 / cms["fp32"].sum().item()
+    assert moved <= 1 - BF16_AGREEMENT, moved
+
+
+def test_bf16_precision_of_an_exported_model(tmp_path, trained_ish):
+    """Export keeps float32 weights whatever precision trained them, and the exported model
+    loaded back predicts at bf16 within the stated tolerance of its fp32 prediction."""
+    from relay_models import load_saved, save_model
+
+    model, batch = trained_ish
+    net = create_model("swinv2_nano_relay", num_classes=4)
+    net.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    train_step(net.train(), batch, RelayLoss(factor=4), opt, autocast=prec.autocast("bf16", "cpu"))
+    save_model(net, tmp_path / "m.safetensors")
+    loaded = load_saved((tmp_path / "m.safetensors").read_bytes())
+    assert all(
+        p.dtype == torch.float32 for p in loaded.state_dict().values() if p.is_floating_point()
+    )
+    scene = torch.randn(3, 48, 56)
+    fp32 = predict_array(loaded, scene, tile_px=TILE, overlap_px=4, precision="fp32")
+    bf16 = predict_array(loaded, scene, tile_px=TILE, overlap_px=4, precision="bf16")
+    assert_bf16_agrees(bf16, fp32)

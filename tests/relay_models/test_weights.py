@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 import torch
@@ -136,17 +137,24 @@ def test_fewer_bands_keep_the_grey_response():
         torch.testing.assert_close(resp, torch.nn.functional.conv2d(grey.expand(1, 3, 4, 4), w))
 
 
-def test_hf_hub_reference_reads_the_local_cache_only(timm, tmp_path, monkeypatch):
+def test_hf_hub_reference_reads_a_cache_placed_by_hand(timm, tmp_path, monkeypatch):
+    """A Hub cache in the layout ``hf download`` writes (``refs/main`` -> a snapshot) is read
+    without a request: the Hub here is a loopback port nobody listens on."""
     ref = _timm_model(timm, "swinv2_tiny_window8_256")
-    snap = tmp_path / "models--timm--swinv2_tiny_window8_256.ms_in1k" / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, snap / "model.safetensors")
+    repo = tmp_path / "models--timm--swinv2_tiny_window8_256.ms_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(sd, repo / "snapshots" / commit / "model.safetensors")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    model = create_model(
-        "swinv2_tiny", num_classes=2, pretrained="hf-hub:timm/swinv2_tiny_window8_256.ms_in1k"
-    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    model = create_model("swinv2_tiny", num_classes=2, pretrained="swinv2_tiny_window8_256.ms_in1k")
     torch.testing.assert_close(model.backbone.norm.weight, ref.norm.weight)
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(FileNotFoundError, match=r"not_cached: cannot reach .* not in the cache"):
         create_model("swinv2_tiny", num_classes=2, pretrained="hf-hub:timm/not_cached")
 
 

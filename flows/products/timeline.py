@@ -1,16 +1,20 @@
-"""What an area run derives over its periods, after the cells are mapped: the imagery
-under each period's map, a stable map per period (optional), and the change between
-consecutive periods.
+"""What an area run publishes over its periods, after the cells are mapped: a mosaic per
+period and the class-area table (:func:`period_products`, written by the driver), and,
+derived from the cell maps, the imagery under each period's map, a stable map per period
+(optional), and the change between consecutive periods.
 
 Each is made per cell by a Ray task (:func:`cell_task`) that reads the cell's products from
 storage and writes its own COG there; the driver sends URLs and gets back URLs and counts
 (no pixels), then writes a VRT mosaic per product and registers them as assets of the run's
 collection (:func:`derive`). Cell outputs record what they were made from, so a rerun
-redoes only the cells whose inputs changed.
+redoes only the cells whose inputs changed. Nothing here starts Ray: the caller passes the
+function that runs the tasks (:func:`relaymap.flows.jobs.run_cell_tasks`, or a loop over
+:func:`cell_task` in this process).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -18,17 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pystac
-from pydantic import Field
-from pystac.extensions.raster import RasterExtension
+from pydantic import Field, field_validator
 
 from relay_models.config import FrozenConfig
 from relaymap.catalog import open_catalog
-from relaymap.catalog.items import CLASSIFICATION_SCHEMA, class_list
 from relaymap.catalog.storage import StorageError, join, normalize_url
 from relaymap.ingest import IngestError
+from relaymap.ingest.periods import Period
 
+from .assets import CSV, PNG, VRT, add_assets, layer_fields, product_asset
 from .change import (
     MAX_CLASSES,
+    ChangeConfig,
     ChangeError,
     ChangeProduct,
     cell_items,
@@ -39,8 +44,9 @@ from .change import (
     output_folder,
     register_results,
 )
-from .cog import NODATA
+from .class_areas import plot_class_areas, write_table
 from .imagery import IMAGERY_NODATA, RGB, imagery_cell, imagery_tasks, write_rgb_mosaic
+from .mmu import MIN_AREA_HA
 from .mosaic import write_mosaic
 from .stable import StableConfig, stable_cell, stable_tasks
 
@@ -53,8 +59,10 @@ LOW_CONFIDENCE = 0.5
 class ProductsConfig(FrozenConfig):
     """What an area run makes beyond the cell maps (``AreaConfig.products``)."""
 
-    #: The change between consecutive periods: transition matrix, change map, STAC item.
-    change: bool = True
+    #: The change between consecutive periods: transition matrix, change map, STAC item,
+    #: with a minimum mapping unit (``{min_area_ha: 0.5}``); ``true`` (the default) is
+    #: ``{}``, ``false`` or null none.
+    change: ChangeConfig | None = ChangeConfig()
     #: A stable map per period beside the raw one (None: none).
     stable: StableConfig | None = None
     #: A true-colour COG per cell and period from its composite, and a mosaic per period.
@@ -62,6 +70,67 @@ class ProductsConfig(FrozenConfig):
     #: Mapped pixels whose highest class probability is below this are counted as low
     #: confidence (per class, next to the class areas).
     low_confidence: float = Field(default=LOW_CONFIDENCE, gt=0, le=1)
+
+    @field_validator("change", mode="before")
+    @classmethod
+    def _change_switch(cls, value: Any) -> Any:
+        """``change: true`` / ``false`` (the switch it was) -> the defaults / none."""
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
+def period_products(
+    out: str,
+    periods: Sequence[Period],
+    items: Sequence[pystac.Item],
+    classes: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, str], dict[str, pystac.Asset]]:
+    """The products of an area run's mapped ``periods``, under ``out``: a VRT mosaic per
+    period of its cell maps (among ``items``: cell items of the collection), and the
+    class-area table (``rows``) and its plot over every period of the collection.
+
+    Returns:
+        ``{period id: mosaic URL}`` and the collection assets of all three kinds.
+    """
+    mosaics = {}
+    for period in periods:
+        cogs = sorted(
+            it.assets["classes"].href
+            for it in items
+            if it.properties.get("relaymap:period") == period.id
+        )
+        if cogs:
+            mosaics[period.id] = write_mosaic(join(out, period.id, "mosaic.vrt"), cogs, classes)
+    table_url = write_table(join(out, "class-areas.csv"), rows)
+    colors = {c["name"]: "#" + c["color_hint"].lstrip("#") for c in classes if c.get("color_hint")}
+    plot_url = plot_class_areas(join(out, "class-areas.png"), rows, colors)
+    by_id = {p.id: p for p in periods}
+    assets = {
+        f"mosaic-{pid}": product_asset(
+            url,
+            f"land-cover mosaic {pid} (GDAL VRT over the cell COGs)",
+            VRT,
+            ["data", "mosaic"],
+            {
+                "relaymap:period": pid,
+                "start_datetime": _iso(by_id[pid].start),
+                "end_datetime": _iso(by_id[pid].end),
+                **layer_fields(classes),
+            },
+        )
+        for pid, url in mosaics.items()
+    }
+    assets["class-areas"] = product_asset(
+        table_url, "class areas per period (km2)", CSV, ["metadata"]
+    )
+    assets["class-areas-plot"] = product_asset(plot_url, "class areas over time", PNG, ["overview"])
+    return mosaics, assets
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
 
 
 def cell_task(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,22 +142,6 @@ def cell_task(task: Mapping[str, Any]) -> dict[str, Any]:
     except (OSError, StorageError, IngestError, ValueError) as e:  # rasterio errors are OSError
         where = f"{task['kind']} of cell {task['cell']}"
         return {"kind": task["kind"], "cell": task["cell"], "error": f"{where}: {e}"}
-
-
-def run_cell_tasks(
-    tasks: Sequence[Mapping[str, Any]], *, address: str | None = None
-) -> list[dict[str, Any]]:
-    """Run ``tasks`` as Ray tasks (one CPU each) on the cluster :func:`connect_ray` picks;
-    results in the order of ``tasks``."""
-    if not tasks:
-        return []
-    import ray
-
-    from .jobs import connect_ray
-
-    connect_ray(address)
-    remote = ray.remote(num_cpus=1)(cell_task)
-    return ray.get([remote.remote(dict(t)) for t in tasks])
 
 
 @dataclass
@@ -125,15 +178,14 @@ def derive(
     items: Sequence[pystac.Item],
     *,
     catalog_url: str,
-    address: str | None = None,
-    run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
 ) -> Derived:
     """After an area run (``config``: its ``AreaConfig``) mapped ``periods`` (ids): the
     imagery of those periods, the stable maps of the periods whose window they fall in, and
     the changes between consecutive periods of the collection where one of the two is
     among ``periods``; ``items`` are the collection's cell items of this model. ``run`` runs
-    a list of per-cell tasks (default: as Ray tasks, :func:`run_cell_tasks`)."""
-    run = run or (lambda tasks: run_cell_tasks(tasks, address=address))
+    a list of per-cell tasks (:func:`cell_task` each) and returns their results in order:
+    :func:`relaymap.flows.jobs.run_cell_tasks` on Ray, or in this process."""
     products: ProductsConfig = config.products
     out = join(normalize_url(config.out), config.collection)
     work = normalize_url(config.work) if config.work else join(out, "composites")
@@ -159,13 +211,20 @@ def derive(
             by_period, later, products.stable, classes, lambda p: join(out, p, "stable")
         )
     pairs: dict[tuple[str, str], slice] = {}  # each pair's change tasks among ``tasks``
-    if products.change and len(classes) > MAX_CLASSES:
+    change = products.change
+    if change is not None and len(classes) > MAX_CLASSES:
         done.warnings.append(f"no change maps: {len(classes)} classes, at most {MAX_CLASSES}")
-    elif products.change:
+    elif change is not None:
         for p0, p1 in itertools.pairwise(order):
             if p0 in ran or p1 in ran:
                 folder = change_folder(out, p0, p1)
-                more = change_tasks(by_period[p0], by_period[p1], classes, folder)
+                more = change_tasks(
+                    by_period[p0],
+                    by_period[p1],
+                    classes,
+                    folder,
+                    min_area_ha=change.min_area_ha,
+                )
                 pairs[p0, p1] = slice(len(tasks), len(tasks) + len(more))
                 tasks += more
     results = run(tasks)
@@ -198,6 +257,7 @@ def derive(
                     classes,
                     out,
                     results[where],
+                    min_area_ha=change.min_area_ha,
                 )
             )
         except ChangeError as e:
@@ -220,45 +280,29 @@ def register_layers(
     """The imagery and stable mosaics as assets of the run's collection."""
     if not done.imagery and not done.stable:
         return
-    catalog = open_catalog(catalog_url)
-    col = catalog.get_collection(collection)
+    assets = {}
     for p, url in done.imagery.items():
-        col.add_asset(
-            f"imagery-{p}",
-            pystac.Asset(
-                url,
-                title=f"true colour {p} (GDAL VRT over the cell composites: reflectance x 10000)",
-                media_type="application/xml",
-                roles=["visual"],
-                extra_fields={
-                    "relaymap:period": p,
-                    **_times(by_period[p]),
-                    "raster:bands": [
-                        {"name": b, "data_type": "uint16", "nodata": IMAGERY_NODATA, "scale": 1e-4}
-                        for b in RGB
-                    ],
-                },
-            ),
+        bands = [
+            {"name": b, "data_type": "uint16", "nodata": IMAGERY_NODATA, "scale": 1e-4} for b in RGB
+        ]
+        assets[f"imagery-{p}"] = product_asset(
+            url,
+            f"true colour {p} (GDAL VRT over the cell composites: reflectance x 10000)",
+            VRT,
+            ["visual"],
+            {"relaymap:period": p, **_times(by_period[p]), **layer_fields(bands=bands)},
         )
     for p, url in done.stable.items():
-        col.add_asset(
-            f"stable-{p}",
-            pystac.Asset(
-                url,
-                title=f"stable land cover {p} (mode of the last observable periods; GDAL VRT)",
-                media_type="application/xml",
-                roles=["data", "stable"],
-                extra_fields={
-                    "relaymap:period": p,
-                    **_times(by_period[p]),
-                    "raster:bands": [{"data_type": "uint8", "nodata": NODATA}],
-                    "classification:classes": class_list(classes),
-                },
-            ),
+        assets[f"stable-{p}"] = product_asset(
+            url,
+            f"stable land cover {p} (mode of the last observable periods; GDAL VRT)",
+            VRT,
+            ["data", "stable"],
+            {"relaymap:period": p, **_times(by_period[p]), **layer_fields(classes)},
         )
-    for schema in (RasterExtension.get_schema_uri(), CLASSIFICATION_SCHEMA):
-        if schema not in col.stac_extensions:
-            col.stac_extensions.append(schema)
+    catalog = open_catalog(catalog_url)
+    col = catalog.get_collection(collection)
+    add_assets(col, assets)
     catalog.add_collection(col)
 
 
@@ -268,11 +312,13 @@ def change_between(
     before: str,
     after: str,
     *,
+    run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
     out: str | None = None,
-    address: str | None = None,
+    min_area_ha: float = MIN_AREA_HA,
 ) -> ChangeProduct:
     """``relaymap change``: the change from period ``before`` to ``after`` of an area run's
-    collection, computed per cell on Ray and registered in the collection.
+    collection, computed per cell (``run`` runs the tasks, as in :func:`derive`) with the
+    minimum mapping unit ``min_area_ha`` and registered in the collection.
 
     Raises:
         ItemNotFound: no such collection.
@@ -295,5 +341,6 @@ def change_between(
         (after, by_period[after]),
         classes,
         folder,
-        lambda tasks: run_cell_tasks(tasks, address=address),
+        run,
+        min_area_ha=min_area_ha,
     )

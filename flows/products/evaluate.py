@@ -1,5 +1,5 @@
 """Scoring a map against labels: a confusion matrix over the pixels both have, with the
-scores and pictures of :mod:`relaymap.flows.report`."""
+scores and pictures of :mod:`relaymap.flows.products.report`."""
 
 from __future__ import annotations
 

@@ -1,22 +1,26 @@
 """What changed between two periods of an area run.
 
-Per cell, on a Ray worker (:func:`change_cell`): the two periods' class COGs are read, the
-from-to transition counts are taken over the pixels observable in both, and a change COG is
-written (0 = no change, one value per ordered pair of different classes, 255 where either
-period is unobservable). The driver (:func:`change_products`) only sums the counts: the
-transition matrix in km2 (CSV and a heat-map PNG) and a VRT mosaic of the change COGs whose
-palette and category names list the pairs that occurred, registered as assets of the run's
-collection, and a STAC item holding the same files, linked ``derived_from`` both periods'
-cell items, in the collection ``<run collection>-changes`` (so the run's collection keeps
-one item per cell and period).
+Per cell, on a Ray worker (:func:`change_cell`): the two periods' class COGs are read (with
+a margin of the neighbouring cells' maps), regions of one ``from → to`` pair smaller than
+the minimum mapping unit (:class:`ChangeConfig`, 0.5 ha by default) become no change
+(:mod:`relaymap.flows.products.mmu`), the from-to transition counts are taken over the
+cell's pixels observable in both, and a change COG is written (0 = no change, one value per
+ordered pair of different classes, 255 where either period is unobservable). The driver
+(:func:`change_products`) only sums the counts: the transition matrix in km2 (CSV and a
+heat-map PNG) and a VRT mosaic of the change COGs whose palette and category names list the
+pairs that occurred, registered as assets of the run's collection, and a STAC item holding
+the same files, linked ``derived_from`` both periods' cell items, in the collection
+``<run collection>-changes`` (so the run's collection keeps one item per cell and period).
 
-A cell's change COG records the checksums of its two inputs and its counts (GDAL metadata),
-so a rerun reads the counts back instead of redoing a cell whose maps did not change.
+A cell's change COG records the checksums of its inputs (its two maps, its neighbours' and
+the unit) and its counts (GDAL metadata), so a rerun reads the counts back instead of redoing
+a cell whose maps did not change.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -27,13 +31,23 @@ from typing import Any
 import numpy as np
 import pystac
 import rasterio
-from pystac.extensions.raster import RasterExtension
+from pydantic import Field
 
+from relay_models.config import FrozenConfig
 from relaymap.catalog import CatalogError, open_catalog
-from relaymap.catalog.items import CLASSIFICATION_SCHEMA, class_list
 from relaymap.catalog.storage import atomic_upload, atomic_write, check_id, exists, gdal_env, join
 
+from .assets import CSV, PNG, VRT, add_assets, layer_fields, product_asset
 from .cog import NODATA, palette, write_class_cog
+from .mmu import (
+    MIN_AREA_HA,
+    grid_box,
+    margin_px,
+    min_pixels,
+    neighbours,
+    read_padded,
+    sieve_change,
+)
 from .mosaic import write_mosaic
 
 log = logging.getLogger(__name__)
@@ -51,6 +65,17 @@ INPUTS_TAG, COUNTS_TAG = "RELAYMAP_INPUTS", "RELAYMAP_TRANSITIONS"
 class ChangeError(CatalogError):
     """The catalog has no change to compute for these periods (unknown collection or
     period, no cell mapped in both, too many classes)."""
+
+
+class ChangeConfig(FrozenConfig):
+    """The change between consecutive periods of an area run (``products.change``; ``true``
+    is this with its defaults, ``false`` none)."""
+
+    #: Minimum mapping unit (hectares): a connected region of one ``from → to`` pair
+    #: (8-connected pixels, measured across cell borders) smaller than this is no change,
+    #: in the change map and in the transition matrix; 0 keeps every pixel. The default,
+    #: 0.5 ha, is 50 pixels of a 10 m map (:data:`relaymap.flows.products.mmu.MIN_AREA_HA`).
+    min_area_ha: float = Field(default=MIN_AREA_HA, ge=0, le=10_000)
 
 
 def pair_code(a: int, b: int, num_classes: int) -> int:
@@ -75,27 +100,46 @@ def code_table(num_classes: int) -> np.ndarray:
 
 
 def transitions(
-    before: np.ndarray, after: np.ndarray, num_classes: int
+    before: np.ndarray,
+    after: np.ndarray,
+    num_classes: int,
+    *,
+    min_pixels: int = 0,
+    margin: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Transition counts and the change map of two class maps on one grid.
+    """Transition counts and the change map of two class maps on one grid, with a minimum
+    mapping unit.
 
     Args:
-        before, after: ``(H, W)`` uint8 class indices, 255 = unobservable.
+        before, after: ``(H, W)`` uint8 class indices, 255 = unobservable: a cell and
+            ``margin`` pixels of its neighbours around it.
         num_classes: K.
+        min_pixels: regions of one ``from → to`` pair (8-connected) of fewer pixels, over
+            the whole arrays, are no change (:func:`relaymap.flows.products.mmu.sieve_change`);
+            0 keeps every pixel.
+        margin: pixels of the arrays' edges that are not the cell's.
 
     Returns:
         ``(K, K)`` int64 pixel counts (row: class before, column: class after) over the
-        pixels observable in both, and the ``(H, W)`` uint8 change map
-        (:func:`pair_code`, :data:`NO_CHANGE`, 255 where either is unobservable).
+        cell's pixels observable in both, and its ``(H - 2 margin, W - 2 margin)`` uint8
+        change map (:func:`pair_code`, :data:`NO_CHANGE`, 255 where either is
+        unobservable). The matrix is the change map's: a pixel of a region below the unit
+        is no change and counted as keeping its earlier class (on the diagonal, in its
+        ``from`` row), so the rows sum to the earlier map's class areas.
     """
     if before.shape != after.shape:
         raise ValueError(f"class maps of shapes {before.shape} and {after.shape}")
     table = code_table(num_classes)
     both = (before < num_classes) & (after < num_classes)
-    a, b = before[both].astype(np.int64), after[both].astype(np.int64)
-    counts = np.bincount(a * num_classes + b, minlength=num_classes**2)
     change = np.full(before.shape, NODATA, dtype=np.uint8)
-    change[both] = table[a, b]
+    change[both] = table[before[both], after[both]]
+    change = sieve_change(change, min_pixels, no_change=NO_CHANGE)
+    if margin:
+        core = np.s_[margin:-margin, margin:-margin]
+        before, after, both, change = before[core], after[core], both[core], change[core]
+    a, b = before[both].astype(np.int64), after[both].astype(np.int64)
+    b = np.where(change[both] == NO_CHANGE, a, b)
+    counts = np.bincount(a * num_classes + b, minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes), change
 
 
@@ -148,7 +192,10 @@ def change_cell(task: Mapping[str, Any]) -> dict[str, Any]:
     """One cell's change between two periods (a worker's task; small result).
 
     ``task``: ``cell``, ``before`` and ``after`` (the class COG URLs), ``inputs`` (their
-    checksums), ``classes`` (the map's class table), ``url`` (the change COG to write).
+    checksums), ``classes`` (the map's class table), ``url`` (the change COG to write),
+    ``min_pixels`` (the minimum mapping unit), ``margin`` (pixels of the neighbours to
+    read around the cell) and ``neighbours`` (``[before, after]`` class COG URLs of the
+    cells within the margin).
     Returns ``cell``, ``url``, ``counts`` (K x K pixel counts) and ``pixel_m2``.
     """
     k = len(task["classes"])
@@ -160,7 +207,16 @@ def change_cell(task: Mapping[str, Any]) -> dict[str, Any]:
     after, grid_after = read_classes(task["after"])
     if grid != grid_after or before.shape != after.shape:
         raise ValueError(f"{task['before']} and {task['after']} are not on one grid")
-    counts, change = transitions(before, after, k)
+    margin = task.get("margin", 0)
+    if margin:
+        near = task.get("neighbours", [])
+        before, after = (
+            read_padded([task[key], *(n[i] for n in near)], grid, before.shape, margin)
+            for i, key in enumerate(("before", "after"))
+        )
+    counts, change = transitions(
+        before, after, k, min_pixels=task.get("min_pixels", 0), margin=margin
+    )
     t = grid["transform"]
     done = {"counts": counts.tolist(), "pixel_m2": abs(t.a * t.e)}
     write_class_cog(
@@ -194,6 +250,8 @@ class ChangeProduct:
     cells: int
     reused: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: The minimum mapping unit the change map and the matrix were made with (hectares).
+    min_area_ha: float = 0.0
 
     @property
     def changed_km2(self) -> float:
@@ -212,6 +270,7 @@ class ChangeProduct:
             "cells_reused": self.reused,
             "changed_km2": round(self.changed_km2, 6),
             "matrix_km2": self.matrix_km2,
+            "min_area_ha": self.min_area_ha,
         }
 
 
@@ -220,26 +279,60 @@ def change_tasks(
     after: Mapping[str, pystac.Item],
     classes: Sequence[Mapping[str, Any]],
     folder: str,
+    *,
+    min_area_ha: float = MIN_AREA_HA,
 ) -> list[dict[str, Any]]:
-    """One task per cell mapped in both periods (``{cell id: cell item}`` each); change
-    COGs go to ``folder/<cell>.tif``."""
+    """One task per cell mapped in both periods (``{cell id: cell item}`` each), with the
+    minimum mapping unit ``min_area_ha`` and the neighbours within its margin
+    (:mod:`relaymap.flows.products.mmu`); change COGs go to ``folder/<cell>.tif``.
+
+    Raises:
+        ChangeError: too many classes, or a cell item without its grid (``proj:``).
+    """
     code_table(len(classes))  # too many classes: fail before any work
+    cells = sorted(set(before) & set(after))
+    try:
+        boxes = {c: grid_box(before[c].properties) for c in cells}
+    except KeyError as e:
+        raise ChangeError(f"a cell map item has no {e}: cannot place its neighbours") from None
+    pixels, margins = {}, {}
+    for cell, (x0, y0, x1, y1, res) in boxes.items():
+        pixels[cell] = min_pixels(min_area_ha, res * res)
+        margins[cell] = margin_px(pixels[cell], round(min(x1 - x0, y1 - y0) / res))
+    near_cells = neighbours(boxes, margins)
     tasks = []
-    for cell in sorted(set(before) & set(after)):
-        a, b = before[cell].assets["classes"], after[cell].assets["classes"]
-        inputs = [str(x.extra_fields.get("file:checksum") or x.get_absolute_href()) for x in (a, b)]
+    for cell in cells:
+        near = near_cells[cell]
+        inputs = ":".join(_checksum(c) for n in [cell, *near] for c in (before[n], after[n]))
+        if pixels[cell] > 1:  # else as without a unit: cells made before reuse their change
+            digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
+            inputs = (
+                f"{_checksum(before[cell])}:{_checksum(after[cell])}:mmu{pixels[cell]}:{digest}"
+            )
         tasks.append(
             {
                 "kind": "change",
                 "cell": cell,
-                "before": a.get_absolute_href(),
-                "after": b.get_absolute_href(),
-                "inputs": ":".join(inputs),
+                "before": _href(before[cell]),
+                "after": _href(after[cell]),
+                "inputs": inputs,
                 "classes": list(classes),
                 "url": join(folder, f"{check_id(cell, 'cell id')}.tif"),
+                "min_pixels": pixels[cell],
+                "margin": margins[cell],
+                "neighbours": [[_href(before[n]), _href(after[n])] for n in near],
             }
         )
     return tasks
+
+
+def _href(item: pystac.Item) -> str:
+    return item.assets["classes"].get_absolute_href()
+
+
+def _checksum(item: pystac.Item) -> str:
+    asset = item.assets["classes"]
+    return str(asset.extra_fields.get("file:checksum") or asset.get_absolute_href())
 
 
 def write_matrix(url: str, names: Sequence[str], km2: np.ndarray) -> str:
@@ -311,23 +404,28 @@ def change_products(
     classes: Sequence[Mapping[str, Any]],
     out: str,
     run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    *,
+    min_area_ha: float = MIN_AREA_HA,
 ) -> ChangeProduct:
     """The change from period ``before`` to ``after`` (each ``(period id, {cell id: cell
-    item})``) of a run's collection: ``run`` runs the per-cell tasks (on Ray workers) and
-    returns their results; the driver writes the matrix, its plot and the change mosaic
-    under ``out/changes/<from>_<to>/`` and registers them (an item with lineage, and assets
-    of the collection).
+    item})``) of a run's collection, with the minimum mapping unit ``min_area_ha``:
+    ``run`` runs the per-cell tasks (on Ray workers) and returns their results; the driver
+    writes the matrix, its plot and the change mosaic under ``out/changes/<from>_<to>/``
+    and registers them (an item with lineage, and assets of the collection).
 
     Raises:
         ChangeError: no cell mapped in both periods, or too many classes.
     """
-    tasks = change_tasks(before[1], after[1], classes, change_folder(out, before[0], after[0]))
+    folder = change_folder(out, before[0], after[0])
+    tasks = change_tasks(before[1], after[1], classes, folder, min_area_ha=min_area_ha)
     if not tasks:
         raise ChangeError(
             f"no cell of collection {collection!r} was mapped in both {before[0]} and "
             f"{after[0]}: there is no change to compute"
         )
-    return register_results(catalog_url, collection, before, after, classes, out, run(tasks))
+    return register_results(
+        catalog_url, collection, before, after, classes, out, run(tasks), min_area_ha=min_area_ha
+    )
 
 
 def change_folder(out: str, before: str, after: str) -> str:
@@ -343,9 +441,12 @@ def register_results(
     classes: Sequence[Mapping[str, Any]],
     out: str,
     results: Sequence[Mapping[str, Any]],
+    *,
+    min_area_ha: float = MIN_AREA_HA,
 ) -> ChangeProduct:
-    """The driver's part of :func:`change_products`, from the cells' ``results``: the sums,
-    the matrix, its plot, the mosaic, their registration.
+    """The driver's part of :func:`change_products`, from the cells' ``results`` (made with
+    the minimum mapping unit ``min_area_ha``, said in the titles): the sums, the matrix,
+    its plot, the mosaic, their registration.
 
     Raises:
         ChangeError: a cell failed.
@@ -364,7 +465,8 @@ def register_results(
         counts += c
         km2 += c * r["pixel_m2"] / 1e6
     table = write_matrix(join(folder, "transitions.csv"), names, km2)
-    plot = plot_matrix(join(folder, "transitions.png"), names, km2, f"transitions {p0} → {p1}")
+    title = f"transitions {p0} → {p1} (km², {unit_text(min_area_ha)})"
+    plot = plot_matrix(join(folder, "transitions.png"), names, km2, title)
     occurred = change_classes(classes, counts)
     mosaic = write_mosaic(join(folder, "change.vrt"), [r["url"] for r in results], occurred)
     matrix = {
@@ -379,6 +481,7 @@ def register_results(
             (p1, cells1),
             (mosaic, table, plot),
             occurred,
+            min_area_ha,
         ),
         mosaic,
         table,
@@ -386,6 +489,7 @@ def register_results(
         matrix,
         len(results),
         reused=sum(bool(r.get("reused")) for r in results),
+        min_area_ha=min_area_ha,
     )
     product.item.properties["relaymap:transitions_km2"] = matrix
     product.item.properties["relaymap:changed_km2"] = round(product.changed_km2, 6)
@@ -437,6 +541,7 @@ def _change_item(
     after: tuple[str, Mapping[str, pystac.Item]],
     files: tuple[str, str, str],
     occurred: Sequence[Mapping[str, Any]],
+    min_area_ha: float,
 ) -> pystac.Item:
     """The change's STAC item: its three files as assets, ``derived_from`` every cell item
     of both periods."""
@@ -456,22 +561,16 @@ def _change_item(
         properties={
             "start_datetime": start,
             "end_datetime": end,
-            "relaymap:change": {"from": p0, "to": p1, "model": model},
+            "relaymap:change": {
+                "from": p0,
+                "to": p1,
+                "model": model,
+                "min_area_ha": min_area_ha,
+            },
         },
-        stac_extensions=[RasterExtension.get_schema_uri(), CLASSIFICATION_SCHEMA],
         collection=collection,
     )
-    item.add_asset("change", _change_asset(mosaic, p0, p1, occurred))
-    item.add_asset(
-        "transitions",
-        pystac.Asset(table, title=f"transitions {p0} → {p1} (km2)", media_type="text/csv"),
-    )
-    item.add_asset(
-        "transitions-plot",
-        pystac.Asset(
-            plot, title="transition matrix", media_type=pystac.MediaType.PNG, roles=["overview"]
-        ),
-    )
+    add_assets(item, _change_assets(mosaic, table, plot, p0, p1, occurred, min_area_ha))
     for period, cell_items in ((p0, first), (p1, second)):
         for it in cell_items:
             href = it.get_self_href()
@@ -487,51 +586,57 @@ def _change_item(
     return item
 
 
-def _change_asset(
-    mosaic: str, p0: str, p1: str, occurred: Sequence[Mapping[str, Any]]
-) -> pystac.Asset:
-    return pystac.Asset(
-        mosaic,
-        title=f"change {p0} → {p1} (GDAL VRT over the cell change COGs)",
-        media_type="application/xml",
-        roles=["data", "change"],
-        extra_fields={
-            "relaymap:from": p0,
-            "relaymap:to": p1,
-            "raster:bands": [{"data_type": "uint8", "nodata": NODATA}],
-            "classification:classes": class_list(occurred),
-        },
-    )
+def _change_assets(
+    mosaic: str,
+    table: str,
+    plot: str,
+    p0: str,
+    p1: str,
+    occurred: Sequence[Mapping[str, Any]],
+    min_area_ha: float,
+) -> dict[str, pystac.Asset]:
+    """The change's three files as assets (keys as on its item), their titles saying the
+    minimum mapping unit."""
+    unit = unit_text(min_area_ha)
+    return {
+        "change": product_asset(
+            mosaic,
+            f"change {p0} → {p1} ({unit}; GDAL VRT over the cell change COGs)",
+            VRT,
+            ["data", "change"],
+            {
+                "relaymap:from": p0,
+                "relaymap:to": p1,
+                "relaymap:min_area_ha": min_area_ha,
+                **layer_fields(occurred),
+            },
+        ),
+        "transitions": product_asset(
+            table, f"transitions {p0} → {p1} (km2, {unit})", CSV, ["metadata"]
+        ),
+        "transitions-plot": product_asset(
+            plot, f"transition matrix {p0} → {p1} ({unit})", PNG, ["overview"]
+        ),
+    }
+
+
+def unit_text(min_area_ha: float) -> str:
+    """The minimum mapping unit in words, for titles."""
+    if min_area_ha <= 0:
+        return "no minimum mapping unit"
+    return f"minimum mapping unit {min_area_ha:g} ha"
 
 
 def register_change(catalog: Any, collection: str, product: ChangeProduct) -> None:
-    """The change's files as assets of the run's collection (beside the period mosaics)."""
+    """The change's files as assets of the run's collection (beside the period mosaics),
+    keyed by the pair of periods."""
     col = catalog.get_collection(collection)
     pid = pair_id(product.before, product.after)
-    asset = product.item.assets["change"].clone()
-    asset.extra_fields["relaymap:item"] = f"{product.item.collection_id}/{product.item.id}"
-    col.add_asset(f"change-{pid}", asset)
-    col.add_asset(
-        f"transitions-{pid}",
-        pystac.Asset(
-            product.table,
-            title=f"transitions {product.before} → {product.after} (km2)",
-            media_type="text/csv",
-            roles=["metadata"],
-        ),
+    assets = {f"{key}-{pid}": a.clone() for key, a in product.item.assets.items()}
+    assets[f"change-{pid}"].extra_fields["relaymap:item"] = (
+        f"{product.item.collection_id}/{product.item.id}"
     )
-    col.add_asset(
-        f"transitions-plot-{pid}",
-        pystac.Asset(
-            product.plot,
-            title=f"transition matrix {product.before} → {product.after}",
-            media_type=pystac.MediaType.PNG,
-            roles=["overview"],
-        ),
-    )
-    for schema in (RasterExtension.get_schema_uri(), CLASSIFICATION_SCHEMA):
-        if schema not in col.stac_extensions:
-            col.stac_extensions.append(schema)
+    add_assets(col, assets)
     catalog.add_collection(col)
 
 

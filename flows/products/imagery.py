@@ -101,7 +101,8 @@ def imagery_cell(task: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_rgb_mosaic(url: str, cogs: Sequence[str]) -> str:
     """A 3-band VRT mosaic (red, green, blue; nodata 0) of true-colour cell COGs at
-    ``url``, with relative paths and overviews as :func:`relaymap.flows.mosaic.write_mosaic`."""
+    ``url``, with relative paths and overviews as
+    :func:`relaymap.flows.products.mosaic.write_mosaic`."""
     layout = mosaic_layout(url, cogs)
     bands = []
     for b, name in enumerate(RGB, start=1):
