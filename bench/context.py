@@ -112,6 +112,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
     # with --pretrain (``--tuned-variants``): the pretrained backbone, relay parameters at
     # their init (as a published checkpoint without relays leaves them)
     "relay: fresh relays": (RELAY, {}, {}, {"fresh_relays": True}),
+    "relay: global loss weight 1": (RELAY, {}, {"global_weight": 1.0}, {}),
     "relay: fresh relays + relay lr x10": (
         RELAY,
         {},

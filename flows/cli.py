@@ -93,6 +93,14 @@ def read_config(path: str | None) -> dict[str, Any]:
     return data
 
 
+#: ``--address``, of every command that runs on Ray.
+ADDRESS = click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run on (host:port or ray://...); default: local Ray, or the cluster "
+    "RAY_ADDRESS names.",
+)
+
 #: Options taking a lon/lat box: written ``W,S,E,N`` (as ``--area``) or, still, ``W S E N``.
 BBOX_OPTIONS = ("--bbox",)
 
@@ -222,12 +230,7 @@ def models(pattern: str, flops: bool, side_px: int, num_classes: int) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--address",
-    default=None,
-    help="Ray cluster to run on (host:port or ray://...); default: local Ray, or "
-    "the cluster RAY_ADDRESS names.",
-)
+@ADDRESS
 @click.option(
     "--pretrained",
     default=None,
@@ -266,12 +269,7 @@ def train(config: str, address: str | None, pretrained: str | None) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--address",
-    default=None,
-    help="Ray cluster to run on (host:port or ray://...); default: local Ray, or "
-    "the cluster RAY_ADDRESS names.",
-)
+@ADDRESS
 def pretrain(config: str, address: str | None) -> None:
     """Pretrain (or resume) a backbone on unlabelled scene stores, as CONFIG (a YAML file,
     see relaymap.flows.pretrain) says; writes a checkpoint that `train` takes as
@@ -335,7 +333,7 @@ def options_of(config_cls: type[BaseModel]) -> Callable:
     default=None,
     help="An InferConfig YAML (relaymap.flows.infer); flags given as well override its values.",
 )
-@click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
+@ADDRESS
 @options_of(MapOptions)
 def infer(config_file: str | None, address: str | None, **flags) -> None:
     """Map a scene store with a trained model: class COG, probabilities, quicklook, STAC item.
@@ -497,7 +495,7 @@ def _ints(text: str | None) -> list[int]:
     default=None,
     help="An AreaConfig YAML (relaymap.flows.area); flags given as well override its values.",
 )
-@click.option("--address", default=None, help="Ray cluster (default: local Ray or RAY_ADDRESS).")
+@ADDRESS
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @options_of(MapOptions)
 def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -> None:
@@ -545,6 +543,8 @@ def map_(config_file: str | None, address: str | None, as_json: bool, **flags) -
     result = map_area(cfg, address=address, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result.summary(), indent=1))
+        if result.failed:
+            raise SystemExit(1)
         return
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)

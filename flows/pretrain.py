@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pystac
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from relay_models import DataSpec, FrozenConfig, ModelOptions, create_model, warmup_cosine
 from relay_models.precision import autocast as precision_autocast
@@ -38,6 +38,7 @@ from .dataset import UNLABELLED, Augment, IndexedWindowPairs, check_stores, data
 from .options import SafeId
 from .raytrain import (
     RunConfig,
+    WindowPx,
     check_storage,
     claim_run,
     final_state,
@@ -56,7 +57,7 @@ class PretrainData(FrozenConfig):
     #: the same bands; labels, where a store has them, are not read.
     stores: list[str] = Field(min_length=1)
     #: Local window side L in pixels (the global one is ``model.factor`` times larger).
-    window_px: int = Field(default=64, ge=32)
+    window_px: WindowPx = 64
     #: DataLoader worker processes per training worker (0: load in the training process).
     loader_workers: int = Field(default=0, ge=0)
     p_rescale: float = Field(default=0.5, ge=0, le=1)
@@ -105,12 +106,6 @@ class PretrainConfig(FrozenConfig):
     optim: PretrainOptim = PretrainOptim()
     run: RunConfig = RunConfig(name="relaymap-pretrain")
     output: PretrainOutput = PretrainOutput()
-
-    @model_validator(mode="after")
-    def _windows_fit_the_model(self) -> PretrainConfig:
-        if self.data.window_px % 32:
-            raise ValueError(f"data.window_px={self.data.window_px} must be a multiple of 32")
-        return self
 
     @property
     def weights_url(self) -> str:

@@ -18,10 +18,10 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from ray.train import UserCallback
 from tqdm.auto import tqdm
 
@@ -42,6 +42,16 @@ from .jobs import connect_ray
 from .options import SafeId
 
 log = logging.getLogger(__name__)
+
+
+def _multiple_of_32(px: int) -> int:
+    if px % 32:
+        raise ValueError(f"must be a multiple of 32 (a Swin V2 backbone's side), got {px}")
+    return px
+
+
+#: A local window side in pixels, as training and pretraining read it.
+WindowPx = Annotated[int, Field(ge=32), AfterValidator(_multiple_of_32)]
 
 
 class RunConfig(FrozenConfig):

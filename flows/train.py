@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import pystac
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from relay_models import (
     ConfusionMatrix,
@@ -50,6 +50,7 @@ from .options import SafeId
 from .products.report import plot_confusion, plot_iou, plot_learning_curve, scores
 from .raytrain import (
     RunConfig,
+    WindowPx,
     check_storage,
     device_batches,
     final_state,
@@ -72,7 +73,7 @@ class DataConfig(FrozenConfig):
     #: Validation stores, split by scene (a fixed tile grid over each); empty: none.
     val: list[str] = Field(default_factory=list)
     #: Local window side L in pixels.
-    window_px: int = Field(default=64, ge=16)
+    window_px: WindowPx = 64
     #: DataLoader worker processes per training worker (0: load in the training process).
     loader_workers: int = Field(default=0, ge=0)
     p_rescale: float = Field(default=0.5, ge=0, le=1)
@@ -120,12 +121,6 @@ class TrainConfig(FrozenConfig):
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
     output: OutputConfig = OutputConfig()
-
-    @model_validator(mode="after")
-    def _windows_fit_the_model(self) -> TrainConfig:
-        if self.data.window_px % 32:
-            raise ValueError(f"data.window_px={self.data.window_px} must be a multiple of 32")
-        return self
 
     @property
     def weights_url(self) -> str:

@@ -303,6 +303,9 @@ class PlanetaryComputerStandIn:
         env = {
             "PC_SDK_SAS_URL": f"http://127.0.0.1:{port}/api/sas/v1/token",
             "GDAL_HTTP_PROXY": f"127.0.0.1:{port}",
+            # each stand-in serves its own files at the same URLs: no read from GDAL's cache
+            # of what another one served to this process
+            "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/http://teststorage.blob.core.windows.net/",
         }
         try:
             with environ(env):

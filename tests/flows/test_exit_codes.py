@@ -1,5 +1,10 @@
 """User mistakes through the real CLI: each is one line on stderr naming the input, exit
-code 2, and nothing new under the output root (issue 26's table, row by row)."""
+code 2, and nothing new under the output root (issue 26's table, row by row).
+
+Two rows run the console script in a process of its own (the entry point, a real
+process's stderr, a service down); the others run the same command in this process
+(:mod:`tests.console`: its stdout, stderr and exit code as the console shows them),
+without the seconds of imports per row."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pytest
 
 from relaymap.catalog import serve_stac
 from relaymap.catalog.server import free_port
+from tests.console import Run, relaymap
 
 from .area_data import CELL, area_geojson, make_source, variant
 
@@ -33,7 +39,13 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+#: The rows run by the console script, in a process of their own.
+CONSOLE_SCRIPT = ("ModelError", "cannot reach the STAC API")
+
+
+def _run(args: list[str], cwd: Path, message: str) -> subprocess.CompletedProcess | Run:
+    if message not in CONSOLE_SCRIPT:
+        return relaymap(*args, cwd=cwd, env={"COLUMNS": "200"})
     return subprocess.run(
         ["relaymap", *args],
         capture_output=True,
@@ -104,10 +116,11 @@ def test_exit_code_2_one_line_nothing_written_for_each_usage_mistake(source, tmp
          "give W,S,E,N"),
     ]  # fmt: skip
     for args, message in rows:
-        run = _run(args, cwd=tmp_path)
+        run = _run(args, tmp_path, message)
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2, (args, run.returncode, run.stderr[-3000:])
         assert len(lines) == 1 and message in lines[0], (args, run.stderr[-3000:])
         assert lines[0].startswith("relaymap: "), lines[0]
         assert _files(out) == [], (args, _files(out))
     assert afile.read_text() == "not a folder"
+    assert {m for _, m in rows} >= set(CONSOLE_SCRIPT)

@@ -4,14 +4,15 @@ Earth Search and Planetary Computer (signed by a local stand-in of its token ser
 the same map of the same land cover; Landsat maps at 30 m with a 30 m model; raw counts
 without a scale stop with one line until ``--scale`` is given, and each command's hint
 names a flag it has; offline, Planetary Computer items stop with one line naming
-``--sign none``, and ``sign: none`` maps without the token service."""
+``--sign none``, and ``sign: none`` maps without the token service.
+
+The commands run in this process (:mod:`tests.console`): what they print and their exit
+codes are the console's, without an interpreter and a Ray start per command."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from relaymap.flows.infer import tile_overlap
 from relaymap.ingest import ingest_items, make_sample_scenes
 from relaymap.ingest.profiles import ReadOptions
 from relaymap.ingest.signing import SIGN_TIMEOUT_ENV
+from tests.console import Run, relaymap
 from tests.published import (
     BANDS,
     PlanetaryComputerStandIn,
@@ -45,6 +47,18 @@ pytestmark = pytest.mark.slow
 
 #: The test models' halo: the padded cell a map reads (64 px tiles, factor 4, 3 levels).
 HALO = cell_halo(64, tile_overlap(64, None), 4, 3)
+
+
+@pytest.fixture(autouse=True)
+def own_ray():
+    """A test's commands share one local Ray, started by the first (the product's own start)
+    in the environment of that moment: the stand-ins' addresses reach its workers as they
+    reach a fresh process's."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
 
 
 def _layout(name: str, folder: Path, cell_px: int, res: float, stand_in=None, dn=False):
@@ -75,12 +89,11 @@ def _layout(name: str, folder: Path, cell_px: int, res: float, stand_in=None, dn
     )
 
 
-def _map(api, collection, area, crs, period, model, out, cell_px, *extra):
-    return subprocess.run(
-        ["relaymap", "map", "--area", area, "--period", period, "--model", model,
-         "--source", api, "--collection", collection, "--out", str(out),
-         "--cell-px", str(cell_px), "--crs", crs, "--json", *extra],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
+def _map(api, collection, area, crs, period, model, out, cell_px, *extra) -> Run:
+    return relaymap(
+        "map", "--area", area, "--period", period, "--model", model,
+        "--source", api, "--collection", collection, "--out", str(out),
+        "--cell-px", str(cell_px), "--crs", crs, "--json", *extra, env={"COLUMNS": "200"},
     )  # fmt: skip
 
 
@@ -222,8 +235,7 @@ def _flags(text: str) -> set[str]:
 
 
 def _help(command: str) -> set[str]:
-    run = subprocess.run(["relaymap", command, "--help"], capture_output=True, text=True)
-    return _flags(run.stdout)
+    return _flags(relaymap(command, "--help").stdout)
 
 
 def test_signing_dn_hint_of_each_command_names_a_flag_it_has(scenes, tmp_path):
@@ -242,10 +254,9 @@ def test_signing_dn_hint_of_each_command_names_a_flag_it_has(scenes, tmp_path):
     )
     with serve_stac([col], [item]) as api:
         out = tmp_path / "scenes"
-        run = subprocess.run(
-            ["relaymap", "ingest", api, "--collection", col.id, "--ids", item.id, "--out",
-             str(out), "--model", scenes["model"], "--scale", "1"],
-            capture_output=True, text=True, timeout=600,
+        run = relaymap(
+            "ingest", api, "--collection", col.id, "--ids", item.id, "--out", str(out),
+            "--model", scenes["model"], "--scale", "1",
         )  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]
     (line,) = run.stderr.strip().splitlines()
@@ -254,11 +265,9 @@ def test_signing_dn_hint_of_each_command_names_a_flag_it_has(scenes, tmp_path):
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
 
     store = ingest_items([item], str(tmp_path / "dn.zarr"), BANDS, read=ReadOptions(scale={"*": 1}))
-    run = subprocess.run(
-        ["relaymap", "infer", "--model", scenes["model"], "--scene", store.url, "--out",
-         str(tmp_path / "maps")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    run = relaymap(
+        "infer", "--model", scenes["model"], "--scene", store.url, "--out", str(tmp_path / "maps")
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith(f"relaymap: OutOfRangeError: scene {store.url}")
