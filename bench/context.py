@@ -661,6 +661,28 @@ def report(args: dict, runs: list[dict], minutes: float) -> None:
     for budget in sorted({r["budget"] for r in runs}):
         mine = [r for r in runs if r["budget"] == budget]
         _report_budget(mine, names, budget, family, relay)
+    _report_gains(runs)
+
+
+def _report_gains(runs: list[dict]) -> None:
+    """Per model and budget: mIoU from scratch, from the pretrained backbone, and the gain
+    paired by seed (``--pretrain`` runs; variants have no scratch twin and are left out)."""
+    miou = {(r["label"], r["seed"], r["budget"]): r["miou"] for r in runs}
+    pairs: dict[tuple[str, int], list[int]] = {}
+    for label, seed, budget in miou:
+        scratch = label.removeprefix(PRETRAINED)
+        if label.startswith(PRETRAINED) and (scratch, seed, budget) in miou:
+            pairs.setdefault((scratch, budget), []).append(seed)
+    if not pairs:
+        return
+    print("\nmIoU from scratch and from the pretrained backbone (paired by seed):\n")
+    print("| model | budget | from scratch | pretrained | pretraining gain |")
+    print("|---|---:|---:|---:|---:|")
+    for (scratch, budget), seeds in sorted(pairs.items(), key=lambda kv: kv[0][::-1]):
+        a = [miou[(scratch, s, budget)] for s in sorted(seeds)]
+        p = [miou[(PRETRAINED + scratch, s, budget)] for s in sorted(seeds)]
+        gain = _signed([y - x for x, y in zip(a, p, strict=True)])
+        print(f"| {scratch} | x{budget} | {_mean_sd(a)} | {_mean_sd(p)} | {gain} |")
 
 
 def _report_budget(
@@ -785,7 +807,8 @@ def plot_curves(args: dict, runs: list[dict], path: str) -> None:
         squeeze=False,
     )
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    colours = dict(zip(labels, plt.cm.tab10.colors, strict=False))
+    palette = plt.cm.tab10.colors if len(labels) <= 10 else plt.cm.tab20.colors
+    colours = dict(zip(labels, palette, strict=False))
     for col, budget in enumerate(budgets):
         for label in labels:
             rs = [r for r in runs if r["label"] == label and r["budget"] == budget]

@@ -33,6 +33,7 @@ def _typed_errors() -> tuple[type[Exception], ...]:
     from relay_models.saved import SavedModelError
     from relaymap.catalog import CatalogError, ItemNotFound, StorageError, UnsafeIdError
     from relaymap.flows.jobs import RayJobError, RayStartError
+    from relaymap.flows.raytrain import RunConflictError
     from relaymap.flows.trained import ModelError
     from relaymap.ingest import IngestError
 
@@ -47,6 +48,7 @@ def _typed_errors() -> tuple[type[Exception], ...]:
         WeightsError,
         RayJobError,
         RayStartError,
+        RunConflictError,
         SettingsError,
     )
 

@@ -38,6 +38,7 @@ from .dataset import UNLABELLED, Augment, IndexedWindowPairs, check_stores, data
 from .options import SafeId
 from .raytrain import (
     RunConfig,
+    StoreUrl,
     WindowPx,
     check_storage,
     claim_run,
@@ -55,7 +56,7 @@ class PretrainData(FrozenConfig):
 
     #: Scene stores (URLs, or glob patterns such as ``s3://archive/*/*.zarr``), all with
     #: the same bands; labels, where a store has them, are not read.
-    stores: list[str] = Field(min_length=1)
+    stores: list[StoreUrl] = Field(min_length=1)
     #: Local window side L in pixels (the global one is ``model.factor`` times larger).
     window_px: WindowPx = 64
     #: DataLoader worker processes per training worker (0: load in the training process).

@@ -52,6 +52,13 @@ def _multiple_of_32(px: int) -> int:
 
 #: A local window side in pixels, as training and pretraining read it.
 WindowPx = Annotated[int, Field(ge=32), AfterValidator(_multiple_of_32)]
+#: A scene store's URL; a path becomes an absolute ``file://`` URL where the config is read
+#: (Ray workers run in a working directory of their own).
+StoreUrl = Annotated[str, AfterValidator(normalize_url)]
+
+
+class RunConflictError(ValueError):
+    """A run name already taken by a run of other settings (bad input: exit 2)."""
 
 
 class RunConfig(FrozenConfig):
@@ -200,7 +207,7 @@ def claim_run(config: FrozenConfig, stores: Sequence[str], **facts: Any) -> None
         return
     if before != doc:
         changed = sorted(k for k in doc.keys() | before.keys() if doc.get(k) != before.get(k))
-        raise ValueError(
+        raise RunConflictError(
             f"run {run.name!r} in {run.storage_url} was started with other "
             f"{', '.join(changed)}; resume it with its own settings (only optim.steps and "
             f"execution settings may change), or give the new run another run.name"

@@ -50,6 +50,7 @@ from .options import SafeId
 from .products.report import plot_confusion, plot_iou, plot_learning_curve, scores
 from .raytrain import (
     RunConfig,
+    StoreUrl,
     WindowPx,
     check_storage,
     device_batches,
@@ -69,9 +70,9 @@ class DataConfig(FrozenConfig):
     """Which stores, which windows."""
 
     #: Training scene stores (URLs); every one labelled, all with the same bands.
-    train: list[str] = Field(min_length=1)
+    train: list[StoreUrl] = Field(min_length=1)
     #: Validation stores, split by scene (a fixed tile grid over each); empty: none.
-    val: list[str] = Field(default_factory=list)
+    val: list[StoreUrl] = Field(default_factory=list)
     #: Local window side L in pixels.
     window_px: WindowPx = 64
     #: DataLoader worker processes per training worker (0: load in the training process).

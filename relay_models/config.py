@@ -66,8 +66,16 @@ class ModelOptions(FrozenConfig):
     #: timm-format checkpoint for the backbone: a path, an fsspec URL,
     #: ``hf-hub:ORG/NAME[@REVISION]``, timm's ``NAME.TAG`` (``timm/NAME.TAG`` on the Hub) or
     #: an MLM item (``.json``), fetched once into the Hugging Face cache
-    #: (:mod:`relay_models.hub`).
+    #: (:mod:`relay_models.hub`). A relative path is made absolute where the config is
+    #: read: Ray workers, which build the model, run in a working directory of their own.
     pretrained: str | None = None
+
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute(cls, ref: str | None) -> str | None:
+        from .hub import absolute
+
+        return None if ref is None else absolute(ref)
 
     @field_validator("name")
     @classmethod

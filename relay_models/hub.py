@@ -128,6 +128,16 @@ def parse_source(ref: str | os.PathLike) -> WeightsSource:
     raise AssertionError("the last scheme matches any reference")
 
 
+def absolute(ref: str | os.PathLike) -> str:
+    """``ref`` as another process on this machine reads it (Ray workers run in a working
+    directory of their own): a relative path, of weights or of an MLM item, made absolute;
+    Hub names and URLs as they are."""
+    source = parse_source(ref)
+    if source.url is None or "://" in source.url:
+        return source.ref
+    return os.path.abspath(source.url)
+
+
 def fetch_weights(ref: str | os.PathLike) -> Path:
     """A local file holding the weights ``ref`` names, fetched and verified once.
 

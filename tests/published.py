@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import http.server
 import json
 import math
@@ -240,11 +241,17 @@ class PlanetaryComputerStandIn:
         self.public = set(public)
         self.requests = {"token": 0, "signed": 0, "unsigned": 0}
         self.tokens: collections.Counter[str] = collections.Counter()
+        self.prefix = "root-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
 
     def href(self, path: Path) -> str:
-        """The blob URL of a file under ``root`` (account ``teststorage``, a container)."""
-        rel = path.relative_to(self.root).as_posix()
-        return f"http://teststorage.blob.core.windows.net/{rel}"
+        """The blob URL of a file under ``root`` (account ``teststorage``, a container).
+
+        Its path holds a prefix of ``root`` after the container: stand-ins of two roots never
+        serve different files at one URL, so a process's GDAL cache of what an earlier
+        one served (an earlier test's) is never read as this one's, and ``requests`` count
+        every read."""
+        container, _, rest = path.relative_to(self.root).as_posix().partition("/")
+        return f"http://teststorage.blob.core.windows.net/{container}/{self.prefix}/{rest}"
 
     @contextlib.contextmanager
     def running(self) -> Iterator[dict[str, str]]:
@@ -264,10 +271,12 @@ class PlanetaryComputerStandIn:
                     return self._send(200, json.dumps(doc).encode(), body)
                 signed = stand_in.SIG in url.query
                 stand_in.requests["signed" if signed else "unsigned"] += 1
-                path = stand_in.root / url.path.lstrip("/")
-                if not signed and url.path.lstrip("/").split("/")[0] not in stand_in.public:
+                container, _, rest = url.path.lstrip("/").partition("/")
+                prefix, _, rest = rest.partition("/")
+                if not signed and container not in stand_in.public:
                     return self._send(403, b"AuthenticationFailed", body)
-                if not path.is_file():
+                path = stand_in.root / container / rest
+                if prefix != stand_in.prefix or not path.is_file():
                     return self._send(404, b"BlobNotFound", body)
                 data = path.read_bytes()
                 rng = self.headers.get("Range")
@@ -303,9 +312,6 @@ class PlanetaryComputerStandIn:
         env = {
             "PC_SDK_SAS_URL": f"http://127.0.0.1:{port}/api/sas/v1/token",
             "GDAL_HTTP_PROXY": f"127.0.0.1:{port}",
-            # each stand-in serves its own files at the same URLs: no read from GDAL's cache
-            # of what another one served to this process
-            "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/http://teststorage.blob.core.windows.net/",
         }
         try:
             with environ(env):

@@ -201,3 +201,33 @@ def test_pretrain_resumes_exactly_and_loads_into_every_twin(tmp_path, stores):
     model = create_model("swinv2_nano_fusion", num_classes=3, in_chans=2, pretrained=href)
     key = "layers.0.blocks.0.attn.qkv.weight"
     assert torch.equal(model.backbone.state_dict()[key], a[key])
+
+
+def test_pretrain_and_train_configs_make_relative_paths_absolute(tmp_path, monkeypatch):
+    """Ray workers run in a working directory of their own: a relative store path or
+    ``pretrained`` path (weights or an MLM item) in a config means the folder the config
+    was read in, so it is made absolute there; Hub names and URLs stay as written."""
+    from relaymap.flows.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    here = f"file://{tmp_path}"
+    pre = PretrainConfig.model_validate(
+        {"model": {"name": "swinv2_nano_relay", "pretrained": "w.safetensors"},
+         "data": {"stores": ["a.zarr", "maps/*/*.zarr", "s3://bucket/b.zarr"]}}
+    )  # fmt: skip
+    assert pre.data.stores == [f"{here}/a.zarr", f"{here}/maps/*/*.zarr", "s3://bucket/b.zarr"]
+    assert pre.model.pretrained == str(tmp_path / "w.safetensors")
+    for ref, kept in (
+        ("catalog/backbones/items/b.json", False),
+        ("swinv2_tiny_window8_256.ms_in1k", True),
+        ("hf-hub:org/name@v1", True),
+        ("s3://bucket/b.safetensors", True),
+    ):
+        cfg = TrainConfig.model_validate(
+            {"model": {"name": "swinv2_nano_relay", "num_classes": 3, "pretrained": ref},
+             "data": {"train": ["scenes/a.zarr"], "val": ["/abs/v.zarr"]}}
+        )  # fmt: skip
+        assert cfg.model.pretrained == (ref if kept else str(tmp_path / ref))
+        assert cfg.data.train == [f"{here}/scenes/a.zarr"]
+        assert cfg.data.val == ["file:///abs/v.zarr"]
