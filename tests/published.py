@@ -40,6 +40,14 @@ DATA = Path(__file__).with_name("data") / "published"
 BANDS = ("blue", "green", "red", "nir")
 
 
+def collection_of(item: pystac.Item, description: str) -> pystac.Collection:
+    """The collection a STAC API serves ``item`` in: its id, extent and footprint."""
+    extent = pystac.Extent(
+        pystac.SpatialExtent([item.bbox]), pystac.TemporalExtent([[item.datetime, None]])
+    )
+    return pystac.Collection(item.collection_id, description, extent, license="other")
+
+
 def published(name: str) -> dict:
     """The item JSON of ``tests/data/published/<name>.json`` (its ``source`` cites it)."""
     doc = json.loads((DATA / f"{name}.json").read_text())

@@ -34,6 +34,7 @@ from tests.published import (
     TokenServiceDown,
     area_geojson,
     cell_inside,
+    collection_of,
     item_epsg,
     make_truth,
     published,
@@ -71,14 +72,7 @@ def _layout(name: str, folder: Path, cell_px: int, res: float, stand_in=None, dn
     bounds = (x0 - pad, y1 - side - pad, x0 + side + pad, y1 + pad)
     href = stand_in.href if stand_in is not None else None
     item = synthesise(item_json, folder, truth, bounds, href=href, dn=dn)
-    collection = pystac.Collection(
-        item.collection_id,
-        f"{name} (published items, synthetic pixels)",
-        pystac.Extent(
-            pystac.SpatialExtent([item.bbox]), pystac.TemporalExtent([[item.datetime, None]])
-        ),
-        license="other",
-    )
+    collection = collection_of(item, f"{name} (published items, synthetic pixels)")
     epsg = item_epsg(item_json)
     return (
         item,
@@ -244,14 +238,7 @@ def test_signing_dn_hint_of_each_command_names_a_flag_it_has(scenes, tmp_path):
     infer``, which has no ``--scale``: its hint says to ingest again (``relaymap map`` is
     checked by the test above)."""
     item = scenes["items"][0]
-    col = pystac.Collection(
-        item.collection_id,
-        "sample",
-        pystac.Extent(
-            pystac.SpatialExtent([item.bbox]), pystac.TemporalExtent([[item.datetime, None]])
-        ),
-        license="other",
-    )
+    col = collection_of(item, "sample")
     with serve_stac([col], [item]) as api:
         out = tmp_path / "scenes"
         run = relaymap(

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pystac
 import pytest
 from affine import Affine
 from odc.geo.geobox import GeoBox
@@ -26,6 +25,7 @@ from tests.published import (
     PlanetaryComputerStandIn,
     TokenServiceDown,
     cell_inside,
+    collection_of,
     item_epsg,
     make_truth,
     published,
@@ -53,14 +53,7 @@ def pc(tmp_path_factory):
     gbox = GeoBox(
         (CELL_PX, CELL_PX), Affine(RES, 0, x0, 0, -RES, y1), f"EPSG:{item_epsg(item_json)}"
     )
-    collection = pystac.Collection(
-        item.collection_id,
-        "pc-s2-l2a (published item, synthetic pixels)",
-        pystac.Extent(
-            pystac.SpatialExtent([item.bbox]), pystac.TemporalExtent([[item.datetime, None]])
-        ),
-        license="other",
-    )
+    collection = collection_of(item, "pc-s2-l2a (published item, synthetic pixels)")
     with serve_stac([collection], [item]) as api:
         yield {
             "root": root,
