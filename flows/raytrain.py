@@ -268,6 +268,13 @@ def progress(steps: int, desc: str, history: list[dict]) -> Iterator[ReportQueue
         queue.shutdown()
 
 
+#: How often Ray Train's controller polls its workers (Ray's default: 2 s). Each poll takes
+#: at most one report per worker and a worker's ``report`` waits while its last is untaken,
+#: so at 2 s a run reporting faster is slowed to one report per 2 s, ends up to seconds
+#: after its loop and notices a dead worker late. The user's own setting wins.
+HEALTH_CHECK_INTERVAL_S = "0.2"
+
+
 def fit(
     loop: Callable[[dict], None],
     loop_config: dict,
@@ -285,6 +292,8 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     connect_ray(address)
+    # read by the driver and handed to the run's controller
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     history_url = join(run.url, "history.json")
     try:
         history = json.loads(read_bytes(history_url))

@@ -113,16 +113,20 @@ class Truth:
         return self.layout[iy, ix]
 
     def cloudy_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        out = np.zeros(xs.shape, bool)
+        out = np.zeros(np.broadcast_shapes(xs.shape, ys.shape), bool)
         for cx, cy, r in self.clouds:
             out |= (xs - cx) ** 2 + (ys - cy) ** 2 < r * r
         return out
 
     def reflectance(self, band: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Surface reflectance of ``band`` (sample classes' values x 1e-4)."""
-        i = BANDS.index(band)
-        table = np.array([c.reflectance[i] * 1e-4 for c in CLASSES])
-        return table[self.classes_at(xs, ys)]
+        return reflectance_of(band)[self.classes_at(xs, ys)]
+
+
+def reflectance_of(band: str) -> np.ndarray:
+    """Each sample class's surface reflectance in ``band``."""
+    i = BANDS.index(band)
+    return np.array([c.reflectance[i] * 1e-4 for c in CLASSES])
 
 
 def make_truth(x0: float, y1: float, side_m: float, seed: int = 0) -> Truth:
@@ -135,9 +139,10 @@ def make_truth(x0: float, y1: float, side_m: float, seed: int = 0) -> Truth:
 
 
 def pixel_centres(transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
-    xs = transform.c + (cols + 0.5) * transform.a
-    ys = transform.f + (rows + 0.5) * transform.e
+    """The pixel centres of a north-up grid as a row ``(1, W)`` of x and a column ``(H, 1)``
+    of y, which broadcast to the grid (a 0.6 m scene is tens of millions of pixels)."""
+    xs = transform.c + (np.arange(shape[1])[None, :] + 0.5) * transform.a
+    ys = transform.f + (np.arange(shape[0])[:, None] + 0.5) * transform.e
     return xs, ys
 
 
@@ -188,16 +193,16 @@ def synthesise(
         by_asset.setdefault(b.asset, []).append(b)
     for key, reads in by_asset.items():
         transform, shape = _window(asset_transform(item_json, key), bounds)
-        xs, ys = pixel_centres(transform, shape)
+        classes = truth.classes_at(*pixel_centres(transform, shape))
         meta = (item.assets[key].extra_fields.get("raster:bands") or [{}])[0]
         dtype = meta.get("data_type", "uint16")
         count = max(len(item.assets[key].extra_fields.get("eo:bands") or []), 1)
-        data = np.zeros((count, *shape))
-        for b in reads:
-            refl = truth.reflectance(b.band, xs, ys)
-            data[b.index] = refl * 1e4 if dn else (refl - b.offset) / b.scale
+        data = np.zeros((count, *shape), dtype)
+        for b in reads:  # the stored value of each class, then looked up per pixel
+            refl = reflectance_of(b.band)
+            data[b.index] = np.round(refl * 1e4 if dn else (refl - b.offset) / b.scale)[classes]
         path = folder / f"{item.id}-{key}.tif"
-        _write(path, np.round(data), transform, epsg, dtype, meta.get("nodata"))
+        _write(path, data, transform, epsg, dtype, meta.get("nodata"))
         item.assets[key].href = href(path) if href else f"file://{path}"
     if plan.mask_asset is not None:
         key, rule = plan.mask_asset, plan.mask

@@ -1,5 +1,8 @@
-"""The commands users reach for, run as a person runs them (the console script) and
-checked by their exact output: search, ingest, maps, evaluate."""
+"""The commands users reach for, checked by their exact output: search, ingest, maps,
+evaluate. The help and search/ingest checks run the console script, a process of its own;
+the maps and evaluate check runs the same commands in this process (:mod:`tests.console`:
+the process is not what it tests), on the module's local Ray, without seconds of imports
+per command."""
 
 from __future__ import annotations
 
@@ -11,12 +14,20 @@ import pytest
 
 from relaymap.catalog import serve_stac
 from relaymap.ingest import open_scene
+from tests import console
 
 from .conftest import BANDS
 
 
 def relaymap(*args: str) -> subprocess.CompletedProcess:
     run = subprocess.run(["relaymap", *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    return run
+
+
+def relaymap_here(*args: str) -> console.Run:
+    """``relaymap ARGS`` in this process (:func:`tests.console.relaymap`); it must succeed."""
+    run = console.relaymap(*args)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     return run
 
@@ -65,7 +76,7 @@ def test_maps_and_evaluate(ray_local, scenes, tmp_path):
 
     catalog = str(tmp_path / "catalog")
     store_url = scenes["stores"][1]
-    relaymap(
+    relaymap_here(
         "infer",
         "--model",
         scenes["model"],
@@ -79,16 +90,16 @@ def test_maps_and_evaluate(ray_local, scenes, tmp_path):
         "m1",
         "--no-quicklook",
     )
-    (row,) = json.loads(relaymap("maps", catalog, "--json").stdout)
+    (row,) = json.loads(relaymap_here("maps", catalog, "--json").stdout)
     store = open_scene(store_url)
     valid_km2 = float(store.valid(0).values.sum()) * 100 / 1e6  # 10 m pixels
     assert row["id"] == "m1" and row["period"] == store.attrs.datetime[:10]
     assert sum(row["classes_km2"].values()) == pytest.approx(valid_km2, rel=1e-6)
-    table = relaymap("maps", catalog).stdout.splitlines()
+    table = relaymap_here("maps", catalog).stdout.splitlines()
     assert table[0].split()[:3] == ["map", "model", "period"] and table[1].startswith("m1 ")
     item = f"{catalog}/relaymap-maps/items/m1.json"
     scores = json.loads(
-        relaymap("evaluate", item, store_url, "--out", str(tmp_path / "ev"), "--json").stdout
+        relaymap_here("evaluate", item, store_url, "--out", str(tmp_path / "ev"), "--json").stdout
     )
     with (
         rasterio.open(str(tmp_path / "maps" / "m1"))
@@ -101,7 +112,7 @@ def test_maps_and_evaluate(ray_local, scenes, tmp_path):
     assert scores["pixels"] == int(both.sum())
     assert scores["overall_accuracy"] == pytest.approx(float((pred == labels)[both].mean()))
     assert (tmp_path / "ev" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    summary = relaymap("evaluate", item, store_url, "--out", str(tmp_path / "ev")).stdout
+    summary = relaymap_here("evaluate", item, store_url, "--out", str(tmp_path / "ev")).stdout
     assert summary.splitlines()[0].split() == ["class", "IoU", "F1", "label", "pixels"]
     assert summary.splitlines()[-1].startswith(
         f"overall accuracy {scores['overall_accuracy']:.3f}, mIoU {scores['miou']:.3f}"
@@ -110,7 +121,9 @@ def test_maps_and_evaluate(ray_local, scenes, tmp_path):
     # the class COG alone carries the class names too (its .aux.xml, as GDAL and QGIS read it)
     cog = next((tmp_path / "maps" / "m1").rglob("classes.tif"))
     by_cog = json.loads(
-        relaymap("evaluate", str(cog), store_url, "--out", str(tmp_path / "ev2"), "--json").stdout
+        relaymap_here(
+            "evaluate", str(cog), store_url, "--out", str(tmp_path / "ev2"), "--json"
+        ).stdout
     )
     names = [c["name"] for c in store.attrs.classes]
     assert list(by_cog["classes"]) == list(scores["classes"]) == names

@@ -19,13 +19,17 @@ from relaymap.catalog import StaticCatalog, multihash_sha256
 from relaymap.catalog.faults import ENV
 from relaymap.catalog.storage import read_bytes, remove_stale_temporaries
 from relaymap.ingest import StoreError, open_scene
+from tests.console import relaymap
 
 from .conftest import BANDS
 
 
-def _killed_at(point: str, args: list[str], **kw) -> subprocess.CompletedProcess:
-    """Run ``args`` with the fault point armed; it must die there by SIGKILL."""
-    env = {**os.environ, ENV: f"{point}=kill"}
+def _killed_at(
+    point: str, args: list[str], env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """Run ``args`` with the fault point armed (and ``env`` added); it must die there by
+    SIGKILL."""
+    env = {**os.environ, **(env or {}), ENV: f"{point}=kill"}
     run = subprocess.run(args, env=env, capture_output=True, text=True, **kw)
     assert run.returncode == -signal.SIGKILL, run.stdout[-2000:] + run.stderr[-3000:]
     return run
@@ -54,23 +58,30 @@ def test_ingest_killed_mid_write_leaves_no_usable_half_store_and_reruns(scenes, 
 
 @pytest.mark.slow
 def test_mapping_killed_after_its_upload_keeps_the_old_map_and_the_rerun_cleans_up(
-    scenes, tmp_path
+    ray_local, scenes, tmp_path
 ):
+    """The killed run is the console script in a process of its own, on this test's local
+    Ray (``RAY_ADDRESS``); the first run and the rerun run the same command in this process
+    (:mod:`tests.console`), where no process is killed."""
+    import ray
+
     catalog_url, out = str(tmp_path / "catalog"), str(tmp_path / "maps")
-    args = ["relaymap", "infer", "--model", scenes["model"], "--scene", scenes["stores"][1]]
-    args += ["--out", out, "--catalog", catalog_url, "--tile-px", "128", "--overlap-px", "0"]
-    first = subprocess.run(args, capture_output=True, text=True)
+    args = ["infer", "--model", scenes["model"], "--scene", scenes["stores"][1], "--out", out]
+    args += ["--catalog", catalog_url, "--tile-px", "128", "--overlap-px", "0", "--workers", "1"]
+    first = relaymap(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     (item,) = StaticCatalog(catalog_url).items("relaymap-maps")
     before = item.assets["classes"].href
-    _killed_at("infer:products-written", args)
+    cluster = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    _killed_at("infer:products-written", ["relaymap", *args], env=cluster)
     (item,) = StaticCatalog(catalog_url).items("relaymap-maps")
     assert item.assets["classes"].href == before  # the item never saw the new files
     checksum = item.assets["classes"].extra_fields["file:checksum"]
     assert checksum == multihash_sha256(before)[1]
     assert len(list(Path(out).rglob("classes.tif"))) == 2  # the dead run's generation
     # a scratch folder of a run killed while stitching (kill -9 skips TemporaryDirectory's
-    # clean-up), and one of a live run (this test process) that must stay
+    # clean-up), and one of a live run (another process, alive until the rerun is done)
+    # that must stay
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         text=True,
@@ -78,12 +89,14 @@ def test_mapping_killed_after_its_upload_keeps_the_old_map_and_the_rerun_cleans_
         check=True,
     )
     tmp = Path(tempfile.gettempdir())
-    dead_dir = tmp / f"relaymap-infer-{int(dead.stdout)}-abc123"
-    live_dir = tmp / f"relaymap-infer-{os.getpid()}-def456"
-    for d in (dead_dir, live_dir):
-        (d / "classes.tif").parent.mkdir()
-        (d / "classes.tif").write_bytes(b"II*\x00")
-    again = subprocess.run(args, capture_output=True, text=True)
+    live_code = "import sys; sys.stdin.read()"  # alive until its input ends (the with's end)
+    with subprocess.Popen([sys.executable, "-c", live_code], stdin=subprocess.PIPE) as live:
+        dead_dir = tmp / f"relaymap-infer-{int(dead.stdout)}-abc123"
+        live_dir = tmp / f"relaymap-infer-{live.pid}-def456"
+        for d in (dead_dir, live_dir):
+            (d / "classes.tif").parent.mkdir()
+            (d / "classes.tif").write_bytes(b"II*\x00")
+        again = relaymap(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     (item,) = StaticCatalog(catalog_url).items("relaymap-maps")
     (only,) = Path(out).rglob("classes.tif")
@@ -141,7 +154,16 @@ def test_aoi_cli_survives_a_worker_killed_after_its_upload(scenes, tmp_path):
     col = make_source(str(tmp_path / "source"))
     out = tmp_path / "out"
     with serve_stac([col]) as api:
-        cfg = config(api, scenes["model"], str(out), period="2026-01")
+        # one model actor (the one killed, then restarted) and no imagery products (Ray
+        # tasks of their own after the cells; none of their files or lines is checked here)
+        cfg = config(
+            api,
+            scenes["model"],
+            str(out),
+            period="2026-01",
+            options={"workers": 1},
+            products={"imagery": False},
+        )
         (tmp_path / "area.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         env = {
             **os.environ,

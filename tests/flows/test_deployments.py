@@ -55,7 +55,8 @@ def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample
             assert name in listed, listed
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "relaymap-process"],
-            env={**os.environ, **env},
+            # it asks for scheduled runs every second, not every 10 s: the run starts sooner
+            env={**os.environ, **env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
             cwd=work,
             start_new_session=True,
             stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115
@@ -77,6 +78,8 @@ def test_deploy_prefect_yaml_and_run_a_flow_on_a_process_worker(tmp_path, sample
                         "--params",
                         json.dumps(params),
                         "--watch",
+                        "--watch-interval",
+                        "1",
                         "--watch-timeout",
                         "240",
                     ],

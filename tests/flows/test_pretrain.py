@@ -42,13 +42,13 @@ def _config(stores, storage, **over) -> PretrainConfig:
     cfg = {
         "model": {"name": "swinv2_nano_relay"},
         "data": {"stores": stores, "window_px": 32},
-        "optim": {"steps": 8, "batch_size": 4},
+        "optim": {"steps": 4, "batch_size": 4},
         "run": {
             "name": "mim",
             "storage_url": storage,
             "num_workers": 2,
-            "checkpoint_every": 4,
-            "log_every": 4,
+            "checkpoint_every": 2,
+            "log_every": 2,
             "max_failures": 1,
             # both runs compare weights: one stated precision (bf16 would be emulated, and
             # slow, on CPUs without bf16 matmuls)
@@ -126,9 +126,11 @@ def _paused_at(tmp_path, point: str):
             return False
 
     def wait(run_url: str) -> int:
-        while not pid_file.exists() or not registered(run_url):
+        while True:  # the pid is written just after the file is created
+            pid = pid_file.read_text() if pid_file.exists() else ""
+            if pid.isdigit() and registered(run_url):
+                return int(pid)
             time.sleep(0.2)
-        return int(pid_file.read_text())
 
     with environ({ENV: f"{point}=pause", ONCE_FILE: str(pid_file)}):
         yield wait
@@ -136,7 +138,7 @@ def _paused_at(tmp_path, point: str):
 
 @pytest.mark.slow
 def test_pretrain_resumes_exactly_and_loads_into_every_twin(tmp_path, stores):
-    """A 2-worker run whose worker is killed after its step-4 checkpoint resumes from it and
+    """A 2-worker run whose worker is killed after its step-2 checkpoint resumes from it and
     ends with exactly the weights of a run never stopped; the checkpoint loads strictly into
     every twin of its backbone (relay keys used by relay models, reported unused by the
     others); its MLM item validates and ``train`` takes it as ``pretrained:``."""
@@ -144,7 +146,7 @@ def test_pretrain_resumes_exactly_and_loads_into_every_twin(tmp_path, stores):
 
     storage = str(tmp_path / "runs")
     ray.shutdown()  # a cluster of our own, with the fault point in its environment
-    with _paused_at(tmp_path, "pretrain:step-4") as wait_for_pause:
+    with _paused_at(tmp_path, "pretrain:step-2") as wait_for_pause:
         ray.init(num_cpus=2, include_dashboard=False)
     try:
         killed: list[int] = []
@@ -166,7 +168,7 @@ def test_pretrain_resumes_exactly_and_loads_into_every_twin(tmp_path, stores):
     finally:
         ray.shutdown()
     assert killed, "no worker was killed: the test did not exercise recovery"
-    assert resumed.metrics["start_step"] == 4 and resumed.metrics["step"] == 8
+    assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 4
     assert straight.metrics["start_step"] == 0
     a, b = (load_safetensors(read_bytes(r.weights_url)) for r in (resumed, straight))
     assert a.keys() == b.keys() and "relay_tokens" in a

@@ -57,22 +57,25 @@ def wheel_env(tmp_path_factory) -> Path:
     )  # fmt: skip
     (wheel,) = (tmp / "dist").glob("relaymap-*.whl")
     venv = tmp / "venv"
+    # no pip of its own (ensurepip takes seconds): this environment's pip installs into it
     subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
         check=True,
         timeout=300,
     )
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+         "install", "--no-deps", str(wheel)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     return venv / "bin"
 
 
 def _where_installed(bin_dir: Path, cwd: Path) -> list[str]:
-    """Where that environment's Python finds our packages, run from ``cwd``."""
-    code = "import relay_models, relaymap.flows; print(relay_models.__file__); " + (
-        "print(relaymap.flows.__file__)"
+    """Where that environment's Python finds our packages, run from ``cwd``: the files an
+    import would run (found, not run: importing relay_models costs seconds of torch)."""
+    code = "from importlib.util import find_spec as f; " + (
+        "print(f('relay_models').origin); print(f('relaymap.flows').origin)"
     )
     out = subprocess.run(
         [str(bin_dir / "python"), "-c", code],
@@ -87,10 +90,12 @@ def _where_installed(bin_dir: Path, cwd: Path) -> list[str]:
 
 
 def _map_from(bin_dir: Path, cwd: Path, src: dict, out: Path) -> subprocess.CompletedProcess:
+    # the area as one cell, one model actor: an actor's worker maps it and a task's worker
+    # makes its imagery product, both running our code
     return subprocess.run(
         [str(bin_dir / "relaymap"), "map", "--area", area_geojson(), "--period", "2026-01",
          "--model", src["model"], "--source", src["api"], "--collection", src["collection"],
-         "--out", str(out), "--cell-px", str(CELL)],
+         "--out", str(out), "--cell-px", str(2 * CELL), "--workers", "1"],
         cwd=cwd, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
 
@@ -111,5 +116,6 @@ def test_a_shadow_folder_in_the_working_directory_does_not_replace_our_code_in_r
         assert all("site-packages" in f and not f.startswith(str(ROOT)) for f in found), found
     run = _map_from(bin_dir, shadowing_folder, area_source, tmp_path / "out")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "4 mapped" in run.stdout and "0 failed" in run.stdout, run.stdout
+    assert "1 cells x 1 periods: 1 mapped" in run.stdout and "0 failed" in run.stdout, run.stdout
     assert "folder of the working directory was imported" not in run.stdout + run.stderr
+    assert list((tmp_path / "out").rglob("imagery/*.tif"))  # a task's worker made it

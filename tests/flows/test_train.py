@@ -121,62 +121,135 @@ def _registered_steps(storage_url: str, run_name: str) -> int:
     return snapshot.count(b"checkpoint_dir_name")
 
 
+def _waiter(pid_file):
+    """A function that waits for the worker paused at a fault point (its pid in
+    ``pid_file``) and a registered checkpoint of the run, and returns the worker's pid."""
+
+    def wait_for_pause(storage_url: str, run_name: str) -> int:
+        while True:  # the pid is written just after the file is created
+            pid = pid_file.read_text() if pid_file.exists() else ""
+            if pid.isdigit() and _registered_steps(storage_url, run_name) >= 1:
+                return int(pid)
+            time.sleep(0.2)
+
+    return wait_for_pause
+
+
 @contextlib.contextmanager
 def paused_at_step(tmp_path, step: int):
     """Make the last training rank stop at ``step`` (after reporting its checkpoint) and wait
-    there (a fault point in ``relaymap.flows.train``); yields a function that waits for the
-    paused worker and a registered checkpoint, and returns the worker's pid. Nothing is
-    timed: the fault lands at that step, however busy the machine is."""
+    there (a fault point in ``relaymap.flows.train``) in the Ray processes started in this
+    block; yields a function that waits for the paused worker and a registered checkpoint,
+    and returns the worker's pid. Nothing is timed: the fault lands at that step, however
+    busy the machine is."""
     from relaymap.catalog.faults import ENV, ONCE_FILE
 
     pid_file = tmp_path / f"paused-{step}.pid"
     with environ({ENV: f"train:step-{step}=pause", ONCE_FILE: str(pid_file)}):
+        yield _waiter(pid_file)
 
-        def wait_for_pause(storage_url: str, run_name: str) -> int:
-            while not pid_file.exists() or _registered_steps(storage_url, run_name) < 1:
-                time.sleep(0.2)
-            return int(pid_file.read_text())
 
-        yield wait_for_pause
+@pytest.fixture(scope="module")
+def ray_paused_at_step_8(tmp_path_factory):
+    """Local Ray (2 CPUs) for this module's in-process runs, one start for all of them. Its
+    processes have the fault point of :func:`paused_at_step` at step 8 in their environment,
+    disarmed: the fault fires in the first process that creates its pid file, and the file
+    is there until a test removes it (:func:`arm`). Yields the pid file."""
+    import ray
+
+    from relaymap.catalog.faults import ENV, ONCE_FILE
+
+    pid_file = tmp_path_factory.mktemp("fault") / "paused.pid"
+    pid_file.write_text("disarmed")
+    ray.shutdown()  # a cluster of our own, started with the fault point in its environment
+    with environ({ENV: "train:step-8=pause", ONCE_FILE: str(pid_file)}):
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield pid_file
+    ray.shutdown()
+
+
+def arm(pid_file):
+    """Arm the fault point of :func:`ray_paused_at_step_8`: the last training rank of the
+    next run to reach step 8 stops there. Returns the function that waits for it."""
+    pid_file.unlink()
+    return _waiter(pid_file)
+
+
+#: Checkpoints at step 8 and at the end (the pause is at step 8).
+EVERY_8 = {"checkpoint_every": 8}
 
 
 @pytest.mark.slow
-def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
+def test_two_node_cluster_losing_a_node(tmp_path):
+    """Two one-CPU nodes on loopback (the head and a second node); the second dies mid-run
+    (its processes killed) and a new one joins; training resumes from the last checkpoint
+    and finishes on two nodes. ``Cluster.add_node`` must run on the main thread, so
+    training runs in a thread."""
     import ray
+    from ray.cluster_utils import Cluster
 
     store = _toy(tmp_path)
-    storage = "s3://relaymap-test/runs"
-    ray.shutdown()  # a cluster of our own, started with the fault point in its environment
+    storage = str(tmp_path / "runs")
+    ray.shutdown()  # a cluster of our own
+    fast_health = {
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 3,
+        "health_check_initial_delay_ms": 0,
+    }
     with paused_at_step(tmp_path, 8) as wait_for_pause:
-        ray.init(num_cpus=2, include_dashboard=False)
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": fast_health}
+        )
+        second = cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address)
+    out: dict = {}
     try:
-        killed: list[int] = []
-
-        def kill():  # the worker this test paused, by its pid
-            pid = wait_for_pause(storage, "toy")
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-        watcher = threading.Thread(target=kill, daemon=True)
-        watcher.start()
-        first = train(_config([store.url], storage))
-        watcher.join()
-        assert killed, "no worker was killed: the test did not exercise recovery"
-        assert first.metrics["step"] == 24
-        assert first.metrics["start_step"] > 0  # the restarted workers resumed a checkpoint
-        assert _registered_steps(storage, "toy") >= 1
-        # what a worker killed mid-upload leaves: a checkpoint Ray never registered
-        from relaymap.catalog.storage import atomic_write, exists
-
-        orphan = f"{storage}/toy/checkpoint_2000-01-01_00-00-00.000000"
-        atomic_write(f"{orphan}/state.pt", b"half a checkpoint")
-        # a second run of the same name with more steps resumes where the first ended
-        second = train(_config([store.url], storage, optim={"steps": 28}))
-        # cleaned by the run that came next (SeaweedFS may list the emptied prefix a while)
-        assert not exists(f"{orphan}/state.pt")
-        assert second.metrics["start_step"] == 24 and second.metrics["step"] == 28
+        config = _config([store.url], storage, optim={"steps": 12}, run={"max_failures": 2})
+        runner = threading.Thread(target=lambda: out.update(result=train(config)), daemon=True)
+        runner.start()
+        wait_for_pause(storage, "toy")  # a checkpoint is registered, a worker waits at step 8
+        cluster.remove_node(second, allow_graceful=False)
+        cluster.add_node(num_cpus=1)  # the replacement a cluster autoscaler brings
+        runner.join()
     finally:
         ray.shutdown()
+        cluster.shutdown()
+    result = out["result"]
+    assert result.metrics["num_nodes"] == 2, "workers were not spread over two nodes"
+    assert result.metrics["step"] == 12 and result.metrics["start_step"] > 0
+
+
+@pytest.mark.slow
+def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3, ray_paused_at_step_8):
+    store = _toy(tmp_path)
+    storage = "s3://relaymap-test/runs"
+    wait_for_pause = arm(ray_paused_at_step_8)
+    killed: list[int] = []
+
+    def kill():  # the worker this test paused, by its pid
+        pid = wait_for_pause(storage, "toy")
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    watcher = threading.Thread(target=kill, daemon=True)
+    watcher.start()
+    # a checkpoint (an upload to S3) at step 8, where the worker is killed, and at the end
+    first = train(_config([store.url], storage, optim={"steps": 16}, run=EVERY_8))
+    watcher.join()
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert first.metrics["step"] == 16
+    assert first.metrics["start_step"] == 8  # the restarted workers resumed a checkpoint
+    assert _registered_steps(storage, "toy") >= 1
+    # what a worker killed mid-upload leaves: a checkpoint Ray never registered
+    from relaymap.catalog.storage import atomic_write, exists
+
+    orphan = f"{storage}/toy/checkpoint_2000-01-01_00-00-00.000000"
+    atomic_write(f"{orphan}/state.pt", b"half a checkpoint")
+    # a second run of the same name with more steps resumes where the first ended
+    second = train(_config([store.url], storage, optim={"steps": 20}, run=EVERY_8))
+    # cleaned by the run that came next (SeaweedFS may list the emptied prefix a while)
+    assert not exists(f"{orphan}/state.pt")
+    assert second.metrics["start_step"] == 16 and second.metrics["step"] == 20
     from safetensors.torch import load_file
 
     from relaymap.catalog.storage import read_bytes
@@ -188,7 +261,7 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
     assert _loss(trained, store) < 0.8 * _loss(initial, store)
     item = second.model_item
     assert item.properties["mlm:name"] == "swinv2_nano_relay"
-    assert item.properties["relaymap:metrics"]["step"] == 28
+    assert item.properties["relaymap:metrics"]["step"] == 20
     # inference loads the exported file back, with its input contract (from S3)
     from relaymap.flows.trained import load_trained
 
@@ -197,48 +270,6 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(tmp_path, s3):
     assert info.spec.mean == pytest.approx(store.attrs.band_mean)
     assert info.spec.factor == 4
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
-
-
-@pytest.mark.slow
-def test_two_node_cluster_losing_a_node(tmp_path):
-    """Two one-CPU nodes on loopback; one dies mid-run (its processes killed) and a new one
-    joins; training resumes from the last checkpoint and finishes on two nodes.
-    ``Cluster.add_node`` must run on the main thread, so training runs in a thread."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    store = _toy(tmp_path)
-    storage = str(tmp_path / "runs")
-    fast_health = {
-        "health_check_period_ms": 500,
-        "health_check_failure_threshold": 3,
-        "health_check_initial_delay_ms": 0,
-    }
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_health}
-    )
-    with paused_at_step(tmp_path, 8) as wait_for_pause:
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        ray.init(address=cluster.address)
-    out: dict = {}
-    try:
-        runner = threading.Thread(
-            target=lambda: out.update(
-                result=train(_config([store.url], storage, run={"max_failures": 2}))
-            ),
-            daemon=True,
-        )
-        runner.start()
-        wait_for_pause(storage, "toy")  # a checkpoint is registered, a worker waits at step 8
-        cluster.remove_node(nodes[1], allow_graceful=False)
-        cluster.add_node(num_cpus=1)  # the replacement a cluster autoscaler brings
-        runner.join()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    result = out["result"]
-    assert result.metrics["num_nodes"] == 2, "workers were not spread over two nodes"
-    assert result.metrics["step"] == 24 and result.metrics["start_step"] > 0
 
 
 def test_a_rerun_with_other_settings_or_data_is_refused(tmp_path):
@@ -261,7 +292,7 @@ def test_a_rerun_with_other_settings_or_data_is_refused(tmp_path):
 
 
 @pytest.mark.precision
-def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
+def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_paused_at_step_8):
     """A run whose validation mIoU falls as it learns (validation labels inverted): the
     exported weights are the best check's, the model item says so with its per-class IoU,
     and the validation curve is saved with the run. ``export: last`` gives the last step's
@@ -276,19 +307,21 @@ def test_the_exported_model_is_the_best_validation_check(tmp_path, ray_local):
     storage = str(tmp_path / "runs")
     # validation during the run and the check below score at one stated precision
     run = {"val_every": 4, "checkpoint_every": 8, "precision": "fp32"}
-    config = _config([store.url], storage, data={"val": [val.url]}, run=run)
+    steps = 12  # three checks: steps 4, 8 and 12
+    config = _config([store.url], storage, data={"val": [val.url]}, optim={"steps": steps}, run=run)
     result = train(config)
     history = json.loads(read_bytes(f"{storage}/toy/history.json"))
     checks = {h["step"]: h["val_miou"] for h in history if "val_miou" in h}
+    assert sorted(checks) == [4, 8, 12]
     best_step = max(checks, key=checks.get)
-    assert best_step < 24, f"precondition: the score must fall as the model learns: {checks}"
+    assert best_step < steps, f"precondition: the score must fall as the model learns: {checks}"
     record = result.model_item.properties["relaymap:checkpoint"]
     assert record == {
         "exported": "best",
         "step": best_step,
         "val_miou": checks[best_step],
-        "last_step": 24,
-        "last_val_miou": checks[24],
+        "last_step": steps,
+        "last_val_miou": checks[steps],
     }
     # the exported weights score what the record says, on the validation tiles
     info, model = load_trained(result.weights_url)
