@@ -63,12 +63,12 @@ def seaweedfs(buckets: tuple[str, ...] = ("relaymap-test",)) -> Iterator[S3Serve
             )
         )
         s3_port = free_port()
+        # each gRPC port too: weed's default (the HTTP port + 10000) may be taken, or past 65535
+        servers = ("master", "filer", "volume", "admin")
         ports = {
             "-s3.port": s3_port,
-            "-master.port": free_port(),
-            "-filer.port": free_port(),
-            "-volume.port": free_port(),
-            "-admin.port": free_port(),
+            **{f"-{name}.port": free_port() for name in servers},
+            **{f"-{name}.port.grpc": free_port() for name in servers},
             "-s3.port.iceberg": 0,
             "-s3.port.lance": 0,
         }

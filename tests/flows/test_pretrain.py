@@ -147,7 +147,7 @@ def test_pretrain_resumes_exactly_and_loads_into_every_twin(tmp_path, stores):
     storage = str(tmp_path / "runs")
     ray.shutdown()  # a cluster of our own, with the fault point in its environment
     with _paused_at(tmp_path, "pretrain:step-2") as wait_for_pause:
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         killed: list[int] = []
 

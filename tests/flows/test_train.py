@@ -163,7 +163,7 @@ def ray_paused_at_step_8(tmp_path_factory):
     pid_file.write_text("disarmed")
     ray.shutdown()  # a cluster of our own, started with the fault point in its environment
     with environ({ENV: "train:step-8=pause", ONCE_FILE: str(pid_file)}):
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield pid_file
     ray.shutdown()
 
