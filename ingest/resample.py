@@ -83,10 +83,43 @@ def _warp(src: np.ndarray, src_box: GeoBox, dst_box: GeoBox, how: Resampling, no
     return out
 
 
+def _axis_weights(src0: float, src_res: float, n_src: int, dst0: float, dst_res: float, n_dst: int):
+    """``(n_dst, n_src)``: the length (in source pixels) of each target pixel that each
+    source pixel covers, along one axis of two grids of one orientation."""
+    edges = (dst0 + dst_res * np.arange(n_dst + 1) - src0) / src_res  # in source pixels
+    lo, hi = np.minimum(edges[:-1], edges[1:])[:, None], np.maximum(edges[:-1], edges[1:])[:, None]
+    i = np.arange(n_src)[None, :]
+    return np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+
+
+def _area_weights(src_box: GeoBox, dst_box: GeoBox) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row and column :func:`_axis_weights` when both grids are north-up on one CRS and the
+    source covers the target (an item's own grid read around a target in its CRS: the
+    usual case), else None. With them, an area-weighted average is two matrix products per
+    axis, equal to GDAL's ``average`` (``tests/ingest/test_resample.py``) without a GDAL
+    call: each call to GDAL's warper makes rasterio ``Env`` objects, and with AWS variables
+    in the environment every ``Env`` builds a boto3 session (``bench/resample.py``)."""
+    s, d = src_box.transform, dst_box.transform
+    if src_box.crs != dst_box.crs or s.b or s.d or d.b or d.d or s.a * d.a <= 0 or s.e * d.e <= 0:
+        return None
+    (sh, sw), (dh, dw) = src_box.shape, dst_box.shape
+    wy = _axis_weights(s.f, s.e, sh, d.f, d.e, dh)
+    wx = _axis_weights(s.c, s.a, sw, d.c, d.a, dw)
+    full = np.allclose(wy.sum(1), d.e / s.e) and np.allclose(wx.sum(1), d.a / s.a)
+    return (wy, wx) if full else None
+
+
 def valid_share(valid: np.ndarray, src_box: GeoBox, dst_box: GeoBox) -> np.ndarray:
     """``(y, x)`` float32 on ``dst_box``: the share of each pixel's area that the ``True``
     pixels of ``valid`` (on ``src_box``, which covers ``dst_box``) cover."""
-    return _warp(valid.astype(np.float32), src_box, dst_box, Resampling.average, None, np.float32)
+    weights = _area_weights(src_box, dst_box)
+    if weights is None:
+        return _warp(
+            valid.astype(np.float32), src_box, dst_box, Resampling.average, None, np.float32
+        )
+    wy, wx = weights
+    area = wy @ valid.astype(np.float64) @ wx.T
+    return (area / (wy.sum(1)[:, None] * wx.sum(1)[None, :])).astype(np.float32)
 
 
 def average_valid(
@@ -97,7 +130,16 @@ def average_valid(
     where they cover less than :data:`MIN_VALID_SHARE` of a pixel (``share``: their
     :func:`valid_share`, when known, e.g. from another band with the same valid pixels)."""
     values = values.astype(np.float32, copy=False)
-    mean = _warp(values, src_box, dst_box, Resampling.average, np.nan, np.float32)
+    weights = _area_weights(src_box, dst_box)
+    if weights is None:
+        mean = _warp(values, src_box, dst_box, Resampling.average, np.nan, np.float32)
+    else:
+        wy, wx = weights
+        valid = np.isfinite(values)
+        area = wy @ valid.astype(np.float64) @ wx.T
+        total = wy @ np.where(valid, values, 0.0) @ wx.T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(area > 0, total / area, np.nan).astype(np.float32)
     if share is None:
         share = valid_share(np.isfinite(values), src_box, dst_box)
     mean[share < MIN_VALID_SHARE - 1e-6] = np.nan

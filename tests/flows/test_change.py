@@ -328,6 +328,18 @@ def change_run(ray_local, change_model, tmp_path_factory):
         yield {"config": cfg, "result": result, "source": source, "root": root, "api": api}
 
 
+def _mismatch(mapped: np.ndarray, clear: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Per cell where they differ: (pixels mapped but not clear, clear but not mapped)."""
+    out = {}
+    for cy in range(2):
+        for cx in range(2):
+            s = np.s_[cy * CELL : (cy + 1) * CELL, cx * CELL : (cx + 1) * CELL]
+            extra, lost = int((mapped[s] & ~clear[s]).sum()), int((clear[s] & ~mapped[s]).sum())
+            if extra or lost:
+                out[f"cell-x{cx}-y{cy}"] = (extra, lost)
+    return out
+
+
 def _collection(cfg: AreaConfig):
     return StaticCatalog(f"{cfg.out}/catalog").get_collection(cfg.collection)
 
@@ -349,9 +361,12 @@ def test_change_finds_the_synthetic_field(change_run):
     true_km2 = truth.sum() * 1e-4
     found = change["matrix_km2"]["cropland"]["urban"]
     assert found == pytest.approx(true_km2, rel=0.02), (found, true_km2)
+    for period, date in zip(PERIODS, DATES, strict=True):  # each month's map: its clear pixels
+        seen = _read(result.mosaics[period]) != 255
+        assert not _mismatch(seen, expected_clear(change_run["source"], date)), period
     change_map = _read(change["mosaic"])
     assert change_map.shape == truth.shape
-    assert np.array_equal(change_map != 255, both)  # nodata where either month is not seen
+    assert not _mismatch(change_map != 255, both)  # nodata where either month is not seen
     built = change_map == pair_code(CROPLAND, URBAN, len(NAMES))
     iou = (built & truth).sum() / (built | truth).sum()
     assert iou >= 0.9, iou

@@ -223,3 +223,35 @@ def test_resample_labels_take_the_majority_of_the_labelled_pixels(scene, gdal):
     assert checked > 9000
     assert (got[80:92, 0:12] == 255).all() and (got[100] == 255).all()
     assert got[KEEP] != 255 and got[DROP] == 255
+
+
+@pytest.mark.parametrize(
+    ("src_m", "dst_m", "offset_m"),
+    [(0.6, 10.0, 0.0), (0.6, 10.0, 3.3), (2.5, 7.3, 1.1), (20.0, 30.0, 4.0)],
+)
+def test_resample_average_on_one_crs_equals_gdals_warper(src_m, dst_m, offset_m):
+    """Grids on one CRS average by matrix products (no GDAL call, see ``_area_weights``):
+    the values and the no-data pattern GDAL's ``average`` gives, with holes of NaN; another
+    CRS still goes through GDAL."""
+    from relaymap.ingest import resample
+
+    rng = np.random.default_rng(0)
+    n = 400
+    src = GeoBox((n, n), Affine(src_m, 0, 5e5, 0, -src_m, 5e6), "EPSG:32633")
+    m = int((n * src_m - 2 * offset_m) / dst_m)
+    dst = GeoBox((m, m), Affine(dst_m, 0, 5e5 + offset_m, 0, -dst_m, 5e6 - offset_m), "EPSG:32633")
+    values = rng.random((n, n)).astype(np.float32)
+    values[rng.random((n, n)) < 0.3] = np.nan  # scattered
+    values[np.kron(rng.random((n // 16, n // 16)) < 0.3, np.ones((16, 16), bool))] = np.nan
+    assert resample._area_weights(src, dst) is not None
+    got = resample.average_valid(values, src, dst)
+    valid = np.isfinite(values)
+    want = resample._warp(values, src, dst, Resampling.average, np.nan, np.float32)
+    share = resample._warp(valid.astype(np.float32), src, dst, Resampling.average, None, np.float32)
+    want[share < MIN_VALID_SHARE - 1e-6] = np.nan
+    np.testing.assert_allclose(resample.valid_share(valid, src, dst), share, atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert 0 < np.isnan(got).mean() < 1
+    np.testing.assert_allclose(got, want, atol=1e-6, equal_nan=True)
+    other = GeoBox(dst.shape, dst.transform, "EPSG:32634")
+    assert resample._area_weights(src, other) is None
