@@ -140,6 +140,8 @@ def average_valid(
         total = wy @ np.where(valid, values, 0.0) @ wx.T
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(area > 0, total / area, np.nan).astype(np.float32)
+        if share is None:  # from this area: no second pass
+            share = area / (wy.sum(1)[:, None] * wx.sum(1)[None, :])
     if share is None:
         share = valid_share(np.isfinite(values), src_box, dst_box)
     mean[share < MIN_VALID_SHARE - 1e-6] = np.nan
