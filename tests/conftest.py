@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+# Waiting OpenMP threads spin briefly, then sleep (the results are the same). Torch runs a
+# thread per core in the test process; with libgomp's default, waiting threads spin so long
+# that with another process busy on one of 2 cores every parallel region waits for the
+# descheduled thread (a training step 7x slower; always spinning, the change module 5x).
+# Sleeping at once doubles a step's time on idle cores; a 10000-iteration spin first was the
+# measured balance (bench/omp_wait.py, docs/testing.md). libgomp reads both as torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import importlib
 
 import pytest
