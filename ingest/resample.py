@@ -109,6 +109,13 @@ def _area_weights(src_box: GeoBox, dst_box: GeoBox) -> tuple[np.ndarray, np.ndar
     return (wy, wx) if full else None
 
 
+def _covered(wy: np.ndarray, wx: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per target pixel, the area (in source pixels) that the ``True`` pixels of ``valid``
+    cover, and that area's share of the pixel, from :func:`_area_weights`."""
+    area = wy @ valid.astype(np.float64) @ wx.T
+    return area, area / np.outer(wy.sum(1), wx.sum(1))
+
+
 def valid_share(valid: np.ndarray, src_box: GeoBox, dst_box: GeoBox) -> np.ndarray:
     """``(y, x)`` float32 on ``dst_box``: the share of each pixel's area that the ``True``
     pixels of ``valid`` (on ``src_box``, which covers ``dst_box``) cover."""
@@ -117,9 +124,7 @@ def valid_share(valid: np.ndarray, src_box: GeoBox, dst_box: GeoBox) -> np.ndarr
         return _warp(
             valid.astype(np.float32), src_box, dst_box, Resampling.average, None, np.float32
         )
-    wy, wx = weights
-    area = wy @ valid.astype(np.float64) @ wx.T
-    return (area / (wy.sum(1)[:, None] * wx.sum(1)[None, :])).astype(np.float32)
+    return _covered(*weights, valid)[1].astype(np.float32)
 
 
 def average_valid(
@@ -136,12 +141,11 @@ def average_valid(
     else:
         wy, wx = weights
         valid = np.isfinite(values)
-        area = wy @ valid.astype(np.float64) @ wx.T
+        area, covered = _covered(wy, wx, valid)
         total = wy @ np.where(valid, values, 0.0) @ wx.T
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(area > 0, total / area, np.nan).astype(np.float32)
-        if share is None:  # from this area: no second pass
-            share = area / (wy.sum(1)[:, None] * wx.sum(1)[None, :])
+        share = covered if share is None else share  # from this area: no second pass
     if share is None:
         share = valid_share(np.isfinite(values), src_box, dst_box)
     mean[share < MIN_VALID_SHARE - 1e-6] = np.nan
